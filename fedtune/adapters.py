@@ -1,0 +1,77 @@
+"""Adapter state: the only tensors that travel between clients and server.
+
+``AdapterState`` maps PEFT's state-dict keys (adapter name stripped) to tensors: the LoRA A/B matrices
+and any modules PEFT trains in full (such as a classification head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+AdapterState = dict[str, torch.Tensor]
+
+
+def get_adapter(model: PeftModel) -> AdapterState:
+    """A detached copy of the model's trainable adapter tensors, in a fixed key order."""
+    state = get_peft_model_state_dict(model)
+    return {key: state[key].detach().clone().contiguous() for key in sorted(state)}
+
+
+def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the model's adapter tensors with ``adapter``.
+
+    Raises:
+        ValueError: If ``adapter`` lacks a tensor the model has, has one it does not, or a shape differs:
+            an adapter from another model or LoRA config must never be loaded half-way.
+    """
+    expected = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(adapter)), sorted(set(adapter) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"Adapter does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    for key, tensor in adapter.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"Adapter tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}.")
+    result = set_peft_model_state_dict(model, dict(adapter))
+    if result.unexpected_keys:
+        raise ValueError(f"PEFT did not accept adapter keys {result.unexpected_keys[:3]}.")
+
+
+def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> AdapterState:
+    """``a - b`` key by key (a client's update is its trained adapter minus the global one)."""
+    _check_same_keys(a, b)
+    return {key: a[key] - b[key] for key in a}
+
+
+def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> AdapterState:
+    """``a + b`` key by key."""
+    _check_same_keys(a, b)
+    return {key: a[key] + b[key] for key in a}
+
+
+def num_parameters(adapter: Mapping[str, torch.Tensor]) -> int:
+    """Number of scalar values in the adapter."""
+    return sum(t.numel() for t in adapter.values())
+
+
+def num_bytes(adapter: Mapping[str, torch.Tensor]) -> int:
+    """Size of the adapter's raw tensor data in bytes."""
+    return sum(t.numel() * t.element_size() for t in adapter.values())
+
+
+def fingerprint(adapter: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over keys, dtypes, shapes and bytes: equal fingerprints mean bit-identical adapters."""
+    digest = hashlib.sha256()
+    for key in sorted(adapter):
+        tensor = adapter[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    if a.keys() != b.keys():
+        raise ValueError(f"Adapters have different tensors: {sorted(set(a) ^ set(b))[:3]}.")

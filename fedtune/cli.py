@@ -1,0 +1,68 @@
+"""The ``fedtune`` command.
+
+    fedtune run [OVERRIDE ...] [--multirun] [--cfg]
+
+``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
+the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
+expands sweeps (``lora.r=4,8 seed=0,1``) into one run per combination; ``--cfg`` prints the resolved
+config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from fedtune import config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedtune`` command; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run an experiment as a Flower simulation")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=smollm2 federation.num_rounds=3")
+    run.add_argument("--multirun", "-m", action="store_true", help="expand sweeps (a=1,2) into several runs")
+    run.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    _configure_logging()
+    try:
+        return _run(args.overrides, multirun=args.multirun, show_config=args.cfg)
+    except config.ConfigError as error:
+        print(f"fedtune: config error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
+    jobs = config.expand_sweeps(overrides) if multirun else [overrides]
+    if len(jobs) > 1 or multirun:
+        sweep_dir = Path("multirun") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        jobs = [[*job, f"run_dir={sweep_dir / str(index)}"] for index, job in enumerate(jobs)]
+    configs = [config.compose(job) for job in jobs]  # validate every job before the first one starts
+    if show_config:
+        for cfg in configs:
+            print(config.to_yaml(cfg))
+        return 0
+    from fedtune.simulation import simulate  # deferred: heavy imports only when something runs
+
+    for job, cfg in zip(jobs, configs, strict=True):
+        logging.getLogger("fedtune").info("Run directory: %s", cfg.run_dir)
+        simulate(cfg, config.to_run_config(job, str(cfg.run_dir)))
+    return 0
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fedtune").setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedtune: %(message)s", datefmt="%H:%M:%S"))
+    fedtune_logger = logging.getLogger("fedtune")
+    fedtune_logger.addHandler(handler)
+    fedtune_logger.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

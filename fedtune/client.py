@@ -1,0 +1,59 @@
+"""What a client does each round, in plain torch: load the global adapter, train locally, return the update.
+
+The Flower ClientApp (client_app.py) only decodes messages and calls these functions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from fedtune import adapters
+from fedtune.adapters import AdapterState
+from fedtune.data.partition import ClientData
+from fedtune.evaluation import evaluate
+from fedtune.experiment import Experiment, derive_seed
+from fedtune.training import local_train
+
+
+def describe(experiment: Experiment, data: ClientData) -> dict[str, Any]:
+    """Sizes and label histogram of a client's data (sent once, for the partition summary)."""
+    info: dict[str, Any] = {"num_train": len(data.train), "num_val": len(data.val)}
+    if experiment.corpus.task == "classification":
+        counts = Counter(data.train["label"])
+        info["label_counts"] = [counts.get(label, 0) for label in range(experiment.num_labels or 0)]
+    return info
+
+
+def train_round(
+    experiment: Experiment, data: ClientData, global_adapter: AdapterState, server_round: int, client_key: str
+) -> tuple[AdapterState, dict[str, float]]:
+    """Train from the global adapter on this client's data and return (update, metrics).
+
+    The update is the trained adapter minus the global one. Local randomness (batch order, dropout)
+    is seeded from (experiment seed, round, client), so a run is reproducible and a resumed run
+    continues exactly as an uninterrupted one would.
+    """
+    config = experiment.train_config
+    torch.set_num_threads(config.torch_threads)
+    seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
+    torch.manual_seed(seed)
+    model = experiment.model()
+    adapters.set_adapter(model, global_adapter)
+    metrics = local_train(
+        model, data.train, experiment.corpus.task, experiment.tokenizer, experiment.model_spec.max_length,
+        config, torch.Generator().manual_seed(seed),
+    )
+    update = adapters.subtract(adapters.get_adapter(model), global_adapter)
+    return update, {**metrics, "num_examples": float(len(data.train))}
+
+
+def evaluate_round(experiment: Experiment, data: ClientData, global_adapter: AdapterState) -> dict[str, float]:
+    """Metrics of the global adapter on this client's validation split."""
+    torch.set_num_threads(experiment.train_config.torch_threads)
+    model = experiment.model()
+    adapters.set_adapter(model, global_adapter)
+    metrics = evaluate(model, data.val, experiment.corpus.task, experiment.tokenizer, experiment.model_spec.max_length, experiment.train_config)
+    return {**metrics, "num_examples": float(min(len(data.val), experiment.train_config.eval_max_examples or len(data.val)))}

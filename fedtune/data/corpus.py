@@ -1,0 +1,29 @@
+"""The one type every data loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import datasets
+
+Task = Literal["classification", "causal_lm"]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text dataset ready to be split into clients.
+
+    Attributes:
+        dataset: Rows of ``text`` (str) and ``label`` (int) for classification, or ``prompt`` and
+            ``response`` (str) for causal LM instruction tuning. Extra columns (for example an
+            organisation id used by natural partitioning) are kept.
+        task: Which of the two layouts ``dataset`` has.
+        label_names: Name of each class id (classification only).
+        description: One paragraph for the model card: source, licence, attribution.
+    """
+
+    dataset: datasets.Dataset
+    task: Task
+    label_names: tuple[str, ...] | None = None
+    description: str = ""

@@ -1,0 +1,90 @@
+"""Evaluation of a model on a split: classification (accuracy, macro-F1) and causal LM (loss, perplexity, exact match)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.data import Task
+from fedtune.training import IGNORE_INDEX, TrainConfig, encode, format_prompt, sequence_loss
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Unweighted mean of per-class F1 over the classes present in ``y_true`` or ``y_pred``."""
+    classes = set(y_true) | set(y_pred)
+    scores = []
+    for c in classes:
+        tp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == c and p != c)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 of always predicting the most frequent training label."""
+    majority = Counter(train_labels).most_common(1)[0][0]
+    predictions = [majority] * len(test_labels)
+    accuracy = sum(1 for t in test_labels if t == majority) / len(test_labels)
+    return {"accuracy": accuracy, "macro_f1": macro_f1(test_labels, predictions)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """Metrics of ``model`` on (the first ``config.eval_max_examples`` rows of) ``dataset``.
+
+    Returns:
+        Classification: ``loss``, ``accuracy``, ``macro_f1``. Causal LM: ``loss`` (mean per answer token),
+        ``perplexity``, and ``exact_match`` of greedy generations on the first ``generation_examples`` rows.
+    """
+    if config.eval_max_examples and len(dataset) > config.eval_max_examples:
+        dataset = dataset.select(range(config.eval_max_examples))
+    model.eval()
+    loss_sum, loss_count, y_true, y_pred = 0.0, 0, [], []
+    for start in range(0, len(dataset), config.eval_batch_size):
+        batch = encode(dataset[start : start + config.eval_batch_size], task, tokenizer, max_length)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        losses = sequence_loss(logits, labels, task)
+        if task == "classification":
+            loss_sum, loss_count = loss_sum + losses.sum().item(), loss_count + len(losses)
+            y_true += labels.tolist()
+            y_pred += logits.argmax(dim=-1).tolist()
+        else:
+            tokens = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            loss_sum, loss_count = loss_sum + (losses * tokens).sum().item(), loss_count + int(tokens.sum())
+    loss = loss_sum / max(loss_count, 1)
+    if task == "classification":
+        accuracy = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == p) / max(len(y_true), 1)
+        return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred)}
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if config.generation_examples:
+        metrics["exact_match"] = exact_match(model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer)
+    return metrics
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> float:
+    """Fraction of rows whose greedy answer equals the reference response (whitespace-trimmed)."""
+    hits = 0
+    for row in dataset:
+        prompt = tokenizer(format_prompt(row["prompt"], tokenizer), add_special_tokens=False, return_tensors="pt")
+        budget = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 4
+        output = model.generate(
+            **prompt, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += int(answer.strip() == row["response"].strip())
+    return hits / max(len(dataset), 1)

@@ -1,0 +1,142 @@
+"""Everything a process derives from one experiment config, built lazily and cached per process.
+
+Simulated clients run many rounds in the same process (a Ray actor), so the corpus, the partitioning
+and the frozen base model are built once and reused; only the adapter changes between rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import datasets
+from omegaconf import DictConfig
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedtune import config as fedtune_config
+from fedtune.data import Corpus, DataSpec
+from fedtune.data.local import local_file
+from fedtune.data.partition import ClientData, client_partition, split_test
+from fedtune.federation import Federation
+from fedtune.interfaces import Strategy
+from fedtune.models import ModelSpec, build_model, load_tokenizer
+from fedtune.training import TrainConfig
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+@dataclass
+class Experiment:
+    """The components of one experiment config, built on first use."""
+
+    cfg: DictConfig
+    _clients: dict[str, ClientData] = field(default_factory=dict)
+
+    @cached_property
+    def hash(self) -> str:
+        """Identifies everything that determines training (see :func:`fedtune.config.experiment_hash`)."""
+        return fedtune_config.experiment_hash(self.cfg)
+
+    @cached_property
+    def model_spec(self) -> ModelSpec:
+        """The base model description."""
+        return fedtune_config.instantiate(self.cfg.model)
+
+    @cached_property
+    def data_spec(self) -> DataSpec:
+        """The data source and split sizes."""
+        return fedtune_config.instantiate(self.cfg.data)
+
+    @cached_property
+    def federation(self) -> Federation:
+        """Clients, rounds and sampling."""
+        return fedtune_config.instantiate(self.cfg.federation)
+
+    @cached_property
+    def train_config(self) -> TrainConfig:
+        """Local training settings."""
+        return fedtune_config.instantiate(self.cfg.train)
+
+    def new_strategy(self) -> Strategy:
+        """A fresh server-side aggregation strategy."""
+        return fedtune_config.instantiate(self.cfg.strategy)
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        """The full corpus from ``data.loader``."""
+        corpus: Corpus = fedtune_config.instantiate(self.data_spec.loader)
+        if corpus.task != self.model_spec.task:
+            raise ValueError(
+                f"data gives a {corpus.task} dataset but model.task is {self.model_spec.task}; "
+                "pick a matching pair, e.g. model=minilm data=icd10 or model=smollm2 data=icd10_instructions."
+            )
+        return corpus
+
+    @cached_property
+    def _split(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        return split_test(self.corpus, self.data_spec.test_size, self.cfg.seed)
+
+    @property
+    def pool(self) -> datasets.Dataset:
+        """Rows available to clients (the corpus minus the central test set)."""
+        return self._split[0]
+
+    @property
+    def test_set(self) -> datasets.Dataset:
+        """The central held-out test set, evaluated by the server."""
+        return self._split[1]
+
+    @cached_property
+    def partitioner(self) -> Any:
+        """The flwr-datasets partitioner from ``partition``."""
+        return fedtune_config.instantiate(self.cfg.partition)
+
+    @property
+    def num_labels(self) -> int | None:
+        """Classes of a classification corpus, else None."""
+        return len(self.corpus.label_names) if self.corpus.label_names else None
+
+    def client_data(self, partition_id: int) -> ClientData:
+        """A simulated client's partition of the pool, split into train and validation."""
+        key = f"partition-{partition_id}"
+        if key not in self._clients:
+            self._clients[key] = client_partition(self.pool, self.partitioner, partition_id, self.data_spec.val_fraction, self.cfg.seed)
+        return self._clients[key]
+
+    def node_data(self, data_path: str) -> ClientData:
+        """A deployed node's own file (all of it is this node's), split into train and validation."""
+        key = f"path-{data_path}"
+        if key not in self._clients:
+            loader = dict(self.data_spec.loader) if "local_file" in str(self.data_spec.loader.get("_target_", "")) else {}
+            loader = {k: v for k, v in loader.items() if not k.startswith("_") and k != "path"}
+            loader.setdefault("task", self.model_spec.task)
+            corpus = local_file(path=data_path, **loader)
+            split = corpus.dataset.train_test_split(test_size=self.data_spec.val_fraction, seed=self.cfg.seed)
+            self._clients[key] = ClientData(train=split["train"], val=split["test"])
+        return self._clients[key]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer."""
+        return load_tokenizer(self.model_spec)
+
+    def model(self) -> PeftModel:
+        """The base model with LoRA (cached per process; overwrite its adapter before use)."""
+        lora = fedtune_config.instantiate(self.cfg.lora)
+        return build_model(self.model_spec, lora, self.num_labels, self.cfg.seed)
+
+
+def get_experiment(cfg: DictConfig) -> Experiment:
+    """The cached :class:`Experiment` for ``cfg`` in this process."""
+    key = fedtune_config.experiment_hash(cfg)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS[key] = Experiment(cfg)
+    return _EXPERIMENTS[key]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from the experiment seed and context (round, client): independent streams, reproducible."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1

@@ -1,0 +1,55 @@
+"""How the federation runs: clients, rounds and sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Federation settings (config group ``federation``).
+
+    Args:
+        num_clients: Number of simulated clients (SuperNodes). In a deployment, the nodes that connect.
+        num_rounds: Federated rounds to run.
+        fraction_train: Fraction of available clients sampled to train each round.
+        fraction_evaluate: Fraction of available clients sampled for federated evaluation each round.
+        min_train_clients: A round fails unless at least this many clients return an update.
+        min_evaluate_clients: Federated evaluation is skipped for a round with fewer replies.
+        round_timeout: Seconds the server waits for replies in each step of a round.
+        cpus_per_client: CPU cores reserved per simulated client (Ray resources).
+
+    Raises:
+        ValueError: If a value is out of range; the message names the key.
+    """
+
+    num_clients: int = 4
+    num_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 2
+    min_evaluate_clients: int = 1
+    round_timeout: float = 3600.0
+    cpus_per_client: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_clients": self.num_clients >= 1,
+            "num_rounds": self.num_rounds >= 1,
+            "fraction_train": 0 < self.fraction_train <= 1,
+            "fraction_evaluate": 0 <= self.fraction_evaluate <= 1,
+            "min_train_clients": 1 <= self.min_train_clients <= self.num_clients,
+            "min_evaluate_clients": 0 <= self.min_evaluate_clients <= self.num_clients,
+            "round_timeout": self.round_timeout > 0,
+            "cpus_per_client": self.cpus_per_client > 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"federation.{key}={getattr(self, key)} is out of range "
+                    f"(num_clients={self.num_clients}); fractions lie in (0, 1], minimums between 1 and num_clients."
+                )
+
+    def num_sampled(self, available: int, fraction: float) -> int:
+        """How many of ``available`` clients to sample for a step with the given fraction (at least one)."""
+        return max(1, min(available, round(available * fraction)))

@@ -1,0 +1,138 @@
+"""Model builders: a Hugging Face base model from a local path or a built-in, wrapped with a PEFT LoRA adapter.
+
+The frozen base is expensive to load, so each process builds a model once per (spec, LoRA config,
+labels) and reuses it: between rounds only the adapter tensors are overwritten (see adapters.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS
+from fedtune.data import Task
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+_MODEL_CACHE: dict[str, PeftModel] = {}
+_TOKENIZER_CACHE: dict[str, PreTrainedTokenizerBase] = {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model to fine-tune (config group ``model``).
+
+    Args:
+        path: A local Hugging Face model directory, or ``builtin:minilm`` / ``builtin:smollm2``.
+        task: ``classification`` (sequence classifier head) or ``causal_lm``.
+        max_length: Inputs are truncated to this many tokens.
+
+    Raises:
+        ValueError: Unknown built-in, missing directory, unknown task, or a non-positive length.
+    """
+
+    path: str
+    task: Task = "classification"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.task not in _TASK_TYPES:
+            raise ValueError(f"model.task={self.task!r}: must be one of {sorted(_TASK_TYPES)}.")
+        if self.max_length < 8:
+            raise ValueError(f"model.max_length={self.max_length}: must be at least 8 tokens.")
+        if self.path.startswith(BUILTIN_PREFIX):
+            name = self.path.removeprefix(BUILTIN_PREFIX)
+            if name not in BUILTIN_MODELS:
+                raise ValueError(f"model.path={self.path!r}: unknown built-in; available: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}.")
+        elif not (Path(self.path) / "config.json").is_file():
+            raise ValueError(
+                f"model.path={self.path!r} is not a Hugging Face model directory (no config.json). Point it at a "
+                "local directory saved with save_pretrained; fedtune never downloads models."
+            )
+
+    def resolve(self) -> Path:
+        """The model directory on this machine (converting a built-in once if needed)."""
+        if self.path.startswith(BUILTIN_PREFIX):
+            return BUILTIN_MODELS[self.path.removeprefix(BUILTIN_PREFIX)]()
+        return Path(self.path)
+
+    def licence(self) -> str:
+        """Base model and licence, for the model card."""
+        name = self.path.removeprefix(BUILTIN_PREFIX)
+        return BUILTIN_LICENCES.get(name, f"{self.path} (check the licence of your base model)")
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with a padding token (cached per process)."""
+    key = str(spec.resolve())
+    if key not in _TOKENIZER_CACHE:
+        tokenizer = AutoTokenizer.from_pretrained(key)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZER_CACHE[key] = tokenizer
+    return _TOKENIZER_CACHE[key]
+
+
+def build_model(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int) -> PeftModel:
+    """The base model with a LoRA adapter; built once per process for the same arguments and reused.
+
+    The adapter's initial values (and a new classifier head) depend on ``seed`` only, so the server's
+    initial global adapter is reproducible. Callers overwrite the adapter with :func:`set_adapter`
+    before using a cached model.
+
+    Args:
+        spec: The base model.
+        lora: PEFT LoRA settings; ``task_type`` is set from ``spec.task``.
+        num_labels: Classes of the classification head (``None`` for a causal LM).
+        seed: Seeds the adapter and head initialisation.
+    """
+    lora = _with_task_type(lora, spec.task)
+    key = json.dumps([spec.path, spec.task, num_labels, seed, _lora_key(lora)], sort_keys=True)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = _build(spec, lora, num_labels, seed)
+    return _MODEL_CACHE[key]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _build(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int) -> PeftModel:
+    path = spec.resolve()
+    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    torch.manual_seed(seed)
+    if spec.task == "classification":
+        if not num_labels or num_labels < 2:
+            raise ValueError(f"A classification model needs at least 2 labels, got {num_labels}.")
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        base.config.pad_token_id = load_tokenizer(spec).pad_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base.eval()
+    model = get_peft_model(base, lora)
+    trainable, total = count_parameters(model)
+    logger.info("Built %s + LoRA: %d trainable of %d parameters", path.name, trainable, total)
+    return model
+
+
+def _with_task_type(lora: LoraConfig, task: Task) -> LoraConfig:
+    values: dict[str, Any] = {k: v for k, v in lora.to_dict().items() if k in LoraConfig.__dataclass_fields__}
+    values["task_type"] = _TASK_TYPES[task]
+    values.pop("peft_type", None)
+    return LoraConfig(**values)
+
+
+def _lora_key(lora: LoraConfig) -> str:
+    return json.dumps(lora.to_dict(), sort_keys=True, default=str)

@@ -1,0 +1,144 @@
+"""Human-facing outputs: progress lines, partition summary, final adapter export, model card and plot."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedtune import adapters, config  # noqa: E402
+from fedtune.adapters import AdapterState  # noqa: E402
+from fedtune.evaluation import majority_baseline  # noqa: E402
+from fedtune.experiment import Experiment  # noqa: E402
+from fedtune.run_dir import RunDir  # noqa: E402
+
+logger = logging.getLogger("fedtune")
+
+_HEADLINE = {"classification": ("macro_f1", "accuracy"), "causal_lm": ("loss", "exact_match")}
+
+
+def format_partitions(infos: dict[str, dict[str, Any]]) -> str:
+    """One line per client: sizes and, for classification, the three most frequent labels with their share."""
+    lines = []
+    for key, info in infos.items():
+        line = f"  {key:<20} train {info['num_train']:>6}  val {info['num_val']:>5}"
+        counts = info.get("label_counts")
+        if counts:
+            total = sum(counts) or 1
+            top = sorted(range(len(counts)), key=lambda i: -counts[i])[:3]
+            line += "  top labels " + ", ".join(f"{i}:{counts[i] / total:.0%}" for i in top)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def progress_line(server_round: int, num_rounds: int, metrics: list[dict[str, Any]], central: dict[str, float], seconds: float) -> str:
+    """``round 3/5 | clients 4/4 | train loss 1.234 | val ... | test ... | 12.3 s``."""
+    latest = {(m["scope"], m["metric"]): m["value"] for m in metrics if m["round"] == server_round}
+    parts = [f"round {server_round}/{num_rounds}",
+             f"clients {latest.get(('train', 'clients'), 0):.0f}/{latest.get(('train', 'sampled'), 0):.0f}",
+             f"train loss {latest.get(('train', 'train_loss'), float('nan')):.4f}"]
+    federated = {name: v for (scope, name), v in latest.items() if scope == "federated"}
+    if federated:
+        parts.append("val " + " ".join(f"{k} {v:.4f}" for k, v in federated.items()))
+    parts.append("test " + " ".join(f"{k} {v:.4f}" for k, v in central.items()))
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(parts)
+
+
+def finish(run_dir: RunDir, experiment: Experiment, model: Any, final_adapter: AdapterState) -> None:
+    """Export the final adapter in PEFT format, write the plot and the model card, log a summary."""
+    adapters.set_adapter(model, final_adapter)
+    model.save_pretrained(run_dir.path / "adapter")
+    metrics = run_dir.read_metrics()
+    baseline = None
+    if experiment.corpus.task == "classification":
+        baseline = majority_baseline(experiment.pool["label"], experiment.test_set["label"])
+        run_dir.write_json("baseline.json", {"majority_class": baseline})
+    plot_metrics(metrics, run_dir)
+    (run_dir.path / "README.md").write_text(model_card(experiment, metrics, baseline, final_adapter), encoding="utf-8")
+    final = _final_central(metrics)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    logger.info("Finished: central test %s", summary)
+    if baseline:
+        logger.info("Majority-class baseline on the same test set: macro_f1 %.4f, accuracy %.4f", baseline["macro_f1"], baseline["accuracy"])
+    logger.info("Outputs in %s (adapter/, README.md, metrics.jsonl, metrics.png)", run_dir.path)
+
+
+def plot_metrics(metrics: list[dict[str, Any]], run_dir: RunDir) -> None:
+    """metrics.png: train loss and the central / federated metrics per round."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for line in metrics:
+        if line["scope"] in ("train", "federated", "central") and line["metric"] not in ("clients", "sampled", "bytes_per_client", "train_loss_last"):
+            series[(line["scope"], line["metric"])].append((line["round"], line["value"]))
+    names = sorted({metric for _, metric in series})
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        for (scope, metric), points in sorted(series.items()):
+            if metric == name:
+                axis.plot(*zip(*sorted(points), strict=True), marker="o", label=scope)
+        axis.set_title(name)
+        axis.set_xlabel("round")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(run_dir.path / "metrics.png", dpi=100)
+    plt.close(figure)
+
+
+def model_card(experiment: Experiment, metrics: list[dict[str, Any]], baseline: dict[str, float] | None, adapter: AdapterState) -> str:
+    """The run's README: what was trained, on what, how, and how well."""
+    cfg, spec, federation = experiment.cfg, experiment.model_spec, experiment.federation
+    lora = cfg.lora
+    final = _final_central(metrics)
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in final.items())
+    baseline_rows = "\n".join(f"| majority-class {k} | {v:.4f} |" for k, v in (baseline or {}).items())
+    return f"""# Federated LoRA adapter
+
+Trained with fedtune. Load it with PEFT:
+
+```python
+from peft import PeftModel
+model = PeftModel.from_pretrained(base_model, "adapter")
+```
+
+## Base model
+- `{spec.path}` ({spec.task}), licence: {spec.licence()}
+
+## Data
+- {experiment.corpus.description}
+- {len(experiment.pool)} rows for clients, {len(experiment.test_set)} held out for the central test set.
+- Partitioning: `{cfg.partition._target_.rsplit('.', 1)[-1]}` over {federation.num_clients} clients (see `partitions.json`).
+
+## Training
+- {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit('.', 1)[-1]}`.
+- Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr}.
+- LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or 'PEFT default for the architecture'};
+  {adapters.num_parameters(adapter):,} adapter parameters ({adapters.num_bytes(adapter) / 1e6:.2f} MB), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
+- Seed {cfg.seed}; full resolved config in `config.yaml`.
+
+## Privacy and security
+- Differential privacy: {experiment_component(experiment, 'privacy')}
+- Secure aggregation: {experiment_component(experiment, 'secure')}
+
+## Results (central held-out test set, final round)
+| metric | value |
+|---|---|
+{rows}
+{baseline_rows}
+
+Per-round metrics: `metrics.jsonl`, `metrics.png`.
+"""
+
+
+def experiment_component(experiment: Experiment, group: str) -> str:
+    """The ``describe()`` line of a privacy or security component."""
+    return str(config.instantiate(experiment.cfg[group]).describe())
+
+
+def _final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    last = max((m["round"] for m in metrics if m["scope"] == "central"), default=0)
+    return {m["metric"]: m["value"] for m in metrics if m["scope"] == "central" and m["round"] == last}

@@ -1,0 +1,117 @@
+"""The run directory: resolved config, metrics.jsonl, per-round checkpoints, and resume.
+
+Layout::
+
+    <run_dir>/config.yaml            resolved config of the run
+    <run_dir>/metrics.jsonl          one JSON line per round per metric
+    <run_dir>/partitions.json        clients' data sizes and label histograms
+    <run_dir>/checkpoints/round-NNNN.pt
+    <run_dir>/adapter/               final adapter in PEFT format
+    <run_dir>/README.md, metrics.png model card and plot
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.adapters import AdapterState
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Server state after a completed round."""
+
+    round: int
+    adapter: AdapterState
+    strategy_state: dict[str, Any]
+    experiment_hash: str
+
+
+class RunDir:
+    """Reads and writes one run's outputs.
+
+    Args:
+        path: The run directory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_file = self.path / "metrics.jsonl"
+
+    def start(self, config_yaml: str, resume: bool) -> None:
+        """Create the directory for a new run, or check it for a resumed one.
+
+        Raises:
+            FileExistsError: A new run would overwrite an earlier run's checkpoints.
+            FileNotFoundError: ``resume=true`` but there is nothing to resume.
+        """
+        has_checkpoints = self.checkpoints.is_dir() and any(self.checkpoints.glob("round-*.pt"))
+        if resume and not has_checkpoints:
+            raise FileNotFoundError(f"resume=true but {self.checkpoints} holds no checkpoint; start without resume=true.")
+        if not resume and has_checkpoints:
+            raise FileExistsError(
+                f"{self.path} already holds a run. Continue it with `resume=true run_dir={self.path}`, "
+                "or choose another run_dir."
+            )
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "config.yaml", config_yaml.encode())
+
+    def log_metrics(self, server_round: int, scope: str, metrics: dict[str, float]) -> None:
+        """Append one line per metric: ``{"round", "scope", "metric", "value"}``."""
+        with open(self.metrics_file, "a", encoding="utf-8") as handle:
+            for name, value in metrics.items():
+                handle.write(json.dumps({"round": server_round, "scope": scope, "metric": name, "value": value}) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All metric lines written so far."""
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
+        """Write the checkpoint of a finished round atomically (a crash never leaves a half-written one)."""
+        path = self.checkpoints / f"round-{checkpoint.round:04d}.pt"
+        with tempfile.NamedTemporaryFile(dir=self.checkpoints, delete=False) as handle:
+            torch.save(
+                {"round": checkpoint.round, "adapter": checkpoint.adapter, "strategy_state": checkpoint.strategy_state,
+                 "experiment_hash": checkpoint.experiment_hash},
+                handle,
+            )
+        os.replace(handle.name, path)
+        return path
+
+    def latest_checkpoint(self, experiment_hash: str) -> Checkpoint:
+        """Load the newest checkpoint and drop metric lines of rounds after it (they will be redone).
+
+        Raises:
+            ValueError: The checkpoint was written by a different experiment config.
+        """
+        path = max(self.checkpoints.glob("round-*.pt"))
+        data = torch.load(path, weights_only=True)
+        if data["experiment_hash"] != experiment_hash:
+            raise ValueError(
+                f"{path} belongs to a different experiment config; resume with the same overrides as the original run "
+                f"(see {self.path / 'config.yaml'})."
+            )
+        kept = [line for line in self.read_metrics() if line["round"] <= data["round"]]
+        _atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
+        return Checkpoint(data["round"], data["adapter"], data["strategy_state"], data["experiment_hash"])
+
+    def write_json(self, name: str, payload: Any) -> None:
+        """Write ``payload`` as pretty JSON to ``<run_dir>/<name>``."""
+        _atomic_write(self.path / name, json.dumps(payload, indent=2).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
+        handle.write(data)
+    os.replace(handle.name, path)
