@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny offline models saved as local Hugging Face directories, and tiny experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from fedtune.assets import minilm_dir
+
+
+def _save_tokenizer(target: Path) -> int:
+    # The packaged MiniLM tokenizer (WordPiece, 30,522 tokens) serves both tiny models; [SEP] ends answers.
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    tokenizer.eos_token = tokenizer.sep_token
+    tokenizer.save_pretrained(target)
+    return len(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT encoder (random weights, seeded) saved like a user's local model."""
+    target = tmp_path_factory.mktemp("tiny-bert")
+    vocab = _save_tokenizer(target)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama causal LM (random weights, seeded) saved like a user's local model."""
+    target = tmp_path_factory.mktemp("tiny-llama")
+    vocab = _save_tokenizer(target)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(target)
+    return target
+
+
+def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long experiment on the tiny BERT and a slice of ICD-10."""
+    return [
+        "model=local", f"model.path={model_dir}", "model.max_length=32",
+        "data.loader.max_examples=400", "data.test_size=60", "partition=iid",
+        "federation.num_clients=2", "federation.num_rounds=2",
+        "train.local_steps=3", "train.batch_size=8", "train.eval_max_examples=48", f"run_dir={run_dir}", *extra,
+    ]
+
+
+@pytest.fixture
+def tiny_bert_overrides(tiny_bert_dir: Path, tmp_path: Path) -> list[str]:
+    """Overrides of a tiny classification experiment writing to a fresh run directory."""
+    return tiny_overrides(tiny_bert_dir, tmp_path / "run")
