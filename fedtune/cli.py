@@ -62,6 +62,7 @@ def _configure_logging() -> None:
     fedtune_logger = logging.getLogger("fedtune")
     fedtune_logger.addHandler(handler)
     fedtune_logger.propagate = False
+    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler, at its own level
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ def train_round(
     """
     config = experiment.train_config
     torch.set_num_threads(config.torch_threads)
+    model = experiment.model()  # before seeding: a first-time build reseeds torch
     seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
-    torch.manual_seed(seed)
-    model = experiment.model()
+    torch.manual_seed(seed)  # dropout
     adapters.set_adapter(model, global_adapter)
     metrics = local_train(
         model, data.train, experiment.corpus.task, experiment.tokenizer, experiment.model_spec.max_length,

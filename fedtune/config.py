@@ -20,7 +20,7 @@ from typing import Any
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -93,8 +93,9 @@ def validate(cfg: DictConfig) -> None:
             instantiate(cfg[name])
         except ConfigError:
             raise
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"Invalid value in config group '{name}': {error}") from error
+        except (TypeError, ValueError, InstantiationException) as error:
+            cause = error.__cause__ or error  # Hydra wraps the component's own message
+            raise ConfigError(f"Invalid value in config group '{name}': {cause}") from error
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:

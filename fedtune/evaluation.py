@@ -80,7 +80,7 @@ def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: Pr
     """Fraction of rows whose greedy answer equals the reference response (whitespace-trimmed)."""
     hits = 0
     for row in dataset:
-        prompt = tokenizer(format_prompt(row["prompt"], tokenizer), add_special_tokens=False, return_tensors="pt")
+        prompt = tokenizer(format_prompt(row["prompt"], tokenizer), add_special_tokens=False, return_token_type_ids=False, return_tensors="pt")
         budget = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 4
         output = model.generate(
             **prompt, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,

@@ -17,6 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune import config as fedtune_config
+from fedtune.adapters import AdapterState
 from fedtune.data import Corpus, DataSpec
 from fedtune.data.local import local_file
 from fedtune.data.partition import ClientData, client_partition, split_test
@@ -124,7 +125,14 @@ class Experiment:
         return load_tokenizer(self.model_spec)
 
     def model(self) -> PeftModel:
-        """The base model with LoRA (cached per process; overwrite its adapter before use)."""
+        """The base model with LoRA (cached per process; load an adapter into it before use)."""
+        return self._model_and_initial_adapter()[0]
+
+    def initial_adapter(self) -> AdapterState:
+        """The seeded initial adapter: the global adapter before round 1."""
+        return self._model_and_initial_adapter()[1]
+
+    def _model_and_initial_adapter(self) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)
         return build_model(self.model_spec, lora, self.num_labels, self.cfg.seed)
 

@@ -24,7 +24,7 @@ class Federation:
     """
 
     num_clients: int = 4
-    num_rounds: int = 5
+    num_rounds: int = 10
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_clients: int = 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from fedtune.adapters import AdapterState, get_adapter
 from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS
 from fedtune.data import Task
 
@@ -24,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 _TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
-_MODEL_CACHE: dict[str, PeftModel] = {}
+# transformers 5 deprecation that PEFT triggers on every forward; nothing for users to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+_MODEL_CACHE: dict[str, tuple[PeftModel, AdapterState]] = {}
 _TOKENIZER_CACHE: dict[str, PreTrainedTokenizerBase] = {}
 
 
@@ -83,12 +87,13 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return _TOKENIZER_CACHE[key]
 
 
-def build_model(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int) -> PeftModel:
-    """The base model with a LoRA adapter; built once per process for the same arguments and reused.
+def build_model(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int) -> tuple[PeftModel, AdapterState]:
+    """The base model with a LoRA adapter, and that adapter's initial values.
 
-    The adapter's initial values (and a new classifier head) depend on ``seed`` only, so the server's
-    initial global adapter is reproducible. Callers overwrite the adapter with :func:`set_adapter`
-    before using a cached model.
+    Built once per process for the same arguments and reused: the model's adapter tensors are whatever
+    its last user set, so callers load an adapter (:func:`fedtune.adapters.set_adapter`) before use.
+    The initial adapter (and a new classifier head) depends on ``seed`` only, so the server's first
+    global adapter is reproducible.
 
     Args:
         spec: The base model.
@@ -99,7 +104,8 @@ def build_model(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed:
     lora = _with_task_type(lora, spec.task)
     key = json.dumps([spec.path, spec.task, num_labels, seed, _lora_key(lora)], sort_keys=True)
     if key not in _MODEL_CACHE:
-        _MODEL_CACHE[key] = _build(spec, lora, num_labels, seed)
+        model = _build(spec, lora, num_labels, seed)
+        _MODEL_CACHE[key] = (model, get_adapter(model))
     return _MODEL_CACHE[key]
 
 

@@ -63,7 +63,7 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
     model = experiment.model()
     strategy = experiment.new_strategy()
-    global_adapter, first_round = adapters.get_adapter(model), 1
+    global_adapter, first_round = experiment.initial_adapter(), 1
     if cfg.resume:
         checkpoint = run_dir.latest_checkpoint(experiment.hash)
         global_adapter, first_round = checkpoint.adapter, checkpoint.round + 1

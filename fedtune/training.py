@@ -33,12 +33,12 @@ class TrainConfig:
         ValueError: If a value is out of range; the message names the key.
     """
 
-    local_steps: int = 20
+    local_steps: int = 40
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
-    eval_max_examples: int = 2000
+    eval_max_examples: int = 1000
     generation_examples: int = 32
     torch_threads: int = 1
 

@@ -1,0 +1,129 @@
+"""Whole federations in Flower's simulation engine: outputs, determinism, resume, failing clients.
+
+Each run is a real Flower simulation (Ray actors as SuperNodes) of the tiny experiment in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from fedtune import adapters, cli, config
+from fedtune.client_app import make_client_app
+from fedtune.run_dir import RunDir
+from fedtune.server_app import make_server_app
+from tests.conftest import tiny_overrides
+
+
+def _run(overrides: list[str]) -> Path:
+    assert cli.main(["run", *overrides]) == 0
+    return Path(config.compose(overrides).run_dir)
+
+
+def _final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(max((run_dir / "checkpoints").glob("round-*.pt")), weights_only=True)["adapter"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path_factory.mktemp("sim") / "run")
+    return overrides, _run(overrides)
+
+
+def test_run_writes_every_output(finished_run: tuple[list[str], Path]) -> None:
+    _, run_dir = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "partitions.json", "metrics.png", "README.md", "baseline.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    lines = RunDir(run_dir).read_metrics()
+    central_rounds = sorted({m["round"] for m in lines if m["scope"] == "central" and m["metric"] == "macro_f1"})
+    assert central_rounds == [0, 1, 2]
+    clients = [m["value"] for m in lines if m["scope"] == "train" and m["metric"] == "clients"]
+    assert clients == [2.0, 2.0]
+    assert {m["scope"] for m in lines} >= {"train", "federated", "central", "client:partition-0", "client:partition-1"}
+    assert set(json.loads((run_dir / "partitions.json").read_text())) == {"partition-0", "partition-1"}
+    card = (run_dir / "README.md").read_text()
+    assert "macro_f1" in card and "Differential privacy" in card and "majority-class" in card
+
+
+def test_saved_config_recomposes_the_same_experiment(finished_run: tuple[list[str], Path]) -> None:
+    overrides, run_dir = finished_run
+    assert (run_dir / "config.yaml").read_text() == config.to_yaml(config.compose(overrides))
+
+
+def test_exported_adapter_loads_with_peft_and_equals_the_final_adapter(finished_run: tuple[list[str], Path], tiny_bert_dir: Path) -> None:
+    _, run_dir = finished_run
+    final = _final_adapter(run_dir)
+    exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert adapters.fingerprint(exported) == adapters.fingerprint(final)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=22)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    loaded = adapters.get_adapter(model)
+    assert all(torch.equal(loaded[k], final[k]) for k in final)
+
+
+def test_same_config_and_seed_give_a_bit_identical_adapter(finished_run: tuple[list[str], Path], tmp_path: Path) -> None:
+    overrides, first = finished_run
+    second = _run([*overrides, f"run_dir={tmp_path / 'again'}"])
+    assert adapters.fingerprint(_final_adapter(second)) == adapters.fingerprint(_final_adapter(first))
+    assert (second / "adapter" / "adapter_model.safetensors").read_bytes() == (first / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(finished_run: tuple[list[str], Path], tmp_path: Path) -> None:
+    overrides, uninterrupted = finished_run
+    crashed = tmp_path / "crashed"
+    shutil.copytree(uninterrupted, crashed)
+    # State of a crash during round 2: round 1's checkpoint is the newest, outputs of round 2 are stale.
+    (crashed / "checkpoints" / "round-0002.pt").unlink()
+    shutil.rmtree(crashed / "adapter")
+    resumed = _run([*overrides, f"run_dir={crashed}", "resume=true"])
+    assert adapters.fingerprint(_final_adapter(resumed)) == adapters.fingerprint(_final_adapter(uninterrupted))
+    rounds = [m["round"] for m in RunDir(resumed).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
+    assert rounds == [1, 2]  # round 2 redone once, not logged twice
+
+
+def test_starting_over_an_existing_run_is_refused(finished_run: tuple[list[str], Path]) -> None:
+    overrides, _ = finished_run
+    with pytest.raises(FileExistsError, match="resume=true"):
+        _run(overrides)
+
+
+def test_a_failing_client_is_skipped_and_the_round_goes_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from flwr.simulation import run_simulation
+
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=3")
+    run_config = config.to_run_config(overrides, str(tmp_path / "run"))
+    real = make_client_app(run_config)
+    flaky = ClientApp()
+
+    @flaky.query()
+    def query(msg: Message, context: Context) -> Message:
+        return real(msg, context)
+
+    @flaky.train()
+    def train(msg: Message, context: Context) -> Message:
+        if context.node_config["partition-id"] == 1 and msg.content.config_records["config"]["server-round"] == 2:
+            raise RuntimeError("disk full")  # a hospital's node fails mid-run
+        return real(msg, context)
+
+    @flaky.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return real(msg, context)
+
+    run_simulation(server_app=make_server_app(run_config), client_app=flaky, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    lines = RunDir(tmp_path / "run").read_metrics()
+    clients = {m["round"]: m["value"] for m in lines if m["scope"] == "train" and m["metric"] == "clients"}
+    assert clients == {1: 3.0, 2: 2.0}
+    assert not [m for m in lines if m["round"] == 2 and m["scope"] == "client:partition-1"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,82 @@
+"""Tokenisation, batching, the local loop and the evaluation metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig
+
+from fedtune import adapters
+from fedtune.evaluation import evaluate, macro_f1, majority_baseline
+from fedtune.models import ModelSpec, build_model, load_tokenizer
+from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sample_batches, sequence_loss
+
+QA = datasets.Dataset.from_dict({"prompt": ["capital of France?", "two plus two?"] * 8, "response": ["paris", "four"] * 8})
+TEXTS = datasets.Dataset.from_dict({"text": ["fever and cough", "broken arm", "chest pain", "skin rash"] * 8, "label": [0, 1, 2, 3] * 8})
+
+
+def test_causal_encoding_learns_only_the_answer(tiny_llama_dir: Path) -> None:
+    tokenizer = load_tokenizer(ModelSpec(str(tiny_llama_dir), "causal_lm", 64))
+    batch = encode(QA[:2], "causal_lm", tokenizer, 64)
+    answer = tokenizer("paris" + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    labels = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert labels == answer  # prompt and padding masked out
+    assert batch["attention_mask"][0].sum() == (batch["input_ids"][0] != tokenizer.pad_token_id).sum()
+
+
+def test_batches_are_reproducible_and_cover_every_row() -> None:
+    first = [b["label"] for b in sample_batches(TEXTS, 8, 4, torch.Generator().manual_seed(1))]
+    again = [b["label"] for b in sample_batches(TEXTS, 8, 4, torch.Generator().manual_seed(1))]
+    other = [b["label"] for b in sample_batches(TEXTS, 8, 4, torch.Generator().manual_seed(2))]
+    assert first == again and first != other
+    assert sorted(sum(first, [])) == sorted(TEXTS["label"])  # 4 batches of 8 = one epoch of 32 rows
+
+
+def test_sequence_loss_matches_a_per_example_reference() -> None:
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 6, 0]])
+    expected = []
+    for row in range(2):
+        terms = [torch.nn.functional.cross_entropy(logits[row, t - 1], labels[row, t]) for t in range(1, 5) if labels[row, t] != IGNORE_INDEX]
+        expected.append(torch.stack(terms).mean())
+    assert torch.allclose(sequence_loss(logits, labels, "causal_lm"), torch.stack(expected))
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_local_training_lowers_the_loss_and_only_moves_the_adapter(task: str, tiny_bert_dir: Path, tiny_llama_dir: Path) -> None:
+    path, data = (tiny_bert_dir, TEXTS) if task == "classification" else (tiny_llama_dir, QA)
+    spec = ModelSpec(str(path), task, 32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    model, initial = build_model(spec, lora, num_labels=4 if task == "classification" else None, seed=0)
+    adapters.set_adapter(model, initial)  # the model is cached per process: start from the initial adapter
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    config = TrainConfig(local_steps=30, batch_size=8, lr=0.05, eval_batch_size=16)
+    before = evaluate(model, data, task, load_tokenizer(spec), 32, config)["loss"]
+    local_train(model, data, task, load_tokenizer(spec), 32, config, torch.Generator().manual_seed(0))
+    after = evaluate(model, data, task, load_tokenizer(spec), 32, config)["loss"]
+    assert after < before - 0.25  # a clear drop; untouched weights would leave the loss where it was
+    assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_macro_f1_matches_a_hand_computation() -> None:
+    # class 0: tp=1 fp=1 fn=1 -> F1 1/2; class 1: tp=1 fp=0 fn=1 -> 2/3; class 2: tp=1 fp=1 fn=0 -> 2/3
+    assert math.isclose(macro_f1([0, 0, 1, 1, 2], [0, 2, 1, 0, 2]), (1 / 2 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_majority_baseline_predicts_the_most_frequent_training_label() -> None:
+    result = majority_baseline([1, 1, 1, 0], [1, 0, 1, 2])
+    assert result["accuracy"] == 0.5
+    assert math.isclose(result["macro_f1"], (2 / 3) / 3)  # F1 of class 1 is 2/3; classes 0 and 2 score 0
+
+
+def test_causal_lm_metrics_are_consistent(tiny_llama_dir: Path) -> None:
+    spec = ModelSpec(str(tiny_llama_dir), "causal_lm", 32)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), None, seed=0)
+    adapters.set_adapter(model, initial)
+    metrics = evaluate(model, QA, "causal_lm", load_tokenizer(spec), 32, TrainConfig(generation_examples=2))
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
+    assert 0.0 <= metrics["exact_match"] <= 1.0
