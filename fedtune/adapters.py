@@ -34,7 +34,9 @@ def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"Adapter does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
     for key, tensor in adapter.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"Adapter tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}.")
+            raise ValueError(
+                f"Adapter tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}."
+            )
     result = set_peft_model_state_dict(model, dict(adapter))
     if result.unexpected_keys:
         raise ValueError(f"PEFT did not accept adapter keys {result.unexpected_keys[:3]}.")

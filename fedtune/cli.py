@@ -1,11 +1,11 @@
 """The ``fedtune`` command.
 
-    fedtune run [OVERRIDE ...] [--multirun] [--cfg]
+    fedtune run [OVERRIDE ...] [--multirun] [--cfg] [--partitions]
 
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
 the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
 expands sweeps (``lora.r=4,8 seed=0,1``) into one run per combination; ``--cfg`` prints the resolved
-config and exits.
+config, and ``--partitions`` how the data is split into clients, without running anything.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=smollm2 federation.num_rounds=3")
     run.add_argument("--multirun", "-m", action="store_true", help="expand sweeps (a=1,2) into several runs")
     run.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--partitions", action="store_true", help="print how the data is split into clients and exit")
     args = parser.parse_args(argv)
     _configure_logging()
     try:
+        if args.partitions:
+            return _show_partitions(args.overrides)
         return _run(args.overrides, multirun=args.multirun, show_config=args.cfg)
     except config.ConfigError as error:
         print(f"fedtune: config error: {error}", file=sys.stderr)
@@ -54,8 +57,26 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
     return 0
 
 
+def _show_partitions(overrides: list[str]) -> int:
+    from fedtune.data.partition import format_summary, partition_summary
+    from fedtune.experiment import get_experiment
+
+    experiment = get_experiment(config.compose(overrides))
+    summary = partition_summary(
+        experiment.pool,
+        experiment.partitioner,
+        experiment.corpus.label_names,
+        experiment.data_spec.val_fraction,
+        experiment.cfg.seed,
+    )
+    print(format_summary(summary))
+    return 0
+
+
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("fedtune").setLevel(logging.INFO)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s fedtune: %(message)s", datefmt="%H:%M:%S"))

@@ -5,6 +5,7 @@ The Flower ClientApp (client_app.py) only decodes messages and calls these funct
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -19,12 +20,12 @@ from fedtune.training import local_train
 
 
 def describe(experiment: Experiment, data: ClientData) -> dict[str, Any]:
-    """Sizes and label histogram of a client's data (sent once, for the partition summary)."""
-    info: dict[str, Any] = {"num_train": len(data.train), "num_val": len(data.val)}
-    if experiment.corpus.task == "classification":
-        counts = Counter(data.train["label"])
-        info["label_counts"] = [counts.get(label, 0) for label in range(experiment.num_labels or 0)]
-    return info
+    """Sizes and label histogram (train and validation rows) of a client's data, for the partition summary."""
+    labels = None
+    if experiment.num_labels:
+        counts = Counter(data.train["label"]) + Counter(data.val["label"])
+        labels = [counts.get(label, 0) for label in range(experiment.num_labels)]
+    return {"train": len(data.train), "val": len(data.val), "labels": labels, "natural_id": None}
 
 
 def train_round(
@@ -42,12 +43,18 @@ def train_round(
     seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
     torch.manual_seed(seed)  # dropout
     adapters.set_adapter(model, global_adapter)
+    started = time.perf_counter()
     metrics = local_train(
-        model, data.train, experiment.corpus.task, experiment.tokenizer, experiment.model_spec.max_length,
-        config, torch.Generator().manual_seed(seed),
+        model,
+        data.train,
+        experiment.corpus.task,
+        experiment.tokenizer,
+        experiment.model_spec.max_length,
+        config,
+        torch.Generator().manual_seed(seed),
     )
     update = adapters.subtract(adapters.get_adapter(model), global_adapter)
-    return update, {**metrics, "num_examples": float(len(data.train))}
+    return update, {**metrics, "train_seconds": time.perf_counter() - started, "num_examples": float(len(data.train))}
 
 
 def evaluate_round(experiment: Experiment, data: ClientData, global_adapter: AdapterState) -> dict[str, float]:
@@ -55,5 +62,15 @@ def evaluate_round(experiment: Experiment, data: ClientData, global_adapter: Ada
     torch.set_num_threads(experiment.train_config.torch_threads)
     model = experiment.model()
     adapters.set_adapter(model, global_adapter)
-    metrics = evaluate(model, data.val, experiment.corpus.task, experiment.tokenizer, experiment.model_spec.max_length, experiment.train_config)
-    return {**metrics, "num_examples": float(min(len(data.val), experiment.train_config.eval_max_examples or len(data.val)))}
+    metrics = evaluate(
+        model,
+        data.val,
+        experiment.corpus.task,
+        experiment.tokenizer,
+        experiment.model_spec.max_length,
+        experiment.train_config,
+    )
+    return {
+        **metrics,
+        "num_examples": float(min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))),
+    }

@@ -29,7 +29,9 @@ def client_key(node_config: Mapping[str, Any]) -> str:
         return str(node_config["name"])
     if "partition-id" in node_config:
         return f"partition-{int(node_config['partition-id'])}"
-    raise ValueError("This SuperNode has neither node-config 'name' nor 'partition-id'; start it with --node-config \"name='hospital-a' data-path='/data/notes.csv'\".")
+    raise ValueError(
+        "This SuperNode has neither node-config 'name' nor 'partition-id'; start it with --node-config \"name='hospital-a' data-path='/data/notes.csv'\"."
+    )
 
 
 def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -41,7 +43,9 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         experiment = get_experiment(config.load_experiment(run_config))
         expected = msg.content.config_records[CONFIG].get(EXPERIMENT_HASH)
         if expected is not None and expected != experiment.hash:
-            raise RuntimeError("This node composed a different experiment config than the server (fedtune or conf/ versions differ).")
+            raise RuntimeError(
+                "This node composed a different experiment config than the server (fedtune or conf/ versions differ)."
+            )
         if "data-path" in context.node_config:
             return experiment, experiment.node_data(str(context.node_config["data-path"]))
         return experiment, experiment.client_data(int(context.node_config["partition-id"]))
@@ -57,7 +61,9 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         experiment, data = setup(msg, context)
         global_adapter = msg.content.array_records[ARRAYS].to_torch_state_dict()
         server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])
-        update, metrics = client.train_round(experiment, data, global_adapter, server_round, client_key(context.node_config))
+        update, metrics = client.train_round(
+            experiment, data, global_adapter, server_round, client_key(context.node_config)
+        )
         return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()

@@ -85,7 +85,9 @@ def validate(cfg: DictConfig) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         keys = ", ".join(sorted(missing))
-        raise ConfigError(f"Config value(s) required but not set: {keys}. Set them on the command line, e.g. {sorted(missing)[0]}=...")
+        raise ConfigError(
+            f"Config value(s) required but not set: {keys}. Set them on the command line, e.g. {sorted(missing)[0]}=..."
+        )
     for path, node in _component_nodes(cfg):
         _bind_signature(path, node)
     for name in _COMPONENTS:
@@ -185,12 +187,17 @@ def _bind_signature(path: str, node: DictConfig) -> None:
     except TypeError as error:
         raise ConfigError(f"Config node '{path}' does not fit {node['_target_']}: {error}") from error
     required = [
-        p.name for p in signature.parameters.values()
-        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and p.name not in arguments and p.name != "self"
+        p.name
+        for p in signature.parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in arguments
+        and p.name != "self"
     ]
     if required and str(node.get("_partial_", False)).lower() != "true":
-        raise ConfigError(f"Config node '{path}' is missing required key(s) {required} for {node['_target_']}; set {path}.{required[0]}=...")
+        raise ConfigError(
+            f"Config node '{path}' is missing required key(s) {required} for {node['_target_']}; set {path}.{required[0]}=..."
+        )
 
 
 def _import_target(path: str, dotted: str) -> Any:
@@ -198,19 +205,25 @@ def _import_target(path: str, dotted: str) -> Any:
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ConfigError(f"'{path}._target_: {dotted}' cannot be imported ({error}); check the spelling or install the package that provides it.") from error
+        raise ConfigError(
+            f"'{path}._target_: {dotted}' cannot be imported ({error}); check the spelling or install the package that provides it."
+        ) from error
 
 
 def _explain_composition_error(error: Exception, overrides: Sequence[str]) -> str:
     """Turn Hydra's composition errors into a message that names the key and the fix."""
     message = str(error)
-    unknown = re.search(r"Could not override '([^']+)'", message) or re.search(r"Key '([^']+)' (?:is not in struct|not in)", message)
+    unknown = re.search(r"Could not override '([^']+)'", message) or re.search(
+        r"Key '([^']+)' (?:is not in struct|not in)", message
+    )
     if unknown:
         key = unknown.group(1)
         group_choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
         try:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                base = hydra_compose(config_name="config", overrides=[o for o in group_choices if o.split("=")[0] != key])
+                base = hydra_compose(
+                    config_name="config", overrides=[o for o in group_choices if o.split("=")[0] != key]
+                )
             known = _all_keys(base)
         except Exception:  # noqa: BLE001 - the suggestion is best-effort; the main message stands
             known = []

@@ -71,7 +71,9 @@ def evaluate(
         return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred)}
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if config.generation_examples:
-        metrics["exact_match"] = exact_match(model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer)
+        metrics["exact_match"] = exact_match(
+            model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer
+        )
     return metrics
 
 
@@ -80,10 +82,18 @@ def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: Pr
     """Fraction of rows whose greedy answer equals the reference response (whitespace-trimmed)."""
     hits = 0
     for row in dataset:
-        prompt = tokenizer(format_prompt(row["prompt"], tokenizer), add_special_tokens=False, return_token_type_ids=False, return_tensors="pt")
+        prompt = tokenizer(
+            format_prompt(row["prompt"], tokenizer),
+            add_special_tokens=False,
+            return_token_type_ids=False,
+            return_tensors="pt",
+        )
         budget = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 4
         output = model.generate(
-            **prompt, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **prompt,
+            max_new_tokens=budget,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
         answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         hits += int(answer.strip() == row["response"].strip())

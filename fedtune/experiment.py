@@ -104,14 +104,18 @@ class Experiment:
         """A simulated client's partition of the pool, split into train and validation."""
         key = f"partition-{partition_id}"
         if key not in self._clients:
-            self._clients[key] = client_partition(self.pool, self.partitioner, partition_id, self.data_spec.val_fraction, self.cfg.seed)
+            self._clients[key] = client_partition(
+                self.pool, self.partitioner, partition_id, self.data_spec.val_fraction, self.cfg.seed
+            )
         return self._clients[key]
 
     def node_data(self, data_path: str) -> ClientData:
         """A deployed node's own file (all of it is this node's), split into train and validation."""
         key = f"path-{data_path}"
         if key not in self._clients:
-            loader = dict(self.data_spec.loader) if "local_file" in str(self.data_spec.loader.get("_target_", "")) else {}
+            loader = (
+                dict(self.data_spec.loader) if "local_file" in str(self.data_spec.loader.get("_target_", "")) else {}
+            )
             loader = {k: v for k, v in loader.items() if not k.startswith("_") and k != "path"}
             loader.setdefault("task", self.model_spec.task)
             corpus = local_file(path=data_path, **loader)

@@ -18,6 +18,7 @@ class Federation:
         min_evaluate_clients: Federated evaluation is skipped for a round with fewer replies.
         round_timeout: Seconds the server waits for replies in each step of a round.
         cpus_per_client: CPU cores reserved per simulated client (Ray resources).
+        evaluate_every: Evaluate (federated and central) every this many rounds, and after the last round.
 
     Raises:
         ValueError: If a value is out of range; the message names the key.
@@ -31,6 +32,7 @@ class Federation:
     min_evaluate_clients: int = 1
     round_timeout: float = 3600.0
     cpus_per_client: float = 1.0
+    evaluate_every: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -42,6 +44,7 @@ class Federation:
             "min_evaluate_clients": 0 <= self.min_evaluate_clients <= self.num_clients,
             "round_timeout": self.round_timeout > 0,
             "cpus_per_client": self.cpus_per_client > 0,
+            "evaluate_every": self.evaluate_every >= 1,
         }
         for key, ok in checks.items():
             if not ok:
@@ -49,6 +52,10 @@ class Federation:
                     f"federation.{key}={getattr(self, key)} is out of range "
                     f"(num_clients={self.num_clients}); fractions lie in (0, 1], minimums between 1 and num_clients."
                 )
+
+    def evaluates_after(self, server_round: int) -> bool:
+        """Whether evaluation runs after ``server_round``."""
+        return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
 
     def num_sampled(self, available: int, fraction: float) -> int:
         """How many of ``available`` clients to sample for a step with the given fraction (at least one)."""

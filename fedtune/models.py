@@ -16,7 +16,12 @@ from typing import Any
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from fedtune.adapters import AdapterState, get_adapter
 from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS
@@ -57,7 +62,9 @@ class ModelSpec:
         if self.path.startswith(BUILTIN_PREFIX):
             name = self.path.removeprefix(BUILTIN_PREFIX)
             if name not in BUILTIN_MODELS:
-                raise ValueError(f"model.path={self.path!r}: unknown built-in; available: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}.")
+                raise ValueError(
+                    f"model.path={self.path!r}: unknown built-in; available: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}."
+                )
         elif not (Path(self.path) / "config.json").is_file():
             raise ValueError(
                 f"model.path={self.path!r} is not a Hugging Face model directory (no config.json). Point it at a "

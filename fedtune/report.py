@@ -22,30 +22,33 @@ logger = logging.getLogger("fedtune")
 _HEADLINE = {"classification": ("macro_f1", "accuracy"), "causal_lm": ("loss", "exact_match")}
 
 
-def format_partitions(infos: dict[str, dict[str, Any]]) -> str:
-    """One line per client: sizes and, for classification, the three most frequent labels with their share."""
-    lines = []
-    for key, info in infos.items():
-        line = f"  {key:<20} train {info['num_train']:>6}  val {info['num_val']:>5}"
-        counts = info.get("label_counts")
-        if counts:
-            total = sum(counts) or 1
-            top = sorted(range(len(counts)), key=lambda i: -counts[i])[:3]
-            line += "  top labels " + ", ".join(f"{i}:{counts[i] / total:.0%}" for i in top)
-        lines.append(line)
-    return "\n".join(lines)
+def partition_summary(experiment: Experiment, infos: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The clients' own descriptions (what each node reported) in the layout of :func:`format_summary`."""
+    clients = [{"id": key, **info} for key, info in infos.items()]
+    return {
+        "pool": len(experiment.pool),
+        "train": sum(c["train"] for c in clients),
+        "val": sum(c["val"] for c in clients),
+        "label_names": list(experiment.corpus.label_names) if experiment.num_labels else None,
+        "clients": clients,
+    }
 
 
-def progress_line(server_round: int, num_rounds: int, metrics: list[dict[str, Any]], central: dict[str, float], seconds: float) -> str:
+def progress_line(
+    server_round: int, num_rounds: int, metrics: list[dict[str, Any]], central: dict[str, float], seconds: float
+) -> str:
     """``round 3/5 | clients 4/4 | train loss 1.234 | val ... | test ... | 12.3 s``."""
     latest = {(m["scope"], m["metric"]): m["value"] for m in metrics if m["round"] == server_round}
-    parts = [f"round {server_round}/{num_rounds}",
-             f"clients {latest.get(('train', 'clients'), 0):.0f}/{latest.get(('train', 'sampled'), 0):.0f}",
-             f"train loss {latest.get(('train', 'train_loss'), float('nan')):.4f}"]
+    parts = [
+        f"round {server_round}/{num_rounds}",
+        f"clients {latest.get(('train', 'clients'), 0):.0f}/{latest.get(('train', 'sampled'), 0):.0f}",
+        f"train loss {latest.get(('train', 'train_loss'), float('nan')):.4f}",
+    ]
     federated = {name: v for (scope, name), v in latest.items() if scope == "federated"}
     if federated:
         parts.append("val " + " ".join(f"{k} {v:.4f}" for k, v in federated.items()))
-    parts.append("test " + " ".join(f"{k} {v:.4f}" for k, v in central.items()))
+    if central:
+        parts.append("test " + " ".join(f"{k} {v:.4f}" for k, v in central.items()))
     parts.append(f"{seconds:.1f} s")
     return " | ".join(parts)
 
@@ -65,7 +68,11 @@ def finish(run_dir: RunDir, experiment: Experiment, model: Any, final_adapter: A
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     logger.info("Finished: central test %s", summary)
     if baseline:
-        logger.info("Majority-class baseline on the same test set: macro_f1 %.4f, accuracy %.4f", baseline["macro_f1"], baseline["accuracy"])
+        logger.info(
+            "Majority-class baseline on the same test set: macro_f1 %.4f, accuracy %.4f",
+            baseline["macro_f1"],
+            baseline["accuracy"],
+        )
     logger.info("Outputs in %s (adapter/, README.md, metrics.jsonl, metrics.png)", run_dir.path)
 
 
@@ -73,7 +80,13 @@ def plot_metrics(metrics: list[dict[str, Any]], run_dir: RunDir) -> None:
     """metrics.png: train loss and the central / federated metrics per round."""
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for line in metrics:
-        if line["scope"] in ("train", "federated", "central") and line["metric"] not in ("clients", "sampled", "bytes_per_client", "train_loss_last"):
+        if line["scope"] in ("train", "federated", "central") and line["metric"] not in (
+            "clients",
+            "sampled",
+            "bytes_per_client",
+            "train_loss_last",
+            "train_seconds",
+        ):
             series[(line["scope"], line["metric"])].append((line["round"], line["value"]))
     names = sorted({metric for _, metric in series})
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
@@ -89,7 +102,9 @@ def plot_metrics(metrics: list[dict[str, Any]], run_dir: RunDir) -> None:
     plt.close(figure)
 
 
-def model_card(experiment: Experiment, metrics: list[dict[str, Any]], baseline: dict[str, float] | None, adapter: AdapterState) -> str:
+def model_card(
+    experiment: Experiment, metrics: list[dict[str, Any]], baseline: dict[str, float] | None, adapter: AdapterState
+) -> str:
     """The run's README: what was trained, on what, how, and how well."""
     cfg, spec, federation = experiment.cfg, experiment.model_spec, experiment.federation
     lora = cfg.lora
@@ -111,18 +126,18 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 ## Data
 - {experiment.corpus.description}
 - {len(experiment.pool)} rows for clients, {len(experiment.test_set)} held out for the central test set.
-- Partitioning: `{cfg.partition._target_.rsplit('.', 1)[-1]}` over {federation.num_clients} clients (see `partitions.json`).
+- Partitioning: `{cfg.partition._target_.rsplit(".", 1)[-1]}` over {federation.num_clients} clients (see `partitions.json`).
 
 ## Training
-- {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit('.', 1)[-1]}`.
+- {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit(".", 1)[-1]}`.
 - Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr}.
-- LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or 'PEFT default for the architecture'};
+- LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or "PEFT default for the architecture"};
   {adapters.num_parameters(adapter):,} adapter parameters ({adapters.num_bytes(adapter) / 1e6:.2f} MB), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
 - Seed {cfg.seed}; full resolved config in `config.yaml`.
 
 ## Privacy and security
-- Differential privacy: {experiment_component(experiment, 'privacy')}
-- Secure aggregation: {experiment_component(experiment, 'secure')}
+- Differential privacy: {experiment_component(experiment, "privacy")}
+- Secure aggregation: {experiment_component(experiment, "secure")}
 
 ## Results (central held-out test set, final round)
 | metric | value |

@@ -55,7 +55,9 @@ class RunDir:
         """
         has_checkpoints = self.checkpoints.is_dir() and any(self.checkpoints.glob("round-*.pt"))
         if resume and not has_checkpoints:
-            raise FileNotFoundError(f"resume=true but {self.checkpoints} holds no checkpoint; start without resume=true.")
+            raise FileNotFoundError(
+                f"resume=true but {self.checkpoints} holds no checkpoint; start without resume=true."
+            )
         if not resume and has_checkpoints:
             raise FileExistsError(
                 f"{self.path} already holds a run. Continue it with `resume=true run_dir={self.path}`, "
@@ -81,8 +83,12 @@ class RunDir:
         path = self.checkpoints / f"round-{checkpoint.round:04d}.pt"
         with tempfile.NamedTemporaryFile(dir=self.checkpoints, delete=False) as handle:
             torch.save(
-                {"round": checkpoint.round, "adapter": checkpoint.adapter, "strategy_state": checkpoint.strategy_state,
-                 "experiment_hash": checkpoint.experiment_hash},
+                {
+                    "round": checkpoint.round,
+                    "adapter": checkpoint.adapter,
+                    "strategy_state": checkpoint.strategy_state,
+                    "experiment_hash": checkpoint.experiment_hash,
+                },
                 handle,
             )
         os.replace(handle.name, path)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune import adapters, config, report
 from fedtune.adapters import AdapterState
 from fedtune.client_app import ARRAYS, CLIENT_KEY, CONFIG, DESCRIPTION, EXPERIMENT_HASH, METRICS, SERVER_ROUND
+from fedtune.data.partition import format_summary
 from fedtune.evaluation import evaluate
 from fedtune.experiment import Experiment, derive_seed, get_experiment
 from fedtune.run_dir import Checkpoint, RunDir
@@ -70,16 +71,19 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
         strategy.load_state_dict(checkpoint.strategy_state)
         logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
     clients = _connect(grid, experiment)
-    run_dir.write_json("partitions.json", {c.key: c.info for c in clients})
-    logger.info("Partition summary:\n%s", report.format_partitions({c.key: c.info for c in clients}))
+    summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
+    run_dir.write_json("partitions.json", summary)
+    logger.info("Partition summary:\n%s", format_summary(summary))
     if first_round == 1:
         _log_central(run_dir, experiment, model, global_adapter, 0)
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
         global_adapter = _train_step(grid, experiment, strategy, clients, global_adapter, server_round, run_dir)
         run_dir.save_checkpoint(Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash))
-        _federated_evaluation(grid, experiment, clients, global_adapter, server_round, run_dir)
-        central = _log_central(run_dir, experiment, model, global_adapter, server_round)
+        central = {}
+        if federation.evaluates_after(server_round):
+            _federated_evaluation(grid, experiment, clients, global_adapter, server_round, run_dir)
+            central = _log_central(run_dir, experiment, model, global_adapter, server_round)
         seconds = time.monotonic() - started
         run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
         logger.info(report.progress_line(server_round, federation.num_rounds, run_dir.read_metrics(), central, seconds))
@@ -93,29 +97,47 @@ def _connect(grid: Grid, experiment: Experiment) -> list[Client]:
     deadline = time.monotonic() + NODE_WAIT_SECONDS
     while len(list(grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:
-            raise RoundFailedError(f"Only {len(list(grid.get_node_ids()))} nodes connected; federation.min_train_clients={needed}.")
+            raise RoundFailedError(
+                f"Only {len(list(grid.get_node_ids()))} nodes connected; federation.min_train_clients={needed}."
+            )
         time.sleep(1.0)
-    replies = _send(grid, experiment, grid.get_node_ids(), "query", RecordDict(), timeout=experiment.federation.round_timeout)
+    replies = _send(
+        grid, experiment, grid.get_node_ids(), "query", RecordDict(), timeout=experiment.federation.round_timeout
+    )
     clients = [
-        Client(reply.metadata.src_node_id, str(reply.content.config_records[CONFIG][CLIENT_KEY]),
-               json.loads(str(reply.content.config_records[CONFIG][DESCRIPTION])))
+        Client(
+            reply.metadata.src_node_id,
+            str(reply.content.config_records[CONFIG][CLIENT_KEY]),
+            json.loads(str(reply.content.config_records[CONFIG][DESCRIPTION])),
+        )
         for reply in replies
     ]
     return sorted(clients, key=lambda c: c.key)
 
 
-def _sample(clients: list[Client], fraction: float, experiment: Experiment, server_round: int, purpose: str) -> list[Client]:
+def _sample(
+    clients: list[Client], fraction: float, experiment: Experiment, server_round: int, purpose: str
+) -> list[Client]:
     count = experiment.federation.num_sampled(len(clients), fraction)
     generator = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, purpose, server_round))
     chosen = sorted(torch.randperm(len(clients), generator=generator)[:count].tolist())
     return [clients[i] for i in chosen]
 
 
-def _train_step(grid: Grid, experiment: Experiment, strategy: Any, clients: list[Client], global_adapter: AdapterState,
-                server_round: int, run_dir: RunDir) -> AdapterState:
+def _train_step(
+    grid: Grid,
+    experiment: Experiment,
+    strategy: Any,
+    clients: list[Client],
+    global_adapter: AdapterState,
+    server_round: int,
+    run_dir: RunDir,
+) -> AdapterState:
     sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train")
     content = RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
-    replies = _send(grid, experiment, [c.node_id for c in sampled], "train", content, experiment.federation.round_timeout)
+    replies = _send(
+        grid, experiment, [c.node_id for c in sampled], "train", content, experiment.federation.round_timeout
+    )
     by_node = {c.node_id: c for c in sampled}
     updates, weights, train_metrics = [], [], []
     for reply in sorted(replies, key=lambda r: by_node[r.metadata.src_node_id].key):  # fixed order: reproducible sums
@@ -131,20 +153,38 @@ def _train_step(grid: Grid, experiment: Experiment, strategy: Any, clients: list
             f"federation.min_train_clients={experiment.federation.min_train_clients}. Resume with resume=true once nodes are back."
         )
     new_adapter = strategy.step(global_adapter, strategy.aggregate(updates, weights))
-    run_dir.log_metrics(server_round, "train", {
-        **_weighted_mean(train_metrics, weights), "clients": float(len(updates)), "sampled": float(len(sampled)),
-        "bytes_per_client": float(adapters.num_bytes(global_adapter)),
-    })
+    run_dir.log_metrics(
+        server_round,
+        "train",
+        {
+            **_weighted_mean(train_metrics, weights),
+            "clients": float(len(updates)),
+            "sampled": float(len(sampled)),
+            "bytes_per_client": float(adapters.num_bytes(global_adapter)),
+        },
+    )
     return new_adapter
 
 
-def _federated_evaluation(grid: Grid, experiment: Experiment, clients: list[Client], global_adapter: AdapterState,
-                          server_round: int, run_dir: RunDir) -> None:
+def _federated_evaluation(
+    grid: Grid,
+    experiment: Experiment,
+    clients: list[Client],
+    global_adapter: AdapterState,
+    server_round: int,
+    run_dir: RunDir,
+) -> None:
     if experiment.federation.fraction_evaluate == 0:
         return
     sampled = _sample(clients, experiment.federation.fraction_evaluate, experiment, server_round, "evaluate")
-    replies = _send(grid, experiment, [c.node_id for c in sampled], "evaluate", RecordDict({ARRAYS: ArrayRecord(global_adapter)}),
-                    experiment.federation.round_timeout)
+    replies = _send(
+        grid,
+        experiment,
+        [c.node_id for c in sampled],
+        "evaluate",
+        RecordDict({ARRAYS: ArrayRecord(global_adapter)}),
+        experiment.federation.round_timeout,
+    )
     results = [dict(r.content.metric_records[METRICS]) for r in replies]
     if len(results) < experiment.federation.min_evaluate_clients:
         logger.warning("Round %d: federated evaluation skipped, %d replies", server_round, len(results))
@@ -152,17 +192,26 @@ def _federated_evaluation(grid: Grid, experiment: Experiment, clients: list[Clie
     run_dir.log_metrics(server_round, "federated", _weighted_mean(results, [m["num_examples"] for m in results]))
 
 
-def _log_central(run_dir: RunDir, experiment: Experiment, model: Any, global_adapter: AdapterState, server_round: int) -> dict[str, float]:
+def _log_central(
+    run_dir: RunDir, experiment: Experiment, model: Any, global_adapter: AdapterState, server_round: int
+) -> dict[str, float]:
     """Evaluate the global adapter on the central held-out test set."""
     adapters.set_adapter(model, global_adapter)
-    metrics = evaluate(model, experiment.test_set, experiment.corpus.task, experiment.tokenizer,
-                       experiment.model_spec.max_length, experiment.train_config)
+    metrics = evaluate(
+        model,
+        experiment.test_set,
+        experiment.corpus.task,
+        experiment.tokenizer,
+        experiment.model_spec.max_length,
+        experiment.train_config,
+    )
     run_dir.log_metrics(server_round, "central", metrics)
     return metrics
 
 
-def _send(grid: Grid, experiment: Experiment, node_ids: Iterable[int], message_type: str, content: RecordDict,
-          timeout: float) -> list[Message]:
+def _send(
+    grid: Grid, experiment: Experiment, node_ids: Iterable[int], message_type: str, content: RecordDict, timeout: float
+) -> list[Message]:
     """Send one message per node and return the successful replies; failures are logged and skipped."""
     content.config_records.setdefault(CONFIG, ConfigRecord())
     content.config_records[CONFIG][EXPERIMENT_HASH] = experiment.hash
@@ -171,12 +220,22 @@ def _send(grid: Grid, experiment: Experiment, node_ids: Iterable[int], message_t
     ok = []
     for reply in replies:
         if reply.has_error():
-            logger.warning("Node %s failed a %s message and is skipped this round: %s",
-                           reply.metadata.src_node_id, message_type, reply.error.reason)
+            logger.warning(
+                "Node %s failed a %s message and is skipped this round: %s",
+                reply.metadata.src_node_id,
+                message_type,
+                reply.error.reason,
+            )
         else:
             ok.append(reply)
     if len(replies) < len(messages):
-        logger.warning("%d of %d nodes did not answer the %s message within %.0f s", len(messages) - len(replies), len(messages), message_type, timeout)
+        logger.warning(
+            "%d of %d nodes did not answer the %s message within %.0f s",
+            len(messages) - len(replies),
+            len(messages),
+            message_type,
+            timeout,
+        )
     return ok
 
 

@@ -38,7 +38,7 @@ class TrainConfig:
     lr: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
-    eval_max_examples: int = 1000
+    eval_max_examples: int = 500
     generation_examples: int = 32
     torch_threads: int = 1
 
@@ -52,7 +52,9 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must not be negative.")
 
 
-def encode(rows: dict[str, list[Any]], task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
+def encode(
+    rows: dict[str, list[Any]], task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, torch.Tensor]:
     """Tokenise a batch of rows into model inputs, right-padded.
 
     Classification: ``input_ids``, ``attention_mask`` of shape (B, T) and ``labels`` of shape (B,).
@@ -82,11 +84,17 @@ def encode(rows: dict[str, list[Any]], task: Task, tokenizer: PreTrainedTokenize
 def format_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """The prompt as the model expects it: through its chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True))
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
     return f"{prompt}\n"
 
 
-def sample_batches(dataset: datasets.Dataset, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[dict[str, list[Any]]]:
+def sample_batches(
+    dataset: datasets.Dataset, batch_size: int, steps: int, generator: torch.Generator
+) -> Iterator[dict[str, list[Any]]]:
     """``steps`` batches drawn by shuffling the dataset epoch after epoch (deterministic under ``generator``)."""
     order: list[int] = []
     for _ in range(steps):
@@ -102,7 +110,10 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tor
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
     token_loss = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(shifted_labels.shape)
     counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
@@ -137,4 +148,3 @@ def local_train(
         losses.append(loss.item())
     model.eval()
     return {"train_loss": sum(losses) / len(losses), "train_loss_last": losses[-1]}
-

@@ -37,7 +37,9 @@ class FedAvg:
     def aggregate(self, updates: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
         """Weighted mean of ``updates``; accumulated in float64 to keep rounding error far below float32 precision."""
         if not updates or len(updates) != len(weights):
-            raise ValueError(f"FedAvg needs one weight per update, got {len(updates)} updates and {len(weights)} weights.")
+            raise ValueError(
+                f"FedAvg needs one weight per update, got {len(updates)} updates and {len(weights)} weights."
+            )
         total = float(sum(weights))
         if total <= 0:
             raise ValueError("FedAvg weights (client example counts) must sum to a positive number.")

@@ -25,8 +25,14 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("tiny-bert")
     vocab = _save_tokenizer(target)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(target)
     return target
 
@@ -37,8 +43,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("tiny-llama")
     vocab = _save_tokenizer(target)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(target)
     return target
 
@@ -46,10 +60,19 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """Overrides for a seconds-long experiment on the tiny BERT and a slice of ICD-10."""
     return [
-        "model=local", f"model.path={model_dir}", "model.max_length=32",
-        "data.loader.max_examples=400", "data.test_size=60", "partition=iid",
-        "federation.num_clients=2", "federation.num_rounds=2",
-        "train.local_steps=3", "train.batch_size=8", "train.eval_max_examples=48", f"run_dir={run_dir}", *extra,
+        "model=local",
+        f"model.path={model_dir}",
+        "model.max_length=32",
+        "data.loader.max_examples=400",
+        "data.test_size=60",
+        "partition=iid",
+        "federation.num_clients=2",
+        "federation.num_rounds=2",
+        "train.local_steps=3",
+        "train.batch_size=8",
+        "train.eval_max_examples=48",
+        f"run_dir={run_dir}",
+        *extra,
     ]
 
 

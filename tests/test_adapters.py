@@ -14,7 +14,9 @@ from fedtune.models import ModelSpec, build_model
 
 @pytest.fixture
 def model(tiny_bert_dir: Path):  # noqa: ANN201
-    model, initial = build_model(ModelSpec(str(tiny_bert_dir), "classification", 32), LoraConfig(r=4, lora_alpha=8), num_labels=3, seed=0)
+    model, initial = build_model(
+        ModelSpec(str(tiny_bert_dir), "classification", 32), LoraConfig(r=4, lora_alpha=8), num_labels=3, seed=0
+    )
     adapters.set_adapter(model, initial)
     return model
 
@@ -46,7 +48,9 @@ def test_set_changes_the_model_output(model) -> None:  # noqa: ANN001
 def test_delta_and_add_are_inverse(model) -> None:  # noqa: ANN001
     a = adapters.get_adapter(model)
     b = {k: v + torch.randn_like(v) for k, v in a.items()}
-    assert all(torch.allclose(x, y) for x, y in zip(adapters.add(a, adapters.subtract(b, a)).values(), b.values(), strict=True))
+    assert all(
+        torch.allclose(x, y) for x, y in zip(adapters.add(a, adapters.subtract(b, a)).values(), b.values(), strict=True)
+    )
 
 
 def test_mismatched_adapter_is_refused_and_the_model_is_untouched(model) -> None:  # noqa: ANN001

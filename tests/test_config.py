@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from fedtune import config
 from fedtune.config import ConfigError
@@ -30,7 +31,9 @@ def _required_values(group: str, option: str, tiny_bert_dir: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_config_option_composes_and_binds_to_its_signature(group: str, option: str, tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_every_config_option_composes_and_binds_to_its_signature(
+    group: str, option: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
     cfg = config.compose([f"{group}={option}", *_required_values(group, option, tiny_bert_dir, tmp_path)])
     node = cfg[group]
     target = config._import_target(group, node._target_)
@@ -53,7 +56,9 @@ def test_override_changes_the_value() -> None:
 
 
 def test_unknown_key_is_named_with_a_suggestion() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown config key 'federation.num_client'.*Did you mean 'federation.num_clients'"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown config key 'federation.num_client'.*Did you mean 'federation.num_clients'"
+    ):
         config.compose(["federation.num_client=8"])
 
 
@@ -67,13 +72,16 @@ def test_unknown_group_option_lists_the_available_ones() -> None:
         config.compose(["partition=zipf"])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("federation.fraction_train=1.5", "federation.fraction_train"),
-    ("federation.min_train_clients=9", "federation.min_train_clients"),
-    ("train.lr=-1", "train.lr"),
-    ("data.val_fraction=1.0", "data.val_fraction"),
-    ("model.task=translation", "model.task"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("federation.fraction_train=1.5", "federation.fraction_train"),
+        ("federation.min_train_clients=9", "federation.min_train_clients"),
+        ("train.lr=-1", "train.lr"),
+        ("data.val_fraction=1.0", "data.val_fraction"),
+        ("model.task=translation", "model.task"),
+    ],
+)
 def test_bad_value_fails_before_any_work_and_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.compose([override])
@@ -112,13 +120,17 @@ def test_experiment_hash_ignores_bookkeeping_but_not_training_settings(tmp_path:
 
 def test_sweeps_expand_to_the_cartesian_product() -> None:
     jobs = config.expand_sweeps(["lora.r=4,8", "seed=0,1", "train.lr=0.01"])
-    assert sorted(map(tuple, jobs)) == sorted([
-        ("lora.r=4", "seed=0", "train.lr=0.01"), ("lora.r=4", "seed=1", "train.lr=0.01"),
-        ("lora.r=8", "seed=0", "train.lr=0.01"), ("lora.r=8", "seed=1", "train.lr=0.01"),
-    ])
+    assert sorted(map(tuple, jobs)) == sorted(
+        [
+            ("lora.r=4", "seed=0", "train.lr=0.01"),
+            ("lora.r=4", "seed=1", "train.lr=0.01"),
+            ("lora.r=8", "seed=0", "train.lr=0.01"),
+            ("lora.r=8", "seed=1", "train.lr=0.01"),
+        ]
+    )
 
 
 def test_composed_config_is_read_only() -> None:
     cfg = config.compose()
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.seed = 3

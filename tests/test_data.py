@@ -46,7 +46,7 @@ def test_icd10_chapters_rows_and_labels() -> None:
 
     cholera = rows["text"].index("Cholera due to Vibrio cholerae 01, biovar cholerae")
     assert (rows["label"][cholera], rows["code"][cholera]) == (0, "A00.0")
-    for code, label in zip(rows["code"], rows["label"]):
+    for code, label in zip(rows["code"], rows["label"], strict=True):
         if code[0] in LETTER_CHAPTER:
             assert label == LETTER_CHAPTER[code[0]], code
         elif code[0] == "D":  # D00-D49 (and D3A) neoplasms, D50-D89 blood
@@ -70,10 +70,8 @@ def test_icd10_instructions_layout() -> None:
     chapters = icd10_chapters(max_examples=200, seed=3)
     assert corpus.task == "causal_lm"
     assert corpus.dataset["code"] == chapters.dataset["code"]  # same rows for the same seed
-    for row, source in zip(corpus.dataset, chapters.dataset):
-        assert row["prompt"] == (
-            f"Which ICD-10-CM chapter does this diagnosis belong to?\nDiagnosis: {source['text']}"
-        )
+    for row, source in zip(corpus.dataset, chapters.dataset, strict=True):
+        assert row["prompt"] == (f"Which ICD-10-CM chapter does this diagnosis belong to?\nDiagnosis: {source['text']}")
         assert row["response"] == chapters.label_names[source["label"]]
 
 
@@ -95,7 +93,7 @@ def test_hpo_definitions_are_unaltered() -> None:
     assert rows["response"][0] == (
         "Deviation from the norm of height with respect to that which is expected according to age and gender norms."
     )
-    for hpo_id, prompt, response in zip(rows["hpo_id"], rows["prompt"], rows["response"]):
+    for hpo_id, prompt, response in zip(rows["hpo_id"], rows["prompt"], rows["response"], strict=True):
         term = raw[hpo_id]
         assert prompt == f"What is the phenotype '{term['name']}'?"
         # The stored form is the OBO quoted string "..." [sources]; quoting it again must give it back.

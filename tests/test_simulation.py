@@ -41,8 +41,16 @@ def finished_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_run_writes_every_output(finished_run: tuple[list[str], Path]) -> None:
     _, run_dir = finished_run
-    for name in ("config.yaml", "metrics.jsonl", "partitions.json", "metrics.png", "README.md", "baseline.json",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "partitions.json",
+        "metrics.png",
+        "README.md",
+        "baseline.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     lines = RunDir(run_dir).read_metrics()
@@ -51,7 +59,9 @@ def test_run_writes_every_output(finished_run: tuple[list[str], Path]) -> None:
     clients = [m["value"] for m in lines if m["scope"] == "train" and m["metric"] == "clients"]
     assert clients == [2.0, 2.0]
     assert {m["scope"] for m in lines} >= {"train", "federated", "central", "client:partition-0", "client:partition-1"}
-    assert set(json.loads((run_dir / "partitions.json").read_text())) == {"partition-0", "partition-1"}
+    summary = json.loads((run_dir / "partitions.json").read_text())
+    assert [c["id"] for c in summary["clients"]] == ["partition-0", "partition-1"]
+    assert summary["train"] + summary["val"] == sum(sum(c["labels"]) for c in summary["clients"])
     card = (run_dir / "README.md").read_text()
     assert "macro_f1" in card and "Differential privacy" in card and "majority-class" in card
 
@@ -61,7 +71,9 @@ def test_saved_config_recomposes_the_same_experiment(finished_run: tuple[list[st
     assert (run_dir / "config.yaml").read_text() == config.to_yaml(config.compose(overrides))
 
 
-def test_exported_adapter_loads_with_peft_and_equals_the_final_adapter(finished_run: tuple[list[str], Path], tiny_bert_dir: Path) -> None:
+def test_exported_adapter_loads_with_peft_and_equals_the_final_adapter(
+    finished_run: tuple[list[str], Path], tiny_bert_dir: Path
+) -> None:
     _, run_dir = finished_run
     final = _final_adapter(run_dir)
     exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
@@ -72,14 +84,20 @@ def test_exported_adapter_loads_with_peft_and_equals_the_final_adapter(finished_
     assert all(torch.equal(loaded[k], final[k]) for k in final)
 
 
-def test_same_config_and_seed_give_a_bit_identical_adapter(finished_run: tuple[list[str], Path], tmp_path: Path) -> None:
+def test_same_config_and_seed_give_a_bit_identical_adapter(
+    finished_run: tuple[list[str], Path], tmp_path: Path
+) -> None:
     overrides, first = finished_run
     second = _run([*overrides, f"run_dir={tmp_path / 'again'}"])
     assert adapters.fingerprint(_final_adapter(second)) == adapters.fingerprint(_final_adapter(first))
-    assert (second / "adapter" / "adapter_model.safetensors").read_bytes() == (first / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (second / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        first / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
-def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(finished_run: tuple[list[str], Path], tmp_path: Path) -> None:
+def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(
+    finished_run: tuple[list[str], Path], tmp_path: Path
+) -> None:
     overrides, uninterrupted = finished_run
     crashed = tmp_path / "crashed"
     shutil.copytree(uninterrupted, crashed)
@@ -120,8 +138,12 @@ def test_a_failing_client_is_skipped_and_the_round_goes_on(tiny_bert_dir: Path, 
     def evaluate(msg: Message, context: Context) -> Message:
         return real(msg, context)
 
-    run_simulation(server_app=make_server_app(run_config), client_app=flaky, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=make_server_app(run_config),
+        client_app=flaky,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     lines = RunDir(tmp_path / "run").read_metrics()
     clients = {m["round"]: m["value"] for m in lines if m["scope"] == "train" and m["metric"] == "clients"}
     assert clients == {1: 3.0, 2: 2.0}

@@ -14,7 +14,9 @@ STRATEGIES = [("fedavg", FedAvg)]
 
 def _updates(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [{"a": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator)} for _ in range(count)]
+    return [
+        {"a": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator)} for _ in range(count)
+    ]
 
 
 @pytest.mark.parametrize("name, factory", STRATEGIES)

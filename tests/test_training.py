@@ -15,8 +15,12 @@ from fedtune.evaluation import evaluate, macro_f1, majority_baseline
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sample_batches, sequence_loss
 
-QA = datasets.Dataset.from_dict({"prompt": ["capital of France?", "two plus two?"] * 8, "response": ["paris", "four"] * 8})
-TEXTS = datasets.Dataset.from_dict({"text": ["fever and cough", "broken arm", "chest pain", "skin rash"] * 8, "label": [0, 1, 2, 3] * 8})
+QA = datasets.Dataset.from_dict(
+    {"prompt": ["capital of France?", "two plus two?"] * 8, "response": ["paris", "four"] * 8}
+)
+TEXTS = datasets.Dataset.from_dict(
+    {"text": ["fever and cough", "broken arm", "chest pain", "skin rash"] * 8, "label": [0, 1, 2, 3] * 8}
+)
 
 
 def test_causal_encoding_learns_only_the_answer(tiny_llama_dir: Path) -> None:
@@ -41,13 +45,19 @@ def test_sequence_loss_matches_a_per_example_reference() -> None:
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 6, 0]])
     expected = []
     for row in range(2):
-        terms = [torch.nn.functional.cross_entropy(logits[row, t - 1], labels[row, t]) for t in range(1, 5) if labels[row, t] != IGNORE_INDEX]
+        terms = [
+            torch.nn.functional.cross_entropy(logits[row, t - 1], labels[row, t])
+            for t in range(1, 5)
+            if labels[row, t] != IGNORE_INDEX
+        ]
         expected.append(torch.stack(terms).mean())
     assert torch.allclose(sequence_loss(logits, labels, "causal_lm"), torch.stack(expected))
 
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
-def test_local_training_lowers_the_loss_and_only_moves_the_adapter(task: str, tiny_bert_dir: Path, tiny_llama_dir: Path) -> None:
+def test_local_training_lowers_the_loss_and_only_moves_the_adapter(
+    task: str, tiny_bert_dir: Path, tiny_llama_dir: Path
+) -> None:
     path, data = (tiny_bert_dir, TEXTS) if task == "classification" else (tiny_llama_dir, QA)
     spec = ModelSpec(str(path), task, 32)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
