@@ -95,10 +95,16 @@ class Experiment:
         """The flwr-datasets partitioner from ``partition``."""
         return fedtune_config.instantiate(self.cfg.partition)
 
+    @cached_property
+    def label_names(self) -> tuple[str, ...] | None:
+        """Class names: declared in ``data.loader.label_names`` (deployments), else read from the corpus."""
+        declared = self.data_spec.loader.get("label_names")
+        return tuple(declared) if declared else self.corpus.label_names
+
     @property
     def num_labels(self) -> int | None:
-        """Classes of a classification corpus, else None."""
-        return len(self.corpus.label_names) if self.corpus.label_names else None
+        """Classes of the classification head (None for a causal LM)."""
+        return len(self.label_names or ()) if self.model_spec.task == "classification" else None
 
     def client_data(self, partition_id: int) -> ClientData:
         """A simulated client's partition of the pool, split into train and validation."""
@@ -110,15 +116,25 @@ class Experiment:
         return self._clients[key]
 
     def node_data(self, data_path: str) -> ClientData:
-        """A deployed node's own file (all of it is this node's), split into train and validation."""
+        """A deployed node's own file (all of it is this node's), split into train and validation.
+
+        Column mapping and label names come from ``data.loader`` when it is a ``local_file`` loader.
+
+        Raises:
+            ValueError: A classification experiment without ``data.loader.label_names``: every node must
+                number the classes the same way, which its own file alone cannot guarantee.
+        """
         key = f"path-{data_path}"
         if key not in self._clients:
-            loader = (
-                dict(self.data_spec.loader) if "local_file" in str(self.data_spec.loader.get("_target_", "")) else {}
-            )
-            loader = {k: v for k, v in loader.items() if not k.startswith("_") and k != "path"}
-            loader.setdefault("task", self.model_spec.task)
-            corpus = local_file(path=data_path, **loader)
+            loader = dict(self.data_spec.loader) if str(self.data_spec.loader._target_).endswith(".local_file") else {}
+            options = {k: v for k, v in loader.items() if not k.startswith("_") and k != "path"}
+            options["task"] = self.model_spec.task
+            if self.model_spec.task == "classification" and not options.get("label_names"):
+                raise ValueError(
+                    "A node reading its own data-path needs data=local with data.loader.label_names=[...] listing every "
+                    "class, so that all nodes give each class the same id."
+                )
+            corpus = local_file(path=data_path, **options)
             split = corpus.dataset.train_test_split(test_size=self.data_spec.val_fraction, seed=self.cfg.seed)
             self._clients[key] = ClientData(train=split["train"], val=split["test"])
         return self._clients[key]

@@ -29,7 +29,7 @@ def partition_summary(experiment: Experiment, infos: dict[str, dict[str, Any]]) 
         "pool": len(experiment.pool),
         "train": sum(c["train"] for c in clients),
         "val": sum(c["val"] for c in clients),
-        "label_names": list(experiment.corpus.label_names) if experiment.num_labels else None,
+        "label_names": list(experiment.label_names) if experiment.num_labels else None,
         "clients": clients,
     }
 
