@@ -49,8 +49,14 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
         for cfg in configs:
             print(config.to_yaml(cfg))
         return 0
-    from fedtune.simulation import simulate  # deferred: heavy imports only when something runs
+    from fedtune.experiment import get_experiment  # deferred: heavy imports only when something runs
+    from fedtune.simulation import simulate
 
+    for cfg in configs:
+        try:
+            get_experiment(cfg).preflight()
+        except (ValueError, FileNotFoundError) as error:
+            raise config.ConfigError(str(error)) from error
     for job, cfg in zip(jobs, configs, strict=True):
         logging.getLogger("fedtune").info("Run directory: %s", cfg.run_dir)
         simulate(cfg, config.to_run_config(job, str(cfg.run_dir)))

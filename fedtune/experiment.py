@@ -139,6 +139,22 @@ class Experiment:
             self._clients[key] = ClientData(train=split["train"], val=split["test"])
         return self._clients[key]
 
+    def preflight(self) -> None:
+        """Load the data and split it once, so that a data/model mismatch or a bad partitioning fails at start.
+
+        Raises:
+            ValueError: The corpus does not fit the model's task, or the partitioner's number of partitions
+                differs from ``federation.num_clients``.
+        """
+        self.corpus  # noqa: B018 - loading checks the task pairing
+        self.client_data(0)  # assigns the pool, which natural partitioning needs to count its partitions
+        partitions = self.partitioner.num_partitions
+        if partitions != self.federation.num_clients:
+            raise ValueError(
+                f"partition gives {partitions} partitions but federation.num_clients={self.federation.num_clients}; "
+                f"set federation.num_clients={partitions}."
+            )
+
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer."""

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from fedtune import config
+from fedtune import cli, config
 from fedtune.config import ConfigError
 
 GROUPS = ["model", "data", "partition", "lora", "strategy", "privacy", "secure", "federation", "train"]
@@ -134,3 +134,20 @@ def test_composed_config_is_read_only() -> None:
     cfg = config.compose()
     with pytest.raises(ReadonlyConfigError):
         cfg.seed = 3
+
+
+def test_model_and_data_of_different_tasks_fail_at_start(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["run", "model=smollm2", "data=icd10", f"run_dir={tmp_path}"]) == 2
+    assert "model=minilm data=icd10 or model=smollm2 data=icd10_instructions" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_natural_partitions_must_match_the_number_of_clients(
+    tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "notes.csv"
+    csv.write_text("text,label,hospital\n" + "".join(f"note {i},{i % 2},h{i % 3}\n" for i in range(30)))
+    args = ["run", "model=local", f"model.path={tiny_bert_dir}", "data=local", f"data.loader.path={csv}", "partition=natural",
+            "partition.partition_by=hospital", "federation.num_clients=4", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert cli.main(args) == 2
+    assert "set federation.num_clients=3" in capsys.readouterr().err
