@@ -48,6 +48,12 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             )
         if "data-path" in context.node_config:
             return experiment, experiment.node_data(str(context.node_config["data-path"]))
+        partitions = int(context.node_config.get("num-partitions", experiment.federation.num_clients))
+        if partitions != experiment.federation.num_clients:
+            raise ValueError(
+                f"This node was started with num-partitions={partitions} but the experiment has "
+                f"federation.num_clients={experiment.federation.num_clients}; start nodes with matching values."
+            )
         return experiment, experiment.client_data(int(context.node_config["partition-id"]))
 
     @app.query()

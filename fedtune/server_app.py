@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> Server
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = bound_run_config if bound_run_config is not None else context.run_config
+        if not logger.handlers:  # under `flwr run` nothing configured logging; Flower streams our stdout
+            logger.addHandler(logging.StreamHandler(sys.stdout))
+            logger.setLevel(logging.INFO)
         run_federation(grid, config.load_experiment(run_config))
 
     return app

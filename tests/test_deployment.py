@@ -35,10 +35,16 @@ MARKER = "FEDTUNE_DEPLOYMENT_TEST"  # env var inherited by every process of this
 RUN_TIMEOUT = 300.0  # guard against a hang; the run itself takes about a minute on 2 cores
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all sockets are held open until every port is chosen)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -59,10 +65,15 @@ class FlowerProcesses:
         self.known: set[psutil.Process] = set()  # every descendant seen so far (psutil guards against PID reuse)
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process in stop()
-        process = subprocess.Popen([str(BIN_DIR / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                   env=self.env, cwd=self.workdir, start_new_session=True)
-        log.close()  # the child holds its own descriptor
+        with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [str(BIN_DIR / args[0]), *args[1:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,  # its own process group, stopped with killpg in stop()
+            )
         self.started[name] = process
         return process
 
@@ -151,6 +162,7 @@ def flower(tmp_path: Path) -> Iterator[FlowerProcesses]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # belt and braces: the flag is passed as well
         "UV_OFFLINE": "1",  # should anything still call `uv sync`, it must not download (torch!)
+        "UV_CACHE_DIR": str(tmp_path / "uv-cache"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -178,26 +190,54 @@ def _wait_for_health(flower: FlowerProcesses, port: int, timeout: float = 60.0) 
 
 
 def _flwr(flower: FlowerProcesses, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN_DIR / "flwr"), *args], env=flower.env, cwd=flower.workdir, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [str(BIN_DIR / "flwr"), *args],
+        env=flower.env,
+        cwd=flower.workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.mark.slow
-def test_flwr_run_on_real_superlink_and_supernodes(flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path) -> None:
-    superlink_port, *node_ports = (_free_port() for _ in range(3))
+def test_flwr_run_on_real_superlink_and_supernodes(
+    flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    superlink_port, *node_ports = _free_ports(3)
     (Path(flower.env["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink]\ndefault = "{FEDERATION}"\n\n'
         f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{superlink_port}"\ninsecure = true\n'
     )
 
-    flower.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(superlink_port),
-                               "--disable-runtime-dependency-installation"])
+    flower.start(
+        "superlink",
+        [
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(superlink_port),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
     _wait_for_health(flower, superlink_port)
     for partition, port in enumerate(node_ports):
-        flower.start(f"supernode-{partition}", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{superlink_port}", "--port", str(port),
-            "--node-config", f"partition-id={partition} num-partitions=2",
-        ])
+        flower.start(
+            f"supernode-{partition}",
+            [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{superlink_port}",
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={partition} num-partitions=2",
+            ],
+        )
 
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(tiny_bert_dir, run_dir, "federation.round_timeout=240")
@@ -207,9 +247,22 @@ def test_flwr_run_on_real_superlink_and_supernodes(flower: FlowerProcesses, tiny
 
     # `--stream` returns once the run has finished (its logs are complete); the loop below guards against a hang.
     with open(tmp_path / "flwr-run.log", "wb") as log:
-        submit = subprocess.Popen([str(BIN_DIR / "flwr"), "run", str(REPO_ROOT), FEDERATION, "--stream",
-                                   "--run-config", str(run_config_file)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=flower.env, cwd=tmp_path, start_new_session=True)
+        submit = subprocess.Popen(
+            [
+                str(BIN_DIR / "flwr"),
+                "run",
+                str(REPO_ROOT),
+                FEDERATION,
+                "--stream",
+                "--run-config",
+                str(run_config_file),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=flower.env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
     flower.started["flwr-run"] = submit
     deadline = time.monotonic() + RUN_TIMEOUT
     while submit.poll() is None:
@@ -224,7 +277,7 @@ def test_flwr_run_on_real_superlink_and_supernodes(flower: FlowerProcesses, tiny
 
     listing = _flwr(flower, "ls", FEDERATION, "--run-id", match.group(1), "--format", "json")
     runs = json.loads(listing.stdout)["runs"]
-    assert runs[0]["status"] == "finished:completed", (runs, flower.log("superlink")[-4000:])
+    assert runs[0]["status"] == "finished:completed", submitted[-6000:]  # the stream holds the ServerApp's log
 
     # The outputs of a completed run: two checkpoints, metrics, exported adapter.
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round-*.pt")) == ["round-0001.pt", "round-0002.pt"]
@@ -236,8 +289,11 @@ def test_flwr_run_on_real_superlink_and_supernodes(flower: FlowerProcesses, tiny
     assert sorted(r for r, s in scopes.items() if "central" in s) == [0, 1, 2]
     for server_round in (1, 2):
         assert {"client:partition-0", "client:partition-1"} <= scopes[server_round]
-        clients = [line["value"] for line in lines if line["round"] == server_round and line["scope"] == "train"
-                   and line["metric"] == "clients"]
+        clients = [
+            line["value"]
+            for line in lines
+            if line["round"] == server_round and line["scope"] == "train" and line["metric"] == "clients"
+        ]
         assert clients == [2.0]
 
     # No ClientApp failed along the way (their output goes to the SuperNodes' logs).
