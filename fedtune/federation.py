@@ -19,6 +19,7 @@ class Federation:
         round_timeout: Seconds the server waits for replies in each step of a round.
         cpus_per_client: CPU cores reserved per simulated client (Ray resources).
         evaluate_every: Evaluate (federated and central) every this many rounds, and after the last round.
+        connect_timeout: Seconds the server waits at start for all ``num_clients`` nodes to connect.
 
     Raises:
         ValueError: If a value is out of range; the message names the key.
@@ -33,6 +34,7 @@ class Federation:
     round_timeout: float = 3600.0
     cpus_per_client: float = 1.0
     evaluate_every: int = 1
+    connect_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -45,6 +47,7 @@ class Federation:
             "round_timeout": self.round_timeout > 0,
             "cpus_per_client": self.cpus_per_client > 0,
             "evaluate_every": self.evaluate_every >= 1,
+            "connect_timeout": self.connect_timeout >= 0,
         }
         for key, ok in checks.items():
             if not ok:

@@ -29,8 +29,6 @@ from fedtune.run_dir import Checkpoint, RunDir
 
 logger = logging.getLogger("fedtune")
 
-NODE_WAIT_SECONDS = 600.0
-
 
 class RoundFailedError(RuntimeError):
     """Too few clients replied for a round to count; the last checkpoint is intact for resume."""
@@ -96,15 +94,23 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
 
 
 def _connect(grid: Grid, experiment: Experiment) -> list[Client]:
-    """Wait for enough nodes, then ask each for its name and data description (sorted by name)."""
-    needed = experiment.federation.min_train_clients
-    deadline = time.monotonic() + NODE_WAIT_SECONDS
-    while len(list(grid.get_node_ids())) < needed:
-        if time.monotonic() > deadline:
-            raise RoundFailedError(
-                f"Only {len(list(grid.get_node_ids()))} nodes connected; federation.min_train_clients={needed}."
-            )
+    """Wait for the federation's nodes, then ask each for its name and data description (sorted by name).
+
+    Waits up to ``federation.connect_timeout`` for all ``num_clients`` nodes, then starts with whoever is
+    connected if that is at least ``min_train_clients``.
+    """
+    federation = experiment.federation
+    deadline = time.monotonic() + federation.connect_timeout
+    while len(list(grid.get_node_ids())) < federation.num_clients and time.monotonic() < deadline:
         time.sleep(1.0)
+    connected = len(list(grid.get_node_ids()))
+    if connected < federation.min_train_clients:
+        raise RoundFailedError(
+            f"{connected} nodes connected within federation.connect_timeout={federation.connect_timeout:.0f} s, fewer "
+            f"than federation.min_train_clients={federation.min_train_clients}. Start more SuperNodes or lower the minimum."
+        )
+    if connected < federation.num_clients:
+        logger.warning("Starting with %d of federation.num_clients=%d nodes", connected, federation.num_clients)
     replies = _send(
         grid, experiment, grid.get_node_ids(), "query", RecordDict(), timeout=experiment.federation.round_timeout
     )
