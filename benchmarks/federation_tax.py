@@ -28,7 +28,6 @@ import torch
 
 from fedtune import adapters, config
 from fedtune.client import train_round
-from fedtune.evaluation import evaluate
 from fedtune.experiment import get_experiment
 from fedtune.run_dir import RunDir
 from fedtune.simulation import simulate
@@ -39,19 +38,11 @@ def in_process(overrides: list[str]) -> dict[str, float]:
     cfg = config.compose([*overrides, f"run_dir={tempfile.mkdtemp()}"])
     started = time.perf_counter()
     experiment = get_experiment(cfg)
-    model, global_adapter = experiment.model(), experiment.initial_adapter()
+    global_adapter = experiment.initial_adapter()
     strategy = experiment.new_strategy()
 
     def central() -> None:
-        adapters.set_adapter(model, global_adapter)
-        evaluate(
-            model,
-            experiment.test_set,
-            experiment.corpus.task,
-            experiment.tokenizer,
-            experiment.model_spec.max_length,
-            experiment.train_config,
-        )
+        experiment.evaluate(global_adapter, experiment.test_set)
 
     central()
     train_seconds = 0.0

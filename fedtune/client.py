@@ -14,7 +14,6 @@ import torch
 from fedtune import adapters
 from fedtune.adapters import AdapterState
 from fedtune.data.partition import ClientData
-from fedtune.evaluation import evaluate
 from fedtune.experiment import Experiment, derive_seed
 from fedtune.training import local_train
 
@@ -60,17 +59,6 @@ def train_round(
 def evaluate_round(experiment: Experiment, data: ClientData, global_adapter: AdapterState) -> dict[str, float]:
     """Metrics of the global adapter on this client's validation split."""
     torch.set_num_threads(experiment.train_config.torch_threads)
-    model = experiment.model()
-    adapters.set_adapter(model, global_adapter)
-    metrics = evaluate(
-        model,
-        data.val,
-        experiment.corpus.task,
-        experiment.tokenizer,
-        experiment.model_spec.max_length,
-        experiment.train_config,
-    )
-    return {
-        **metrics,
-        "num_examples": float(min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))),
-    }
+    metrics = experiment.evaluate(global_adapter, data.val)
+    evaluated = min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))
+    return {**metrics, "num_examples": float(evaluated)}

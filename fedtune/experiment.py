@@ -17,10 +17,11 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune import config as fedtune_config
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, set_adapter
 from fedtune.data import Corpus, DataSpec
 from fedtune.data.local import local_file
 from fedtune.data.partition import ClientData, client_partition, split_test
+from fedtune.evaluation import evaluate
 from fedtune.federation import Federation
 from fedtune.interfaces import Strategy
 from fedtune.models import ModelSpec, build_model, load_tokenizer
@@ -167,6 +168,12 @@ class Experiment:
     def initial_adapter(self) -> AdapterState:
         """The seeded initial adapter: the global adapter before round 1."""
         return self._model_and_initial_adapter()[1]
+
+    def evaluate(self, adapter: AdapterState, dataset: datasets.Dataset) -> dict[str, float]:
+        """Metrics of the model with ``adapter`` on ``dataset`` (a validation split or the central test set)."""
+        model = self.model()
+        set_adapter(model, adapter)
+        return evaluate(model, dataset, self.corpus.task, self.tokenizer, self.model_spec.max_length, self.train_config)
 
     def _model_and_initial_adapter(self) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)

@@ -53,8 +53,9 @@ def progress_line(
     return " | ".join(parts)
 
 
-def finish(run_dir: RunDir, experiment: Experiment, model: Any, final_adapter: AdapterState) -> None:
+def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState) -> None:
     """Export the final adapter in PEFT format, write the plot and the model card, log a summary."""
+    model = experiment.model()
     adapters.set_adapter(model, final_adapter)
     model.save_pretrained(run_dir.path / "adapter")
     metrics = run_dir.read_metrics()

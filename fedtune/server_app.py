@@ -23,7 +23,6 @@ from fedtune import adapters, config, report
 from fedtune.adapters import AdapterState
 from fedtune.client_app import ARRAYS, CLIENT_KEY, CONFIG, DESCRIPTION, EXPERIMENT_HASH, METRICS, SERVER_ROUND
 from fedtune.data.partition import format_summary
-from fedtune.evaluation import evaluate
 from fedtune.experiment import Experiment, derive_seed, get_experiment
 from fedtune.run_dir import Checkpoint, RunDir
 
@@ -64,7 +63,6 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     federation = experiment.federation
     run_dir = RunDir(cfg.run_dir)
     run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
-    model = experiment.model()
     strategy = experiment.new_strategy()
     global_adapter, first_round = experiment.initial_adapter(), 1
     if cfg.resume:
@@ -77,7 +75,7 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     run_dir.write_json("partitions.json", summary)
     logger.info("Partition summary:\n%s", format_summary(summary))
     if first_round == 1:
-        _log_central(run_dir, experiment, model, global_adapter, 0)
+        _log_central(run_dir, experiment, global_adapter, 0)
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
         global_adapter = _train_step(grid, experiment, strategy, clients, global_adapter, server_round, run_dir)
@@ -85,11 +83,11 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
         central = {}
         if federation.evaluates_after(server_round):
             _federated_evaluation(grid, experiment, clients, global_adapter, server_round, run_dir)
-            central = _log_central(run_dir, experiment, model, global_adapter, server_round)
+            central = _log_central(run_dir, experiment, global_adapter, server_round)
         seconds = time.monotonic() - started
         run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
         logger.info(report.progress_line(server_round, federation.num_rounds, run_dir.read_metrics(), central, seconds))
-    report.finish(run_dir, experiment, model, global_adapter)
+    report.finish(run_dir, experiment, global_adapter)
     return global_adapter
 
 
@@ -203,18 +201,10 @@ def _federated_evaluation(
 
 
 def _log_central(
-    run_dir: RunDir, experiment: Experiment, model: Any, global_adapter: AdapterState, server_round: int
+    run_dir: RunDir, experiment: Experiment, global_adapter: AdapterState, server_round: int
 ) -> dict[str, float]:
     """Evaluate the global adapter on the central held-out test set."""
-    adapters.set_adapter(model, global_adapter)
-    metrics = evaluate(
-        model,
-        experiment.test_set,
-        experiment.corpus.task,
-        experiment.tokenizer,
-        experiment.model_spec.max_length,
-        experiment.train_config,
-    )
+    metrics = experiment.evaluate(global_adapter, experiment.test_set)
     run_dir.log_metrics(server_round, "central", metrics)
     return metrics
 
