@@ -54,6 +54,23 @@ def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Adapter
     return {key: a[key] + b[key] for key in a}
 
 
+def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an update that cannot be a valid client update for ``reference`` (the global adapter).
+
+    Raises:
+        ValueError: Different tensor names, a shape or dtype that differs, or a NaN/infinite value.
+    """
+    _check_same_keys(update, reference)
+    for key, tensor in update.items():
+        if tensor.shape != reference[key].shape or tensor.dtype != reference[key].dtype:
+            raise ValueError(
+                f"update tensor {key} is {tensor.dtype}{tuple(tensor.shape)}, expected "
+                f"{reference[key].dtype}{tuple(reference[key].shape)}."
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"update tensor {key} holds NaN or infinite values.")
+
+
 def num_parameters(adapter: Mapping[str, torch.Tensor]) -> int:
     """Number of scalar values in the adapter."""
     return sum(t.numel() for t in adapter.values())

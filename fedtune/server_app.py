@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -149,8 +150,13 @@ def _train_step(
     by_node = {c.node_id: c for c in sampled}
     updates, weights, train_metrics = [], [], []
     for reply in sorted(replies, key=lambda r: by_node[r.metadata.src_node_id].key):  # fixed order: reproducible sums
-        update = reply.content.array_records[ARRAYS].to_torch_state_dict()
-        metrics = dict(reply.content.metric_records[METRICS])
+        try:
+            update, metrics = _read_update(reply, global_adapter)
+        except (KeyError, TypeError, ValueError) as error:
+            logger.warning(
+                "Round %d: update of %s rejected: %s", server_round, by_node[reply.metadata.src_node_id].key, error
+            )
+            continue
         updates.append(update)
         weights.append(float(metrics["num_examples"]))
         train_metrics.append(metrics)
@@ -172,6 +178,17 @@ def _train_step(
         },
     )
     return new_adapter
+
+
+def _read_update(reply: Message, global_adapter: AdapterState) -> tuple[AdapterState, dict[str, float]]:
+    """The update and metrics of a train reply, refused if malformed (wrong tensors, non-finite values, bad weight)."""
+    update = reply.content.array_records[ARRAYS].to_torch_state_dict()
+    adapters.check_update(update, global_adapter)
+    metrics = dict(reply.content.metric_records[METRICS])
+    weight = float(metrics["num_examples"])
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"num_examples={weight} must be a positive number.")
+    return update, metrics
 
 
 def _federated_evaluation(

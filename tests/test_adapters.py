@@ -71,3 +71,15 @@ def test_fingerprint_detects_a_single_bit(model) -> None:  # noqa: ANN001
     flipped = {**adapter, key: adapter[key].clone()}
     flipped[key].view(torch.int32).view(-1)[0] ^= 1
     assert adapters.fingerprint(flipped) != adapters.fingerprint(adapter)
+
+
+def test_check_update_refuses_what_no_honest_client_sends(model) -> None:  # noqa: ANN001
+    reference = adapters.get_adapter(model)
+    key = next(iter(reference))
+    adapters.check_update({k: torch.zeros_like(v) for k, v in reference.items()}, reference)  # a valid update
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        adapters.check_update({**reference, key: torch.full_like(reference[key], float("inf"))}, reference)
+    with pytest.raises(ValueError, match="expected"):
+        adapters.check_update({**reference, key: reference[key].double()}, reference)
+    with pytest.raises(ValueError, match="different tensors"):
+        adapters.check_update({k: v for k, v in reference.items() if k != key}, reference)

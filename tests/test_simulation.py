@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -116,7 +116,7 @@ def test_starting_over_an_existing_run_is_refused(finished_run: tuple[list[str],
         _run(overrides)
 
 
-def test_a_failing_client_is_skipped_and_the_round_goes_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_failing_and_malformed_clients_are_skipped_and_the_round_goes_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
     from flwr.simulation import run_simulation
 
     overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=3")
@@ -130,9 +130,21 @@ def test_a_failing_client_is_skipped_and_the_round_goes_on(tiny_bert_dir: Path, 
 
     @flaky.train()
     def train(msg: Message, context: Context) -> Message:
-        if context.node_config["partition-id"] == 1 and msg.content.config_records["config"]["server-round"] == 2:
+        partition, server_round = (
+            context.node_config["partition-id"],
+            msg.content.config_records["config"]["server-round"],
+        )
+        if (partition, server_round) == (1, 2):
             raise RuntimeError("disk full")  # a hospital's node fails mid-run
-        return real(msg, context)
+        reply = real(msg, context)
+        if (partition, server_round) == (2, 1):  # a faulty node sends a poisoned update
+            update = reply.content.array_records["arrays"].to_torch_state_dict()
+            update[next(iter(update))].fill_(float("nan"))
+            return Message(
+                RecordDict({"arrays": ArrayRecord(update), "metrics": reply.content.metric_records["metrics"]}),
+                reply_to=msg,
+            )
+        return reply
 
     @flaky.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -146,6 +158,8 @@ def test_a_failing_client_is_skipped_and_the_round_goes_on(tiny_bert_dir: Path, 
     )
     lines = RunDir(tmp_path / "run").read_metrics()
     clients = {m["round"]: m["value"] for m in lines if m["scope"] == "train" and m["metric"] == "clients"}
-    assert clients == {1: 3.0, 2: 2.0}
+    assert clients == {1: 2.0, 2: 2.0}  # round 1: the NaN update is rejected; round 2: the failed node is skipped
     assert not [m for m in lines if m["round"] == 2 and m["scope"] == "client:partition-1"]
+    assert not [m for m in lines if m["round"] == 1 and m["scope"] == "client:partition-2"]
+    assert all(torch.isfinite(t).all() for t in _final_adapter(tmp_path / "run").values())
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
