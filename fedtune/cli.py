@@ -50,12 +50,14 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
             print(config.to_yaml(cfg))
         return 0
     from fedtune.experiment import get_experiment  # deferred: heavy imports only when something runs
+    from fedtune.run_dir import RunDir
     from fedtune.simulation import simulate
 
     for cfg in configs:
         try:
+            RunDir(cfg.run_dir).check(resume=bool(cfg.resume))
             get_experiment(cfg).preflight()
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
             raise config.ConfigError(str(error)) from error
     for job, cfg in zip(jobs, configs, strict=True):
         logging.getLogger("fedtune").info("Run directory: %s", cfg.run_dir)

@@ -47,12 +47,18 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
 
     def start(self, config_yaml: str, resume: bool) -> None:
-        """Create the directory for a new run, or check it for a resumed one.
+        """Create the directory for a new run, or check it for a resumed one, and save the resolved config.
 
         Raises:
             FileExistsError: A new run would overwrite an earlier run's checkpoints.
             FileNotFoundError: ``resume=true`` but there is nothing to resume.
         """
+        self.check(resume)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "config.yaml", config_yaml.encode())
+
+    def check(self, resume: bool) -> None:
+        """Raise unless a new run (``resume=False``) or a resumed one can use this directory; writes nothing."""
         has_checkpoints = self.checkpoints.is_dir() and any(self.checkpoints.glob("round-*.pt"))
         if resume and not has_checkpoints:
             raise FileNotFoundError(
@@ -63,8 +69,6 @@ class RunDir:
                 f"{self.path} already holds a run. Continue it with `resume=true run_dir={self.path}`, "
                 "or choose another run_dir."
             )
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "config.yaml", config_yaml.encode())
 
     def log_metrics(self, server_round: int, scope: str, metrics: dict[str, float]) -> None:
         """Append one line per metric: ``{"round", "scope", "metric", "value"}``."""

@@ -110,10 +110,14 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(
     assert rounds == [1, 2]  # round 2 redone once, not logged twice
 
 
-def test_starting_over_an_existing_run_is_refused(finished_run: tuple[list[str], Path]) -> None:
-    overrides, _ = finished_run
-    with pytest.raises(FileExistsError, match="resume=true"):
-        _run(overrides)
+def test_starting_over_an_existing_run_is_refused_before_anything_starts(
+    finished_run: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides, run_dir = finished_run
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    assert cli.main(["run", *overrides]) == 2
+    assert "resume=true" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
 def test_failing_and_malformed_clients_are_skipped_and_the_round_goes_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
