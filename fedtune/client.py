@@ -28,13 +28,19 @@ def describe(experiment: Experiment, data: ClientData) -> dict[str, Any]:
 
 
 def train_round(
-    experiment: Experiment, data: ClientData, global_adapter: AdapterState, server_round: int, client_key: str
+    experiment: Experiment,
+    data: ClientData,
+    global_adapter: AdapterState,
+    server_round: int,
+    client_key: str,
+    privacy_state: dict[str, Any] | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train from the global adapter on this client's data and return (update, metrics).
 
-    The update is the trained adapter minus the global one. Local randomness (batch order, dropout)
-    is seeded from (experiment seed, round, client), so a run is reproducible and a resumed run
-    continues exactly as an uninterrupted one would.
+    The update is the trained adapter minus the global one. Local randomness (batch order, dropout,
+    DP noise) is seeded from (experiment seed, round, client), so a run is reproducible and a resumed
+    run continues exactly as an uninterrupted one would. ``privacy_state`` is the client's persistent
+    privacy state (the DP accountant's history), updated in place.
     """
     config = experiment.train_config
     torch.set_num_threads(config.torch_threads)
@@ -51,6 +57,9 @@ def train_round(
         experiment.model_spec.max_length,
         config,
         torch.Generator().manual_seed(seed),
+        privacy=experiment.privacy,
+        total_steps=config.local_steps * experiment.federation.num_rounds,
+        privacy_state=privacy_state,
     )
     update = adapters.subtract(adapters.get_adapter(model), global_adapter)
     return update, {**metrics, "train_seconds": time.perf_counter() - started, "num_examples": float(len(data.train))}

@@ -25,6 +25,7 @@ from fedtune.evaluation import evaluate
 from fedtune.federation import Federation
 from fedtune.interfaces import Strategy
 from fedtune.models import ModelSpec, build_model, load_tokenizer
+from fedtune.privacy import PrivacyMechanism
 from fedtune.training import TrainConfig
 
 _EXPERIMENTS: dict[str, Experiment] = {}
@@ -61,6 +62,11 @@ class Experiment:
     def train_config(self) -> TrainConfig:
         """Local training settings."""
         return fedtune_config.instantiate(self.cfg.train)
+
+    @cached_property
+    def privacy(self) -> PrivacyMechanism:
+        """The privacy mechanism each client trains under."""
+        return fedtune_config.instantiate(self.cfg.privacy)
 
     def new_strategy(self) -> Strategy:
         """A fresh server-side aggregation strategy."""
@@ -144,10 +150,13 @@ class Experiment:
         """Load the data and split it once, so that a data/model mismatch or a bad partitioning fails at start.
 
         Raises:
-            ValueError: The corpus does not fit the model's task, or the partitioner's number of partitions
-                differs from ``federation.num_clients``.
+            ValueError: The corpus does not fit the model's task, the privacy mechanism refuses a trainable
+                layer, or the partitioner's number of partitions differs from ``federation.num_clients``.
         """
         self.corpus  # noqa: B018 - loading checks the task pairing
+        check_model = getattr(self.privacy, "check_model", None)
+        if check_model is not None:  # DP refuses layers it cannot clip per record, before any client starts
+            check_model(self.model())
         self.client_data(0)  # assigns the pool, which natural partitioning needs to count its partitions
         partitions = self.partitioner.num_partitions
         if partitions != self.federation.num_clients:

@@ -44,6 +44,8 @@ def progress_line(
         f"clients {latest.get(('train', 'clients'), 0):.0f}/{latest.get(('train', 'sampled'), 0):.0f}",
         f"train loss {latest.get(('train', 'train_loss'), float('nan')):.4f}",
     ]
+    if ("train", "epsilon_max") in latest:
+        parts.append(f"max epsilon {latest[('train', 'epsilon_max')]:.3f}")
     federated = {name: v for (scope, name), v in latest.items() if scope == "federated"}
     if federated:
         parts.append("val " + " ".join(f"{k} {v:.4f}" for k, v in federated.items()))
@@ -137,7 +139,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - Seed {cfg.seed}; full resolved config in `config.yaml`.
 
 ## Privacy and security
-- Differential privacy: {experiment_component(experiment, "privacy")}
+- Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(metrics)}
 - Secure aggregation: {experiment_component(experiment, "secure")}
 
 ## Results (central held-out test set, final round)
@@ -158,3 +160,15 @@ def experiment_component(experiment: Experiment, group: str) -> str:
 def _final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:
     last = max((m["round"] for m in metrics if m["scope"] == "central"), default=0)
     return {m["metric"]: m["value"] for m in metrics if m["scope"] == "central" and m["round"] == last}
+
+
+def _epsilon_spent(metrics: list[dict[str, Any]]) -> str:
+    """Each client's final epsilon and the maximum, when a DP mechanism reported them."""
+    spent: dict[str, float] = {}
+    for line in metrics:  # in round order: the last value per client wins
+        if line["scope"].startswith("client:") and line["metric"] == "epsilon":
+            spent[line["scope"].removeprefix("client:")] = line["value"]
+    if not spent:
+        return ""
+    per_client = ", ".join(f"{key} {value:.3f}" for key, value in sorted(spent.items()))
+    return f"\n- Epsilon spent (record level, whole run): maximum **{max(spent.values()):.3f}** over clients ({per_client})."

@@ -30,6 +30,10 @@ from fedtune.run_dir import Checkpoint, RunDir
 logger = logging.getLogger("fedtune")
 
 
+# Privacy is reported for the worst-off client, never averaged: each client's epsilon is in its own lines.
+_WORST_CASE = ("epsilon", "delta")
+
+
 class RoundFailedError(RuntimeError):
     """Too few clients replied for a round to count; the last checkpoint is intact for resume."""
 
@@ -171,7 +175,8 @@ def _train_step(
         server_round,
         "train",
         {
-            **_weighted_mean(train_metrics, weights),
+            **_weighted_mean([{k: v for k, v in m.items() if k not in _WORST_CASE} for m in train_metrics], weights),
+            **{f"{k}_max": max(m[k] for m in train_metrics) for k in _WORST_CASE if k in train_metrics[0]},
             "clients": float(len(updates)),
             "sampled": float(len(sampled)),
             "bytes_per_client": float(adapters.num_bytes(global_adapter)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data import Task
+from fedtune.privacy import NoPrivacy, PrivacyMechanism
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
 
@@ -92,18 +92,6 @@ def format_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
     return f"{prompt}\n"
 
 
-def sample_batches(
-    dataset: datasets.Dataset, batch_size: int, steps: int, generator: torch.Generator
-) -> Iterator[dict[str, list[Any]]]:
-    """``steps`` batches drawn by shuffling the dataset epoch after epoch (deterministic under ``generator``)."""
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(dataset), generator=generator).tolist()
-        indices, order = order[:batch_size], order[batch_size:]
-        yield dataset[indices]
-
-
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
     """Per-example loss, shape (B,): cross-entropy for classification, mean next-token loss over answer tokens."""
     if task == "classification":
@@ -127,24 +115,41 @@ def local_train(
     max_length: int,
     config: TrainConfig,
     generator: torch.Generator,
+    privacy: PrivacyMechanism | None = None,
+    total_steps: int | None = None,
+    privacy_state: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters for ``config.local_steps`` steps.
 
+    Args:
+        privacy: The privacy mechanism that plans batches, optimizer and per-record gradients (none if None).
+        total_steps: Local steps planned for this client over the whole run (DP calibrates noise for them).
+        privacy_state: The client's persistent privacy state (DP accounting), updated in place.
+
     Returns:
-        ``train_loss``: mean loss over the steps; ``train_loss_last``: loss of the last step.
+        ``train_loss``: mean loss over the non-empty steps; ``train_loss_last``: loss of the last one; plus
+        what the privacy mechanism reports (epsilon spent...).
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    plan = (privacy or NoPrivacy()).plan(
+        model, optimizer, len(dataset), config.batch_size, config.local_steps,
+        total_steps or config.local_steps, generator, {} if privacy_state is None else privacy_state,
+    )  # fmt: skip
     model.train()
     losses = []
-    for rows in sample_batches(dataset, config.batch_size, config.local_steps, generator):
-        batch = encode(rows, task, tokenizer, max_length)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        loss = sequence_loss(logits, labels, task).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return {"train_loss": sum(losses) / len(losses), "train_loss_last": losses[-1]}
+    try:
+        for indices in plan.batches:
+            if indices:  # Poisson sampling can draw an empty batch: the step still adds (and accounts) noise
+                batch = encode(dataset[indices], task, tokenizer, max_length)
+                labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
+                loss = sequence_loss(plan.module(input_ids, **batch).logits, labels, task).mean()
+                loss.backward()
+                losses.append(loss.item())
+            plan.optimizer.step()
+            plan.optimizer.zero_grad(set_to_none=True)
+    finally:
+        plan.close()
+        model.eval()
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return {"train_loss": mean_loss, "train_loss_last": losses[-1] if losses else float("nan"), **plan.report()}

@@ -32,6 +32,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        hidden_dropout_prob=0.0,  # deterministic in training mode, so per-record references are exact
+        attention_probs_dropout_prob=0.0,
     )
     BertModel(config).save_pretrained(target)
     return target

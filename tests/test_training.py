@@ -13,7 +13,8 @@ from peft import LoraConfig
 from fedtune import adapters
 from fedtune.evaluation import evaluate, macro_f1, majority_baseline
 from fedtune.models import ModelSpec, build_model, load_tokenizer
-from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sample_batches, sequence_loss
+from fedtune.privacy import shuffled_batches
+from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sequence_loss
 
 QA = datasets.Dataset.from_dict(
     {"prompt": ["capital of France?", "two plus two?"] * 8, "response": ["paris", "four"] * 8}
@@ -33,11 +34,11 @@ def test_causal_encoding_learns_only_the_answer(tiny_llama_dir: Path) -> None:
 
 
 def test_batches_are_reproducible_and_cover_every_row() -> None:
-    first = [b["label"] for b in sample_batches(TEXTS, 8, 4, torch.Generator().manual_seed(1))]
-    again = [b["label"] for b in sample_batches(TEXTS, 8, 4, torch.Generator().manual_seed(1))]
-    other = [b["label"] for b in sample_batches(TEXTS, 8, 4, torch.Generator().manual_seed(2))]
+    first = list(shuffled_batches(len(TEXTS), 8, 4, torch.Generator().manual_seed(1)))
+    again = list(shuffled_batches(len(TEXTS), 8, 4, torch.Generator().manual_seed(1)))
+    other = list(shuffled_batches(len(TEXTS), 8, 4, torch.Generator().manual_seed(2)))
     assert first == again and first != other
-    assert sorted(sum(first, [])) == sorted(TEXTS["label"])  # 4 batches of 8 = one epoch of 32 rows
+    assert sorted(sum(first, [])) == list(range(32))  # 4 batches of 8 = one epoch of 32 rows
 
 
 def test_sequence_loss_matches_a_per_example_reference() -> None:

@@ -1,13 +1,87 @@
-"""Privacy mechanisms. Differential privacy mechanisms plug in here (see conf/privacy/)."""
+"""Privacy mechanisms for local training (config group ``privacy``).
+
+A mechanism turns a model and its trainable parameters into a :class:`LocalPlan`: the module to run
+forward, the optimizer to step, and the batches to draw. The training loop (fedtune/training.py) runs
+any plan the same way, so adding a mechanism never adds a branch to the loop.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class LocalPlan:
+    """How one client trains for one round.
+
+    Attributes:
+        module: What the loop calls forward on (the model, or a wrapper that records per-sample gradients).
+        optimizer: What the loop steps.
+        batches: Row indices of each step's batch; an empty list is a step on an empty batch.
+        close: Called once after the last step (removes hooks from the cached model).
+        report: Metrics the mechanism adds to the client's reply (epsilon spent, noise...).
+    """
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[list[int]]
+    close: Callable[[], None] = lambda: None
+    report: Callable[[], dict[str, float]] = dict
+
+
+class PrivacyMechanism(Protocol):
+    """Builds each round's :class:`LocalPlan`; ``state`` is the client's persistent privacy state."""
+
+    def plan(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_examples: int,
+        batch_size: int,
+        steps: int,
+        total_steps: int,
+        generator: torch.Generator,
+        state: dict[str, Any],
+    ) -> LocalPlan:
+        """The plan for one round of ``steps`` steps out of ``total_steps`` planned for the whole run."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the model card."""
+        ...
+
+
+def shuffled_batches(num_examples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """``steps`` batches of ``batch_size`` rows, shuffling the rows epoch after epoch (deterministic)."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(num_examples, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
 
 
 @dataclass(frozen=True)
 class NoPrivacy:
     """No differential privacy: updates are neither clipped nor noised, and no epsilon is claimed."""
+
+    def plan(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_examples: int,
+        batch_size: int,
+        steps: int,
+        total_steps: int,
+        generator: torch.Generator,
+        state: dict[str, Any],
+    ) -> LocalPlan:
+        """Plain training on shuffled fixed-size batches."""
+        return LocalPlan(model, optimizer, shuffled_batches(num_examples, batch_size, steps, generator))
 
     def describe(self) -> str:
         """One line for the model card."""

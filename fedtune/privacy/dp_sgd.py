@@ -1,0 +1,268 @@
+"""Record-level differential privacy: DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133) with Opacus.
+
+Each client clips every record's gradient to ``max_grad_norm``, adds Gaussian noise, and samples its
+batches by Poisson sampling, so the guarantee is per patient record. The accountant's history lives
+in the client's state and spans every round: the budget holds for the whole run, not per round.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+
+from fedtune.privacy import LocalPlan
+
+# Opacus's hooks on a model whose inputs need no gradient (frozen embeddings): expected, and harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+STATE_KEY = "dp_sgd"  # where the accountant's history is kept in the client's state
+_MODES = ("hooks", "functorch", "ew")
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """Training this round would spend more than the client's target epsilon."""
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD on the trainable (LoRA) parameters inside each client.
+
+    Args:
+        target_epsilon: The epsilon each client may spend over the whole run; the noise multiplier is
+            calibrated once from it (each client's own data size and sampling rate, all planned steps).
+        noise_multiplier: A fixed noise multiplier instead of ``target_epsilon`` (set exactly one).
+        max_grad_norm: Per-record gradient L2 bound C; noise has standard deviation ``noise_multiplier * C``.
+        delta: Target delta; null uses 1/(10 n) for a client with n training records. Must be below 1/n.
+        accountant: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables, tighter).
+        grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+
+    Raises:
+        ValueError: An out-of-range value, or both/neither of target_epsilon and noise_multiplier.
+    """
+
+    target_epsilon: float | None = 8.0
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float | None = None
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+
+    def __post_init__(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "Set exactly one of privacy.target_epsilon and privacy.noise_multiplier (the other to null)."
+            )
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"privacy.target_epsilon={self.target_epsilon}: must be positive.")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ValueError(f"privacy.noise_multiplier={self.noise_multiplier}: must be positive.")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm}: must be positive.")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta={self.delta}: must lie in (0, 1) and below 1/(records per client).")
+        if self.accountant not in ("rdp", "prv"):
+            raise ValueError(f"privacy.accountant={self.accountant!r}: use 'rdp' or 'prv'.")
+        if self.grad_sample_mode not in _MODES:
+            raise ValueError(
+                f"privacy.grad_sample_mode={self.grad_sample_mode!r}: use one of {', '.join(_MODES)} "
+                "(ghost clipping needs a different loss path and is not supported yet)."
+            )
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse trainable layers for which Opacus cannot compute correct per-record gradients.
+
+        Raises:
+            ValueError: DoRA, LoRA on an embedding layer, or (``ew`` mode) any trainable non-Linear layer.
+        """
+        for name, module in model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                continue
+            kind = type(module).__name__
+            if "lora_magnitude_vector" in name or "Dora" in kind:
+                raise ValueError(f"DP-SGD cannot clip DoRA's per-record gradients ({name}); set lora.use_dora=false.")
+            if isinstance(module, torch.nn.Embedding) or "lora_embedding" in name:
+                raise ValueError(
+                    f"DP-SGD cannot train the embedding layer {name} correctly with Opacus; remove it from "
+                    "lora.target_modules and lora.modules_to_save."
+                )
+            if self.grad_sample_mode == "ew" and not isinstance(module, torch.nn.Linear):
+                raise ValueError(
+                    f"privacy.grad_sample_mode=ew handles only Linear layers but {name} ({kind}) is trainable; "
+                    "use privacy.grad_sample_mode=hooks."
+                )
+
+    def delta_for(self, num_examples: int) -> float:
+        """The delta for a client with ``num_examples`` records; refuses one that does not protect each record.
+
+        Raises:
+            ValueError: delta >= 1/n: a mechanism could then publish a whole record and still meet it.
+        """
+        delta = self.delta if self.delta is not None else 1.0 / (10 * num_examples)
+        if delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"privacy.delta={delta} is not below 1/n = {1.0 / num_examples:.3g} for a client with n={num_examples} "
+                "records: with such a delta one record could leak outright. Lower it, or leave it null for 1/(10 n)."
+            )
+        return delta
+
+    def calibrate(self, num_examples: int, batch_size: int, total_steps: int) -> float:
+        """The noise multiplier that spends exactly ``target_epsilon`` over ``total_steps`` (or the fixed one)."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        assert self.target_epsilon is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Optimal order is the largest alpha": expected for small budgets
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=self.target_epsilon,
+                    target_delta=self.delta_for(num_examples),
+                    sample_rate=sample_rate(num_examples, batch_size),
+                    steps=total_steps,
+                    accountant=self.accountant,
+                )
+            )
+
+    def plan(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_examples: int,
+        batch_size: int,
+        steps: int,
+        total_steps: int,
+        generator: torch.Generator,
+        state: dict[str, Any],
+    ) -> LocalPlan:
+        """Wrap the model and optimizer for DP-SGD and draw Poisson batches; refuses to overspend the budget.
+
+        Raises:
+            PrivacyBudgetExhaustedError: These ``steps`` would take the client past ``target_epsilon``.
+        """
+        self.check_model(model)
+        ledger = Ledger.load(state, self, num_examples, batch_size, total_steps)
+        if self.target_epsilon is not None and ledger.epsilon_after(steps) > self.target_epsilon * 1.001:
+            raise PrivacyBudgetExhaustedError(
+                f"This client has spent epsilon={ledger.epsilon():.3f} of its target {self.target_epsilon}; "
+                f"{steps} more steps would exceed it, so it does not train again."
+            )
+        module = _grad_sample_module(model, self.grad_sample_mode)
+        dp_optimizer = _EmptyBatchDPOptimizer(
+            optimizer,
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=max(1, round(ledger.sample_rate * num_examples)),
+            loss_reduction="mean",
+            generator=generator,
+        )
+        dp_optimizer.attach_step_hook(lambda _: ledger.step())
+
+        def close() -> None:
+            module.cleanup()  # the model is cached for later rounds: remove Opacus's hooks and attributes
+            ledger.save(state)
+
+        return LocalPlan(
+            module,
+            dp_optimizer,
+            poisson_batches(num_examples, ledger.sample_rate, steps, generator),
+            close,
+            ledger.report,
+        )
+
+    def describe(self) -> str:
+        """One line for the model card."""
+        budget = (
+            f"target epsilon {self.target_epsilon}"
+            if self.target_epsilon
+            else f"noise multiplier {self.noise_multiplier}"
+        )
+        delta = f"delta {self.delta}" if self.delta else "delta 1/(10 n) per client"
+        return (
+            f"DP-SGD per record (Opacus, {self.grad_sample_mode}): {budget} per client over the whole run, {delta}, "
+            f"per-record clip {self.max_grad_norm}, Poisson sampling, {self.accountant.upper()} accountant."
+        )
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate giving ``batch_size`` records per step on average."""
+    return min(1.0, batch_size / num_examples)
+
+
+def poisson_batches(num_examples: int, rate: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Each step includes every record independently with probability ``rate`` (batches may be empty)."""
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(num_examples, generator=generator) < rate).flatten().tolist()
+
+
+@dataclass
+class Ledger:
+    """A client's privacy accounting across rounds: what was spent, with which noise and sampling rate."""
+
+    accountant: Any
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+
+    @classmethod
+    def load(
+        cls, state: dict[str, Any], mechanism: DPSGD, num_examples: int, batch_size: int, total_steps: int
+    ) -> Ledger:
+        """The ledger kept in ``state``, or a new one calibrated for the whole run."""
+        accountant = create_accountant(mechanism.accountant)
+        if STATE_KEY in state:
+            saved = json.loads(state[STATE_KEY])
+            accountant.history = [tuple(entry) for entry in saved["history"]]
+            return cls(accountant, saved["noise_multiplier"], saved["sample_rate"], saved["delta"])
+        noise = mechanism.calibrate(num_examples, batch_size, total_steps)
+        return cls(accountant, noise, sample_rate(num_examples, batch_size), mechanism.delta_for(num_examples))
+
+    def step(self) -> None:
+        """Account for one noisy step."""
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at this ledger's delta."""
+        return float(self.accountant.get_epsilon(delta=self.delta)) if self.accountant.history else 0.0
+
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon that would be spent after ``steps`` more steps."""
+        projected = create_accountant(self.accountant.mechanism())
+        projected.history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
+        return float(projected.get_epsilon(delta=self.delta))
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write the ledger into ``state`` (the client's persistent Flower Context state)."""
+        state[STATE_KEY] = json.dumps({
+            "history": [list(entry) for entry in self.accountant.history], "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate, "delta": self.delta,
+        })  # fmt: skip
+
+    def report(self) -> dict[str, float]:
+        """Metrics for the client's reply."""
+        return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier}
+
+
+class _EmptyBatchDPOptimizer(DPOptimizer):
+    """A DPOptimizer that also steps on an empty Poisson batch: noise only, and the step is accounted."""
+
+    def pre_step(self, closure: Any = None) -> bool | None:
+        for p in self.params:
+            if p.grad_sample is None:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        return super().pre_step(closure)
+
+
+def _grad_sample_module(model: torch.nn.Module, mode: str) -> Any:
+    """Wrap ``model`` so that backward leaves per-record gradients in ``p.grad_sample``."""
+    if mode == "ew":
+        from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+        return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+    return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")

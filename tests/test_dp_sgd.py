@@ -1,0 +1,214 @@
+"""DP-SGD: per-record clipping, noise scale, accounting across rounds, budget and refusals.
+
+Every property is checked against an independent computation: a per-example autograd loop for
+clipping, the Gaussian's standard deviation for noise, and Opacus's RDP analysis functions (not the
+accountant object fedtune drives) for epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from peft import LoraConfig
+
+from fedtune import adapters, config
+from fedtune.models import ModelSpec, build_model, load_tokenizer
+from fedtune.privacy.dp_sgd import DPSGD, STATE_KEY, PrivacyBudgetExhaustedError, poisson_batches
+from fedtune.training import TrainConfig, encode, local_train, sequence_loss
+
+ROWS = datasets.Dataset.from_dict(
+    {"text": [f"patient {i} has symptom {i % 7}" for i in range(40)], "label": [i % 3 for i in range(40)]}
+)
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny_bert_dir: Path):  # noqa: ANN201
+    spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), num_labels=3, seed=0)
+    adapters.set_adapter(model, initial)  # random LoRA B as well, so every adapter tensor has a gradient
+    return model, load_tokenizer(spec)
+
+
+def _one_step_gradient(
+    model, tokenizer, mechanism: DPSGD, indices: list[int], seed: int = 0
+) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    plan = mechanism.plan(
+        model, torch.optim.SGD(params, lr=0.0), len(ROWS), 8, 1, 1, torch.Generator().manual_seed(seed), {}
+    )
+    model.train()  # Opacus records activations in training mode only
+    try:
+        if indices:
+            batch = encode(ROWS[indices], "classification", tokenizer, 32)
+            labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
+            sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification").mean().backward()
+        plan.optimizer.pre_step()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        plan.optimizer.zero_grad(set_to_none=True)
+        plan.close()
+        model.eval()
+
+
+def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_and_tokenizer) -> None:  # noqa: ANN001
+    model, tokenizer = model_and_tokenizer
+    clip, indices = 0.01, [0, 5, 11, 17, 23, 31]
+    dp = _one_step_gradient(
+        model, tokenizer, DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=clip), indices
+    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reference = {n: torch.zeros_like(p) for n, p in named}
+    model.train()  # as during DP training (the tiny model has no dropout, so this is deterministic)
+    for i in indices:  # independent reference: one backward per record, clip, sum
+        model.zero_grad()
+        batch = encode(ROWS[[i]], "classification", tokenizer, 32)
+        labels = batch.pop("labels")
+        sequence_loss(model(**batch).logits, labels, "classification").sum().backward()
+        norm = torch.sqrt(sum((p.grad**2).sum() for _, p in named))
+        assert norm > clip  # every record is actually clipped at this bound
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        assert math.isclose(norm * factor, clip, rel_tol=1e-4)  # the clipped record's norm is the bound
+        for n, p in named:
+            reference[n] += p.grad * factor
+    model.zero_grad()
+    model.eval()
+    expected_batch = 8 / len(ROWS) * len(ROWS)  # the optimizer divides by the expected Poisson batch size
+    for n, _ in named:
+        assert torch.allclose(dp[n], reference[n] / expected_batch, atol=1e-7, rtol=1e-4), n
+
+
+def test_noise_has_the_configured_standard_deviation(model_and_tokenizer) -> None:  # noqa: ANN001
+    model, tokenizer = model_and_tokenizer
+    sigma, clip = 1.3, 0.5
+    noise = _one_step_gradient(
+        model, tokenizer, DPSGD(target_epsilon=None, noise_multiplier=sigma, max_grad_norm=clip), []
+    )
+    values = torch.cat([g.flatten() for g in noise.values()]) * 8  # undo the division by the expected batch size
+    expected = sigma * clip
+    assert values.numel() > 1000
+    # sample std of n Gaussians: relative standard error 1/sqrt(2n), about 2 % here; allow 3.3 of them
+    assert abs(values.std().item() / expected - 1) < 0.07
+    assert abs(values.mean().item()) < 4 * expected / math.sqrt(values.numel())
+
+
+def test_epsilon_over_rounds_matches_opacus_rdp_analysis_and_the_target(model_and_tokenizer) -> None:  # noqa: ANN001
+    model, tokenizer = model_and_tokenizer
+    mechanism, state, rounds, steps = DPSGD(target_epsilon=3.0), {}, 3, 4
+    config = TrainConfig(local_steps=steps, batch_size=8, lr=0.01)
+    reported = []
+    for r in range(rounds):
+        metrics = local_train(model, ROWS, "classification", tokenizer, 32, config, torch.Generator().manual_seed(r),
+                              mechanism, total_steps=rounds * steps, privacy_state=state)  # fmt: skip
+        reported.append(metrics["epsilon"])
+        state = json.loads(json.dumps(state))  # the state survives serialisation (Flower ConfigRecord holds a string)
+    saved = json.loads(state[STATE_KEY])
+    q, sigma, delta = 8 / len(ROWS), saved["noise_multiplier"], saved["delta"]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    reference, _ = get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=rounds * steps, orders=orders), delta=delta
+    )
+    assert math.isclose(reported[-1], reference, rel_tol=1e-6)
+    assert reported == sorted(reported) and reported[0] < reported[-1]  # epsilon accumulates over rounds
+    assert reported[-1] <= 3.0 * 1.01 and reported[-1] > 3.0 * 0.95  # calibrated to spend the target over the run
+    assert delta == 1 / (10 * len(ROWS))
+
+
+def test_a_client_past_its_budget_does_not_train_again(model_and_tokenizer) -> None:  # noqa: ANN001
+    model, tokenizer = model_and_tokenizer
+    mechanism, state, config = DPSGD(target_epsilon=2.0), {}, TrainConfig(local_steps=3, batch_size=8)
+    for r in range(2):  # the run was planned for 2 rounds of 3 steps
+        local_train(
+            model, ROWS, "classification", tokenizer, 32, config, torch.Generator().manual_seed(r), mechanism, 6, state
+        )
+    before = adapters.get_adapter(model)
+    with pytest.raises(PrivacyBudgetExhaustedError, match="does not train again"):
+        local_train(model, ROWS, "classification", tokenizer, 32, config, torch.Generator(), mechanism, 6, state)
+    assert adapters.fingerprint(adapters.get_adapter(model)) == adapters.fingerprint(before)
+
+
+def test_poisson_batches_sample_each_record_independently() -> None:
+    batches = list(poisson_batches(1000, 0.05, 200, torch.Generator().manual_seed(0)))
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float)
+    assert abs(sizes.mean().item() - 50) < 2 and abs(sizes.var().item() / (1000 * 0.05 * 0.95) - 1) < 0.25
+    assert [len(b) for b in poisson_batches(10, 0.01, 50, torch.Generator().manual_seed(0))].count(
+        0
+    ) > 0  # empty draws happen
+
+
+def test_empty_batches_still_add_noise_and_are_accounted(model_and_tokenizer) -> None:  # noqa: ANN001
+    model, tokenizer = model_and_tokenizer
+    tiny = ROWS.select(range(4))  # q = 1/4... with batch 1, many empty draws
+    state: dict = {}
+    local_train(model, tiny, "classification", tokenizer, 32, TrainConfig(local_steps=12, batch_size=1), torch.Generator().manual_seed(0),
+                DPSGD(target_epsilon=None, noise_multiplier=1.0), 12, state)  # fmt: skip
+    assert sum(entry[2] for entry in json.loads(state[STATE_KEY])["history"]) == 12
+
+
+def test_delta_defaults_below_one_over_n_and_a_larger_one_is_refused() -> None:
+    assert DPSGD().delta_for(500) == 1 / 5000
+    with pytest.raises(ValueError, match="not below 1/n"):
+        DPSGD(delta=0.01).delta_for(500)
+
+
+@pytest.mark.parametrize("lora, mode, setting", [
+    (LoraConfig(r=4, use_dora=True), "hooks", "lora.use_dora"),
+    (LoraConfig(r=4, target_modules=["query", "word_embeddings"]), "hooks", "lora.target_modules"),
+    (LoraConfig(r=4, modules_to_save=["LayerNorm"]), "ew", "grad_sample_mode=hooks"),
+])  # fmt: skip
+def test_combinations_opacus_cannot_handle_are_refused(
+    tiny_bert_dir: Path, lora: LoraConfig, mode: str, setting: str
+) -> None:
+    model, _ = build_model(ModelSpec(str(tiny_bert_dir), "classification", 32), lora, num_labels=3, seed=0)
+    with pytest.raises(ValueError, match=setting.replace(".", r"\.")):
+        DPSGD(grad_sample_mode=mode).check_model(model)  # type: ignore[arg-type]
+
+
+def test_refusal_happens_at_start_of_a_run(
+    tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtune import cli
+
+    args = [
+        "run",
+        "model=local",
+        f"model.path={tiny_bert_dir}",
+        "privacy=dp_sgd",
+        "lora.use_dora=true",
+        f"run_dir={tmp_path / 'r'}",
+    ]
+    assert cli.main(args) == 2
+    assert "lora.use_dora=false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override", ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=-1", "privacy.grad_sample_mode=ghost"]
+)
+def test_bad_privacy_settings_fail_at_config_time(override: str) -> None:
+    with pytest.raises(config.ConfigError, match="privacy"):
+        config.compose(["privacy=dp_sgd", override])
+
+
+def test_federated_run_reports_every_clients_epsilon_and_the_maximum(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from fedtune import cli
+    from fedtune.run_dir import RunDir
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "privacy=dp_sgd", "privacy.target_epsilon=2.0")
+    assert cli.main(["run", *overrides]) == 0
+    lines = RunDir(tmp_path / "run").read_metrics()
+    per_client = {(m["round"], m["scope"]): m["value"] for m in lines if m["metric"] == "epsilon"}
+    maxima = {m["round"]: m["value"] for m in lines if m["metric"] == "epsilon_max"}
+    assert set(per_client) == {(r, f"client:partition-{c}") for r in (1, 2) for c in (0, 1)}
+    for r in (1, 2):  # the server reports the worst-off client, never a mean
+        assert maxima[r] == max(v for (round_, _), v in per_client.items() if round_ == r)
+    assert per_client[(1, "client:partition-0")] < per_client[(2, "client:partition-0")] <= 2.0 * 1.001
+    assert maxima[2] > 2.0 * 0.95  # accountant state survived between rounds in Flower's Context.state
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"maximum **{maxima[2]:.3f}**" in card and "DP-SGD per record" in card
