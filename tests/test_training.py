@@ -65,7 +65,7 @@ def test_local_training_lowers_the_loss_and_only_moves_the_adapter(
     model, initial = build_model(spec, lora, num_labels=4 if task == "classification" else None, seed=0)
     adapters.set_adapter(model, initial)  # the model is cached per process: start from the initial adapter
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    config = TrainConfig(local_steps=30, batch_size=8, lr=0.05, eval_batch_size=16)
+    config = TrainConfig(local_steps=60, batch_size=8, lr=0.01, eval_batch_size=16)
     before = evaluate(model, data, task, load_tokenizer(spec), 32, config)["loss"]
     local_train(model, data, task, load_tokenizer(spec), 32, config, torch.Generator().manual_seed(0))
     after = evaluate(model, data, task, load_tokenizer(spec), 32, config)["loss"]
