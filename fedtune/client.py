@@ -34,13 +34,15 @@ def train_round(
     server_round: int,
     client_key: str,
     privacy_state: dict[str, Any] | None = None,
+    num_sampled: int = 1,
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train from the global adapter on this client's data and return (update, metrics).
 
     The update is the trained adapter minus the global one. Local randomness (batch order, dropout,
     DP noise) is seeded from (experiment seed, round, client), so a run is reproducible and a resumed
     run continues exactly as an uninterrupted one would. ``privacy_state`` is the client's persistent
-    privacy state (the DP accountant's history), updated in place.
+    privacy state (the DP accountant's history), updated in place. With organisation-level DP the update
+    is clipped (and, with ``noise_at=clients``, noised for a sum over ``num_sampled`` clients) before it leaves.
     """
     config = experiment.train_config
     torch.set_num_threads(config.torch_threads)
@@ -62,6 +64,10 @@ def train_round(
         privacy_state=privacy_state,
     )
     update = adapters.subtract(adapters.get_adapter(model), global_adapter)
+    organisation = experiment.privacy.organisation
+    if organisation is not None:
+        noise = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, "client_dp", server_round, client_key))
+        update = organisation.privatize_update(update, num_sampled, noise)
     return update, {**metrics, "train_seconds": time.perf_counter() - started, "num_examples": float(len(data.train))}
 
 

@@ -21,6 +21,7 @@ from fedtune.experiment import Experiment, get_experiment
 # Wire keys shared with server_app.py.
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 EXPERIMENT_HASH, SERVER_ROUND, CLIENT_KEY, DESCRIPTION = "experiment-hash", "server-round", "client-key", "description"
+NUM_SAMPLED = "num-sampled"
 PRIVACY_STATE = "privacy"  # Context.state record holding the client's privacy accounting
 
 
@@ -70,7 +71,13 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])
         privacy_state = dict(context.state.config_records.get(PRIVACY_STATE, ConfigRecord()))
         update, metrics = client.train_round(
-            experiment, data, global_adapter, server_round, client_key(context.node_config), privacy_state
+            experiment,
+            data,
+            global_adapter,
+            server_round,
+            client_key(context.node_config),
+            privacy_state,
+            int(msg.content.config_records[CONFIG][NUM_SAMPLED]),
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)

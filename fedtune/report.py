@@ -46,6 +46,8 @@ def progress_line(
     ]
     if ("train", "epsilon_max") in latest:
         parts.append(f"max epsilon {latest[('train', 'epsilon_max')]:.3f}")
+    if ("server", "client_dp_epsilon") in latest:
+        parts.append(f"organisation epsilon {latest[('server', 'client_dp_epsilon')]:.3f}")
     federated = {name: v for (scope, name), v in latest.items() if scope == "federated"}
     if federated:
         parts.append("val " + " ".join(f"{k} {v:.4f}" for k, v in federated.items()))
@@ -163,12 +165,16 @@ def _final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _epsilon_spent(metrics: list[dict[str, Any]]) -> str:
-    """Each client's final epsilon and the maximum, when a DP mechanism reported them."""
+    """Record-level epsilon of each client and the maximum, and the organisation-level epsilon, when reported."""
     spent: dict[str, float] = {}
     for line in metrics:  # in round order: the last value per client wins
         if line["scope"].startswith("client:") and line["metric"] == "epsilon":
             spent[line["scope"].removeprefix("client:")] = line["value"]
-    if not spent:
-        return ""
-    per_client = ", ".join(f"{key} {value:.3f}" for key, value in sorted(spent.items()))
-    return f"\n- Epsilon spent (record level, whole run): maximum **{max(spent.values()):.3f}** over clients ({per_client})."
+    lines = ""
+    if spent:
+        per_client = ", ".join(f"{key} {value:.3f}" for key, value in sorted(spent.items()))
+        lines += f"\n- Epsilon spent (record level, whole run): maximum **{max(spent.values()):.3f}** over clients ({per_client})."
+    organisation = [line["value"] for line in metrics if line["metric"] == "client_dp_epsilon"]
+    if organisation:
+        lines += f"\n- Epsilon spent (organisation level, whole run): **{organisation[-1]:.3f}**."
+    return lines

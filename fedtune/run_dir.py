@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class Checkpoint:
     adapter: AdapterState
     strategy_state: dict[str, Any]
     experiment_hash: str
+    privacy_state: dict[str, Any] = field(default_factory=dict)
 
 
 class RunDir:
@@ -91,6 +92,7 @@ class RunDir:
                     "round": checkpoint.round,
                     "adapter": checkpoint.adapter,
                     "strategy_state": checkpoint.strategy_state,
+                    "privacy_state": checkpoint.privacy_state,
                     "experiment_hash": checkpoint.experiment_hash,
                 },
                 handle,
@@ -113,7 +115,9 @@ class RunDir:
             )
         kept = [line for line in self.read_metrics() if line["round"] <= data["round"]]
         _atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
-        return Checkpoint(data["round"], data["adapter"], data["strategy_state"], data["experiment_hash"])
+        return Checkpoint(
+            data["round"], data["adapter"], data["strategy_state"], data["experiment_hash"], data["privacy_state"]
+        )
 
     def write_json(self, name: str, payload: Any) -> None:
         """Write ``payload`` as pretty JSON to ``<run_dir>/<name>``."""

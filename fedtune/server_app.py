@@ -22,7 +22,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune import adapters, config, report
 from fedtune.adapters import AdapterState
-from fedtune.client_app import ARRAYS, CLIENT_KEY, CONFIG, DESCRIPTION, EXPERIMENT_HASH, METRICS, SERVER_ROUND
+from fedtune.client_app import (
+    ARRAYS,
+    CLIENT_KEY,
+    CONFIG,
+    DESCRIPTION,
+    EXPERIMENT_HASH,
+    METRICS,
+    NUM_SAMPLED,
+    SERVER_ROUND,
+)
 from fedtune.data.partition import format_summary
 from fedtune.experiment import Experiment, derive_seed, get_experiment
 from fedtune.run_dir import Checkpoint, RunDir
@@ -70,10 +79,12 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
     strategy = experiment.new_strategy()
     global_adapter, first_round = experiment.initial_adapter(), 1
+    privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side)
     if cfg.resume:
         checkpoint = run_dir.latest_checkpoint(experiment.hash)
         global_adapter, first_round = checkpoint.adapter, checkpoint.round + 1
         strategy.load_state_dict(checkpoint.strategy_state)
+        privacy_state = checkpoint.privacy_state
         logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
     clients = _connect(grid, experiment)
     summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
@@ -83,8 +94,11 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
         _log_central(run_dir, experiment, global_adapter, 0)
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
-        global_adapter = _train_step(grid, experiment, strategy, clients, global_adapter, server_round, run_dir)
-        run_dir.save_checkpoint(Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash))
+        global_adapter = _train_step(
+            grid, experiment, strategy, clients, global_adapter, server_round, run_dir, privacy_state
+        )
+        checkpoint = Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state)
+        run_dir.save_checkpoint(checkpoint)
         central = {}
         if federation.evaluates_after(server_round):
             _federated_evaluation(grid, experiment, clients, global_adapter, server_round, run_dir)
@@ -145,9 +159,11 @@ def _train_step(
     global_adapter: AdapterState,
     server_round: int,
     run_dir: RunDir,
+    privacy_state: dict[str, Any],
 ) -> AdapterState:
     sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train")
-    content = RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
+    round_config = ConfigRecord({SERVER_ROUND: server_round, NUM_SAMPLED: len(sampled)})
+    content = RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: round_config})
     replies = _send(
         grid, experiment, [c.node_id for c in sampled], "train", content, experiment.federation.round_timeout
     )
@@ -170,7 +186,16 @@ def _train_step(
             f"Round {server_round}: {len(updates)} of {len(sampled)} sampled clients returned an update, fewer than "
             f"federation.min_train_clients={experiment.federation.min_train_clients}. Resume with resume=true once nodes are back."
         )
-    new_adapter = strategy.step(global_adapter, strategy.aggregate(updates, weights))
+    organisation = experiment.privacy.organisation
+    if organisation is None:
+        new_adapter = strategy.step(global_adapter, strategy.aggregate(updates, weights))
+    else:  # organisation-level DP: equal weights, a fixed denominator (the sampled count), Gaussian noise
+        mean = strategy.aggregate(updates, [1.0] * len(updates))
+        mean = {k: v * (len(updates) / len(sampled)) for k, v in mean.items()}
+        noise = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, "client_dp_server", server_round))
+        new_adapter = strategy.step(global_adapter, organisation.privatize_aggregate(mean, len(sampled), noise))
+        epsilon = organisation.account(privacy_state, len(sampled) / len(clients), len(clients))
+        run_dir.log_metrics(server_round, "server", {"client_dp_epsilon": epsilon})
     run_dir.log_metrics(
         server_round,
         "train",
@@ -190,6 +215,7 @@ def _read_update(reply: Message, global_adapter: AdapterState) -> tuple[AdapterS
     update = reply.content.array_records[ARRAYS].to_torch_state_dict()
     adapters.check_update(update, global_adapter)
     metrics = dict(reply.content.metric_records[METRICS])
+    metrics["update_norm"] = math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
     weight = float(metrics["num_examples"])
     if not math.isfinite(weight) or weight <= 0:
         raise ValueError(f"num_examples={weight} must be a positive number.")

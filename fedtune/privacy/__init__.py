@@ -34,7 +34,14 @@ class LocalPlan:
 
 
 class PrivacyMechanism(Protocol):
-    """Builds each round's :class:`LocalPlan`; ``state`` is the client's persistent privacy state."""
+    """Builds each round's :class:`LocalPlan`; ``state`` is the client's persistent privacy state.
+
+    Attributes:
+        organisation: The organisation-level part (update clipping and noise on the aggregate,
+            :class:`fedtune.privacy.client_dp.ClientDP`), or None when the mechanism has none.
+    """
+
+    organisation: Any
 
     def plan(
         self,
@@ -68,6 +75,8 @@ def shuffled_batches(num_examples: int, batch_size: int, steps: int, generator: 
 @dataclass(frozen=True)
 class NoPrivacy:
     """No differential privacy: updates are neither clipped nor noised, and no epsilon is claimed."""
+
+    organisation = None
 
     def plan(
         self,

@@ -54,6 +54,7 @@ class DPSGD:
     delta: float | None = None
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    organisation = None  # record level only; see RecordAndClientDP for both
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

@@ -1,0 +1,83 @@
+"""Organisation-level DP: update clipping, noise on the aggregate, accounting, and a federated run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from fedtune import cli
+from fedtune.privacy.client_dp import ClientDP, clip_update
+from fedtune.run_dir import RunDir
+from tests.conftest import tiny_overrides
+
+
+def _norm(state: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in state.values()))
+
+
+def _zeros() -> dict[str, torch.Tensor]:
+    return {"lora_A": torch.zeros(64, 32), "lora_B": torch.zeros(32, 64)}
+
+
+def test_clipping_bounds_every_update_and_keeps_small_ones() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1.0, 100.0):
+        update = {
+            "a": torch.randn(10, 4, generator=generator) * scale,
+            "b": torch.randn(7, generator=generator) * scale,
+        }
+        clipped = clip_update(update, 0.5)
+        assert _norm(clipped) <= 0.5 * (1 + 1e-6)
+        if _norm(update) <= 0.5:
+            assert all(torch.equal(clipped[k], update[k]) for k in update)
+        else:  # direction kept, only the length changes
+            assert math.isclose(_norm(clipped), 0.5, rel_tol=1e-6)
+            assert torch.allclose(clipped["a"] / _norm(clipped), update["a"] / _norm(update), atol=1e-6)
+
+
+@pytest.mark.parametrize("noise_at", ["server", "clients"])
+def test_noise_on_the_average_has_the_calibrated_standard_deviation(noise_at: str) -> None:
+    mechanism, n = ClientDP(clip_norm=0.2, noise_multiplier=1.5, noise_at=noise_at), 4  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(1)
+    updates = [mechanism.privatize_update(_zeros(), n, generator) for _ in range(n)]
+    mean = {k: sum(u[k] for u in updates) / n for k in updates[0]}
+    noised = mechanism.privatize_aggregate(mean, n, generator)
+    values = torch.cat([t.flatten() for t in noised.values()])
+    expected = 1.5 * 0.2 / n  # z * S on the sum, divided by the fixed denominator n
+    assert abs(values.std().item() / expected - 1) < 0.05  # 4096 samples: relative standard error 1.1 %
+
+
+def test_epsilon_over_rounds_matches_opacus_rdp_analysis() -> None:
+    mechanism, state = ClientDP(noise_multiplier=1.2, delta=1e-3), {}
+    epsilons = [mechanism.account(state, sample_rate=0.5, num_clients=10) for _ in range(5)]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    reference, _ = get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=0.5, noise_multiplier=1.2, steps=5, orders=orders), delta=1e-3
+    )
+    assert math.isclose(epsilons[-1], reference, rel_tol=1e-6)
+    assert epsilons == sorted(epsilons)
+
+
+def test_delta_must_be_below_one_over_the_number_of_organisations() -> None:
+    with pytest.raises(ValueError, match="not below 1/4"):
+        ClientDP(delta=0.3).account({}, 1.0, 4)
+
+
+def test_both_guarantees_in_one_federated_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(
+        tiny_bert_dir, tmp_path / "run", "privacy=dp_sgd_client_dp", "privacy.organisation.clip_norm=0.05"
+    )
+    assert cli.main(["run", *overrides]) == 0
+    lines = RunDir(tmp_path / "run").read_metrics()
+    norms = [m["value"] for m in lines if m["metric"] == "update_norm" and m["scope"].startswith("client:")]
+    assert len(norms) == 4 and max(norms) <= 0.05 * (1 + 1e-5)  # every update the server received is clipped
+    organisation = [m["value"] for m in lines if m["metric"] == "client_dp_epsilon"]
+    record = [m["value"] for m in lines if m["metric"] == "epsilon_max"]
+    assert len(organisation) == 2 and organisation[0] < organisation[1]
+    assert len(record) == 2 and record[1] <= 8.0 * 1.001
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "organisation level, whole run" in card and "record level, whole run" in card
