@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import client, config
+from fedtune import adapters, client, client_state, config
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 
@@ -69,17 +69,21 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         experiment, data = setup(msg, context)
         global_adapter = msg.content.array_records[ARRAYS].to_torch_state_dict()
         server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])
-        privacy_state = dict(context.state.config_records.get(PRIVACY_STATE, ConfigRecord()))
+        key = client_key(context.node_config)
+        durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
+        privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
+        client_state.begin_round(privacy_state, server_round, adapters.fingerprint(global_adapter))
         update, metrics = client.train_round(
             experiment,
             data,
             global_adapter,
             server_round,
-            client_key(context.node_config),
+            key,
             privacy_state,
             int(msg.content.config_records[CONFIG][NUM_SAMPLED]),
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
+        client_state.save(privacy_state, durable)  # and across a resumed run
         return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()

@@ -212,3 +212,41 @@ def test_federated_run_reports_every_clients_epsilon_and_the_maximum(tiny_bert_d
     assert maxima[2] > 2.0 * 0.95  # accountant state survived between rounds in Flower's Context.state
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"maximum **{maxima[2]:.3f}**" in card and "DP-SGD per record" in card
+
+
+def test_privacy_state_survives_resume_and_a_replayed_round_is_not_charged_twice(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from fedtune import cli
+    from fedtune.run_dir import RunDir
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "privacy=dp_sgd", "privacy.target_epsilon=2.0")
+    assert cli.main(["run", *overrides]) == 0
+    final = torch.load(tmp_path / "run" / "checkpoints" / "round-0002.pt", weights_only=True)["adapter"]
+    before = [m for m in RunDir(tmp_path / "run").read_metrics() if m["metric"] == "epsilon"]
+    # A crash during round 2: its checkpoint and outputs are gone, the clients had already trained it.
+    (tmp_path / "run" / "checkpoints" / "round-0002.pt").unlink()
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    assert cli.main(["run", *overrides, "resume=true"]) == 0  # new Flower run: Context.state starts empty
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "round-0002.pt", weights_only=True)["adapter"]
+    after = [m for m in RunDir(tmp_path / "run").read_metrics() if m["metric"] == "epsilon"]
+    assert adapters.fingerprint(resumed) == adapters.fingerprint(final)
+    assert after == before  # round 1 from the clients' durable ledgers, round 2 replayed at the same cost
+
+
+def test_replay_with_another_input_is_charged_again() -> None:
+    from fedtune import client_state
+
+    state: dict = {}
+    client_state.begin_round(state, 1, "adapter-a")
+    state["dp_sgd"] = "after round 1"
+    client_state.begin_round(state, 1, "adapter-a")  # same round, same input: a deterministic replay
+    assert "dp_sgd" not in state
+    state["dp_sgd"] = "after round 1"
+    client_state.begin_round(state, 2, "adapter-b")
+    state["dp_sgd"] = "after round 2"
+    client_state.begin_round(state, 2, "adapter-c")  # a different input is a new release: nothing is restored
+    assert state["dp_sgd"] == "after round 2"

@@ -1,0 +1,62 @@
+"""A client's privacy state: kept in Flower's Context.state during a run, and on the node's disk for resume.
+
+A resumed run starts a new Flower run, whose Context.state is empty; without a durable copy the client's
+accountant would restart at zero and the budget would no longer hold. The copy lives on the client's own
+machine (node config ``state-dir``, default ``$FEDTUNE_CACHE/client-state``): the client trusts no one
+else with its own accounting.
+
+A round that is replayed after a crash, with the same global adapter as input, reproduces the same update
+bit for bit (all randomness is seeded), so publishing it again reveals nothing new: the client restores
+the state it had before that round instead of spending the budget twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedtune.assets import cache_dir
+
+_ROUNDS = "rounds"  # round -> fingerprint of the global adapter received, and the state before training
+
+
+def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:
+    """Where this client keeps the durable copy of its state for one run."""
+    root = Path(str(node_config.get("state-dir", cache_dir() / "client-state")))
+    name = hashlib.sha256(f"{run_key}|{client_key}".encode()).hexdigest()[:24]
+    return root / f"{name}.json"
+
+
+def load(in_context: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The state from Context.state, else from the durable file, else empty."""
+    if in_context:
+        return dict(in_context)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save(state: Mapping[str, Any], path: Path) -> None:
+    """Write the durable copy atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
+        json.dump(dict(state), handle)
+    os.replace(handle.name, path)
+
+
+def begin_round(state: dict[str, Any], server_round: int, input_fingerprint: str) -> None:
+    """Record the state before ``server_round``; for a replay of that round with the same input, restore it."""
+    rounds = json.loads(state.get(_ROUNDS, "{}"))
+    entry = rounds.get(str(server_round))
+    if entry is not None and entry["input"] == input_fingerprint:
+        state.clear()
+        state.update(entry["before"])
+    else:
+        rounds[str(server_round)] = {
+            "input": input_fingerprint,
+            "before": {k: v for k, v in state.items() if k != _ROUNDS},
+        }
+    state[_ROUNDS] = json.dumps(rounds)
