@@ -34,7 +34,9 @@ MODELS = {  # name -> (overrides, batch sizes, steps per timing, repeats)
 MODES = ("hooks", "functorch", "ew")
 
 
-def seconds_per_step(experiment: Experiment, mechanism: PrivacyMechanism, batch_size: int, steps: int, repeats: int) -> float:
+def seconds_per_step(
+    experiment: Experiment, mechanism: PrivacyMechanism, batch_size: int, steps: int, repeats: int
+) -> float:
     """Median over ``repeats`` of the mean step time of ``steps`` local training steps (after one warm-up step)."""
     model, initial = experiment.model(), experiment.initial_adapter()
     data = experiment.client_data(0).train
@@ -68,7 +70,10 @@ def main() -> None:
                 dp = seconds_per_step(experiment, DPSGD(target_epsilon=None, noise_multiplier=1.0, grad_sample_mode=mode),
                                       batch_size, steps, repeats)  # fmt: skip
                 row["modes"][mode] = {"seconds_per_step": dp, "ratio": dp / baseline}
-                print(f"{name:8} batch {batch_size:3}: no DP {baseline:.3f} s/step | {mode:9} {dp:.3f} s/step ({dp / baseline:.2f}x)", flush=True)
+                print(
+                    f"{name:8} batch {batch_size:3}: no DP {baseline:.3f} s/step | {mode:9} {dp:.3f} s/step ({dp / baseline:.2f}x)",
+                    flush=True,
+                )
             results.append(row)
     payload = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "device": "cpu"},

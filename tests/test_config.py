@@ -151,3 +151,9 @@ def test_natural_partitions_must_match_the_number_of_clients(
             "partition.partition_by=hospital", "federation.num_clients=4", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
     assert cli.main(args) == 2
     assert "set federation.num_clients=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", _options("experiment"))
+def test_every_experiment_overlay_composes(name: str) -> None:
+    cfg = config.compose([f"experiment={name}"])
+    assert cfg != config.compose()  # an overlay changes something
