@@ -14,7 +14,8 @@ import torch
 from fedtune import adapters
 from fedtune.adapters import AdapterState
 from fedtune.data.partition import ClientData
-from fedtune.experiment import Experiment, derive_seed
+from fedtune.experiment import Experiment
+from fedtune.seeding import derive_seed, noise_generator
 from fedtune.training import local_train
 
 
@@ -66,7 +67,12 @@ def train_round(
     update = adapters.subtract(adapters.get_adapter(model), global_adapter)
     organisation = experiment.privacy.organisation
     if organisation is not None:
-        noise = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, "client_dp", server_round, client_key))
+        noise = noise_generator(
+            privacy_state if privacy_state is not None else {},
+            organisation.reproducible_seed(experiment.cfg.seed),
+            "client_dp",
+            server_round,
+        )
         update = organisation.privatize_update(update, num_sampled, noise)
     return update, {**metrics, "train_seconds": time.perf_counter() - started, "num_examples": float(len(data.train))}
 

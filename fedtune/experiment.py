@@ -6,7 +6,6 @@ and the frozen base model are built once and reused; only the adapter changes be
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -195,8 +194,3 @@ def get_experiment(cfg: DictConfig) -> Experiment:
     if key not in _EXPERIMENTS:
         _EXPERIMENTS[key] = Experiment(cfg)
     return _EXPERIMENTS[key]
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from the experiment seed and context (round, client): independent streams, reproducible."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1

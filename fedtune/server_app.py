@@ -33,8 +33,9 @@ from fedtune.client_app import (
     SERVER_ROUND,
 )
 from fedtune.data.partition import format_summary
-from fedtune.experiment import Experiment, derive_seed, get_experiment
+from fedtune.experiment import Experiment, get_experiment
 from fedtune.run_dir import Checkpoint, RunDir
+from fedtune.seeding import derive_seed, noise_generator
 
 logger = logging.getLogger("fedtune")
 
@@ -192,7 +193,9 @@ def _train_step(
     else:  # organisation-level DP: equal weights, a fixed denominator (the sampled count), Gaussian noise
         mean = strategy.aggregate(updates, [1.0] * len(updates))
         mean = {k: v * (len(updates) / len(sampled)) for k, v in mean.items()}
-        noise = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, "client_dp_server", server_round))
+        noise = noise_generator(
+            privacy_state, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
+        )
         new_adapter = strategy.step(global_adapter, organisation.privatize_aggregate(mean, len(sampled), noise))
         epsilon = organisation.account(privacy_state, len(sampled) / len(clients), len(clients))
         run_dir.log_metrics(server_round, "server", {"client_dp_epsilon": epsilon})

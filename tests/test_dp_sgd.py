@@ -250,3 +250,19 @@ def test_replay_with_another_input_is_charged_again() -> None:
     state["dp_sgd"] = "after round 2"
     client_state.begin_round(state, 2, "adapter-c")  # a different input is a new release: nothing is restored
     assert state["dp_sgd"] == "after round 2"
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_noise_is_secret_unless_reproducibility_is_asked_for(model_and_tokenizer, reproducible: bool) -> None:  # noqa: ANN001
+    model, tokenizer = model_and_tokenizer
+    mechanism = DPSGD(target_epsilon=None, noise_multiplier=1.0, reproducible_noise=reproducible)
+    results = []
+    for _ in range(2):  # two clients with the same config, seed and data, each with its own fresh state
+        state: dict = {}
+        start = adapters.get_adapter(model)
+        local_train(model, ROWS, "classification", tokenizer, 32, TrainConfig(local_steps=2, batch_size=8),
+                    torch.Generator().manual_seed(7), mechanism, 2, state)  # fmt: skip
+        results.append(adapters.fingerprint(adapters.get_adapter(model)))
+        adapters.set_adapter(model, start)
+        assert ("noise_secret" in state) is not reproducible  # the secret stays in the client's own state
+    assert (results[0] == results[1]) is reproducible  # with the public seed alone, the noise could be recomputed

@@ -41,6 +41,8 @@ class ClientDP:
         noise_multiplier: z; the noise on the sum of clipped updates has standard deviation z·S.
         delta: Target delta of the organisation-level guarantee (below 1/number of organisations).
         noise_at: ``server`` (added after aggregation) or ``clients`` (shared out before the update is sent).
+        reproducible_noise: Seed the noise from the config seed (research simulations only: anyone with the
+            config could recompute and remove it). By default it comes from a secret kept by whoever adds it.
 
     Raises:
         ValueError: An out-of-range value.
@@ -50,6 +52,7 @@ class ClientDP:
     noise_multiplier: float = 1.0
     delta: float = 1e-3
     noise_at: Literal["server", "clients"] = "server"
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0:
@@ -102,6 +105,10 @@ class ClientDP:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" for large epsilons
             return float(accountant.get_epsilon(delta=self.delta))
+
+    def reproducible_seed(self, config_seed: int) -> int | None:
+        """The config seed when noise is to be reproducible (research only), else None (secret noise)."""
+        return config_seed if self.reproducible_noise else None
 
     def describe(self) -> str:
         """One line for the model card."""

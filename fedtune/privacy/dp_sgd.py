@@ -20,6 +20,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
 from fedtune.privacy import LocalPlan
+from fedtune.seeding import noise_generator
 
 # Opacus's hooks on a model whose inputs need no gradient (frozen embeddings): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -43,6 +44,9 @@ class DPSGD:
         delta: Target delta; null uses 1/(10 n) for a client with n training records. Must be below 1/n.
         accountant: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables, tighter).
         grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+        reproducible_noise: Draw noise and Poisson batches from the run's seed (research simulations only:
+            anyone with the config could recompute the noise). By default they come from a secret the client
+            creates and keeps in its own privacy state.
 
     Raises:
         ValueError: An out-of-range value, or both/neither of target_epsilon and noise_multiplier.
@@ -54,6 +58,7 @@ class DPSGD:
     delta: float | None = None
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    reproducible_noise: bool = False
     organisation = None  # record level only; see RecordAndClientDP for both
 
     def __post_init__(self) -> None:
@@ -149,6 +154,8 @@ class DPSGD:
         """
         self.check_model(model)
         ledger = Ledger.load(state, self, num_examples, batch_size, total_steps)
+        if not self.reproducible_noise:  # secret noise: ``generator`` is derived from the public config
+            generator = noise_generator(state, None, "dp_sgd", ledger.steps_taken())
         if self.target_epsilon is not None and ledger.epsilon_after(steps) > self.target_epsilon * 1.001:
             raise PrivacyBudgetExhaustedError(
                 f"This client has spent epsilon={ledger.epsilon():.3f} of its target {self.target_epsilon}; "
@@ -176,6 +183,10 @@ class DPSGD:
             close,
             ledger.report,
         )
+
+    def reproducible_seed(self, config_seed: int) -> int | None:
+        """The config seed when noise is to be reproducible (research only), else None (secret noise)."""
+        return config_seed if self.reproducible_noise else None
 
     def describe(self) -> str:
         """One line for the model card."""
@@ -223,6 +234,10 @@ class Ledger:
             return cls(accountant, saved["noise_multiplier"], saved["sample_rate"], saved["delta"])
         noise = mechanism.calibrate(num_examples, batch_size, total_steps)
         return cls(accountant, noise, sample_rate(num_examples, batch_size), mechanism.delta_for(num_examples))
+
+    def steps_taken(self) -> int:
+        """Noisy steps accounted so far."""
+        return sum(int(entry[2]) for entry in self.accountant.history)
 
     def step(self) -> None:
         """Account for one noisy step."""
