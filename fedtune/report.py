@@ -72,6 +72,9 @@ def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState)
     final = _final_central(metrics)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     logger.info("Finished: central test %s", summary)
+    privacy = _epsilon_spent(metrics).strip().replace("**", "")
+    if privacy:
+        logger.info("Privacy spent:\n%s", privacy)
     if baseline:
         logger.info(
             "Majority-class baseline on the same test set: macro_f1 %.4f, accuracy %.4f",
