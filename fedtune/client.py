@@ -39,10 +39,10 @@ def train_round(
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train from the global adapter on this client's data and return (update, metrics).
 
-    The update is the trained adapter minus the global one. Local randomness (batch order, dropout,
-    DP noise) is seeded from (experiment seed, round, client), so a run is reproducible and a resumed
-    run continues exactly as an uninterrupted one would. ``privacy_state`` is the client's persistent
-    privacy state (the DP accountant's history), updated in place. With organisation-level DP the update
+    The update is the trained adapter minus the global one. Batch order and dropout are seeded from
+    (experiment seed, round, client), so a run is reproducible and a resumed run continues exactly as an
+    uninterrupted one would; DP noise comes from a secret in ``privacy_state`` (fedtune/seeding.py), the
+    client's persistent privacy state (also the DP accountant's history), updated in place. With organisation-level DP the update
     is clipped (and, with ``noise_at=clients``, noised for a sum over ``num_sampled`` clients) before it leaves.
     """
     config = experiment.train_config
