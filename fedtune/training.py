@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data import Task
-from fedtune.privacy import NoPrivacy, PrivacyMechanism
+from fedtune.privacy import NoPrivacy, PlanRequest, PrivacyMechanism
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
 
@@ -132,10 +132,11 @@ def local_train(
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    plan = (privacy or NoPrivacy()).plan(
-        model, optimizer, len(dataset), config.batch_size, config.local_steps,
-        total_steps or config.local_steps, generator, {} if privacy_state is None else privacy_state,
+    request = PlanRequest(
+        model, optimizer, len(dataset), config.batch_size, config.local_steps, total_steps or config.local_steps,
+        generator, {} if privacy_state is None else privacy_state,
     )  # fmt: skip
+    plan = (privacy or NoPrivacy()).plan(request)
     model.train()
     losses = []
     try:

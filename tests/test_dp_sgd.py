@@ -19,6 +19,7 @@ from peft import LoraConfig
 
 from fedtune import adapters, config
 from fedtune.models import ModelSpec, build_model, load_tokenizer
+from fedtune.privacy import PlanRequest
 from fedtune.privacy.dp_sgd import DPSGD, STATE_KEY, PrivacyBudgetExhaustedError, poisson_batches
 from fedtune.training import TrainConfig, encode, local_train, sequence_loss
 
@@ -40,9 +41,8 @@ def _one_step_gradient(
 ) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    plan = mechanism.plan(
-        model, torch.optim.SGD(params, lr=0.0), len(ROWS), 8, 1, 1, torch.Generator().manual_seed(seed), {}
-    )
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    plan = mechanism.plan(PlanRequest(model, optimizer, len(ROWS), 8, 1, 1, torch.Generator().manual_seed(seed), {}))
     model.train()  # Opacus records activations in training mode only
     try:
         if indices:

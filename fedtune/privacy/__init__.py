@@ -33,6 +33,31 @@ class LocalPlan:
     report: Callable[[], dict[str, float]] = dict
 
 
+@dataclass
+class PlanRequest:
+    """What a privacy mechanism needs to plan one client's round.
+
+    Attributes:
+        model: The model with its adapter loaded.
+        optimizer: The optimizer over the trainable parameters.
+        num_examples: The client's training records.
+        batch_size: Records per step (the expected number, under Poisson sampling).
+        steps: Steps this round.
+        total_steps: Steps planned for this client over the whole run (DP calibrates noise for them).
+        generator: Seeded from the public config: batch order, and noise only where asked to be reproducible.
+        state: The client's persistent privacy state, updated in place.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    num_examples: int
+    batch_size: int
+    steps: int
+    total_steps: int
+    generator: torch.Generator
+    state: dict[str, Any]
+
+
 class PrivacyMechanism(Protocol):
     """Builds each round's :class:`LocalPlan`; ``state`` is the client's persistent privacy state.
 
@@ -43,18 +68,8 @@ class PrivacyMechanism(Protocol):
 
     organisation: Any
 
-    def plan(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        num_examples: int,
-        batch_size: int,
-        steps: int,
-        total_steps: int,
-        generator: torch.Generator,
-        state: dict[str, Any],
-    ) -> LocalPlan:
-        """The plan for one round of ``steps`` steps out of ``total_steps`` planned for the whole run."""
+    def plan(self, request: PlanRequest) -> LocalPlan:
+        """The plan for one round of ``request.steps`` steps out of ``request.total_steps`` planned for the run."""
         ...
 
     def describe(self) -> str:
@@ -78,19 +93,10 @@ class NoPrivacy:
 
     organisation = None
 
-    def plan(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        num_examples: int,
-        batch_size: int,
-        steps: int,
-        total_steps: int,
-        generator: torch.Generator,
-        state: dict[str, Any],
-    ) -> LocalPlan:
+    def plan(self, request: PlanRequest) -> LocalPlan:
         """Plain training on shuffled fixed-size batches."""
-        return LocalPlan(model, optimizer, shuffled_batches(num_examples, batch_size, steps, generator))
+        batches = shuffled_batches(request.num_examples, request.batch_size, request.steps, request.generator)
+        return LocalPlan(request.model, request.optimizer, batches)
 
     def describe(self) -> str:
         """One line for the model card."""

@@ -27,7 +27,7 @@ import torch
 from opacus.accountants import create_accountant
 
 from fedtune.adapters import AdapterState
-from fedtune.privacy import LocalPlan, NoPrivacy
+from fedtune.privacy import LocalPlan, NoPrivacy, PlanRequest
 
 STATE_KEY = "client_dp"
 
@@ -69,10 +69,9 @@ class ClientDP:
         """This mechanism is organisation-level."""
         return self
 
-    def plan(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_examples: int, batch_size: int, steps: int,
-             total_steps: int, generator: torch.Generator, state: dict[str, Any]) -> LocalPlan:  # fmt: skip
+    def plan(self, request: PlanRequest) -> LocalPlan:
         """Local training itself is not changed (no record-level DP)."""
-        return NoPrivacy().plan(model, optimizer, num_examples, batch_size, steps, total_steps, generator, state)
+        return NoPrivacy().plan(request)
 
     def privatize_update(self, update: AdapterState, num_sampled: int, generator: torch.Generator) -> AdapterState:
         """Clip the update to ``clip_norm`` (and add this client's noise share when ``noise_at=clients``)."""

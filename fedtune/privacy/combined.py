@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from fedtune.privacy import LocalPlan
+from fedtune.privacy import LocalPlan, PlanRequest
 from fedtune.privacy.client_dp import ClientDP
 from fedtune.privacy.dp_sgd import DPSGD
 
@@ -26,10 +25,9 @@ class RecordAndClientDP:
     record: DPSGD
     organisation: ClientDP
 
-    def plan(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_examples: int, batch_size: int, steps: int,
-             total_steps: int, generator: torch.Generator, state: dict[str, Any]) -> LocalPlan:  # fmt: skip
+    def plan(self, request: PlanRequest) -> LocalPlan:
         """Local training under DP-SGD."""
-        return self.record.plan(model, optimizer, num_examples, batch_size, steps, total_steps, generator, state)
+        return self.record.plan(request)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse layers DP-SGD cannot clip per record (see DPSGD.check_model)."""

@@ -19,7 +19,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
-from fedtune.privacy import LocalPlan
+from fedtune.privacy import LocalPlan, PlanRequest
 from fedtune.seeding import noise_generator
 
 # Opacus's hooks on a model whose inputs need no gradient (frozen embeddings): expected, and harmless.
@@ -136,30 +136,22 @@ class DPSGD:
                 )
             )
 
-    def plan(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        num_examples: int,
-        batch_size: int,
-        steps: int,
-        total_steps: int,
-        generator: torch.Generator,
-        state: dict[str, Any],
-    ) -> LocalPlan:
+    def plan(self, request: PlanRequest) -> LocalPlan:
         """Wrap the model and optimizer for DP-SGD and draw Poisson batches; refuses to overspend the budget.
 
         Raises:
             PrivacyBudgetExhaustedError: These ``steps`` would take the client past ``target_epsilon``.
         """
+        model, optimizer, num_examples, state = request.model, request.optimizer, request.num_examples, request.state
+        generator = request.generator
         self.check_model(model)
-        ledger = Ledger.load(state, self, num_examples, batch_size, total_steps)
+        ledger = Ledger.load(state, self, num_examples, request.batch_size, request.total_steps)
         if not self.reproducible_noise:  # secret noise: ``generator`` is derived from the public config
             generator = noise_generator(state, None, "dp_sgd", ledger.steps_taken())
-        if self.target_epsilon is not None and ledger.epsilon_after(steps) > self.target_epsilon * 1.001:
+        if self.target_epsilon is not None and ledger.epsilon_after(request.steps) > self.target_epsilon * 1.001:
             raise PrivacyBudgetExhaustedError(
                 f"This client has spent epsilon={ledger.epsilon():.3f} of its target {self.target_epsilon}; "
-                f"{steps} more steps would exceed it, so it does not train again."
+                f"{request.steps} more steps would exceed it, so it does not train again."
             )
         module = _grad_sample_module(model, self.grad_sample_mode)
         dp_optimizer = _EmptyBatchDPOptimizer(
@@ -179,7 +171,7 @@ class DPSGD:
         return LocalPlan(
             module,
             dp_optimizer,
-            poisson_batches(num_examples, ledger.sample_rate, steps, generator),
+            poisson_batches(num_examples, ledger.sample_rate, request.steps, generator),
             close,
             ledger.report,
         )
