@@ -48,12 +48,6 @@ def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Ad
     return {key: a[key] - b[key] for key in a}
 
 
-def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> AdapterState:
-    """``a + b`` key by key."""
-    _check_same_keys(a, b)
-    return {key: a[key] + b[key] for key in a}
-
-
 def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
     """Refuse an update that cannot be a valid client update for ``reference`` (the global adapter).
 

@@ -45,12 +45,12 @@ def test_set_changes_the_model_output(model) -> None:  # noqa: ANN001
     assert not torch.allclose(before, model(**inputs).logits)
 
 
-def test_delta_and_add_are_inverse(model) -> None:  # noqa: ANN001
+def test_subtract_is_the_key_by_key_difference(model) -> None:  # noqa: ANN001
     a = adapters.get_adapter(model)
     b = {k: v + torch.randn_like(v) for k, v in a.items()}
-    assert all(
-        torch.allclose(x, y) for x, y in zip(adapters.add(a, adapters.subtract(b, a)).values(), b.values(), strict=True)
-    )
+    assert all(torch.equal(d, b[k] - a[k]) for k, d in adapters.subtract(b, a).items())
+    with pytest.raises(ValueError, match="different tensors"):
+        adapters.subtract(b, {k: v for k, v in list(a.items())[1:]})
 
 
 def test_mismatched_adapter_is_refused_and_the_model_is_untouched(model) -> None:  # noqa: ANN001
