@@ -7,6 +7,7 @@ and any modules PEFT trains in full (such as a classification head).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import torch
@@ -63,6 +64,11 @@ def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, tor
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"update tensor {key} holds NaN or infinite values.")
+
+
+def l2_norm(adapter: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors together, as if flattened into one vector (accumulated in float64)."""
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in adapter.values()))
 
 
 def num_parameters(adapter: Mapping[str, torch.Tensor]) -> int:

@@ -218,7 +218,7 @@ def _read_update(reply: Message, global_adapter: AdapterState) -> tuple[AdapterS
     update = reply.content.array_records[ARRAYS].to_torch_state_dict()
     adapters.check_update(update, global_adapter)
     metrics = dict(reply.content.metric_records[METRICS])
-    metrics["update_norm"] = math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
+    metrics["update_norm"] = adapters.l2_norm(update)
     weight = float(metrics["num_examples"])
     if not math.isfinite(weight) or weight <= 0:
         raise ValueError(f"num_examples={weight} must be a positive number.")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from opacus.accountants import create_accountant
 
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, l2_norm
 from fedtune.privacy import LocalPlan, NoPrivacy, PlanRequest
 
 STATE_KEY = "client_dp"
@@ -120,8 +120,7 @@ class ClientDP:
 
 def clip_update(update: Mapping[str, torch.Tensor], bound: float) -> AdapterState:
     """Scale ``update`` so that its global L2 norm (over all tensors) is at most ``bound``."""
-    norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
-    factor = min(1.0, bound / (norm + 1e-12))
+    factor = min(1.0, bound / (l2_norm(update) + 1e-12))
     return {key: tensor * factor for key, tensor in update.items()}
 
 
