@@ -1,11 +1,18 @@
 """The ``fedtune`` command.
 
     fedtune run [OVERRIDE ...] [--multirun] [--cfg] [--partitions]
+    fedtune keygen KEY_FILE
+    fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
+    fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
 
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
 the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
 expands sweeps (``lora.r=4,8 seed=0,1``) into one run per combination; ``--cfg`` prints the resolved
 config, and ``--partitions`` how the data is split into clients, without running anything.
+
+``keygen`` writes a new AES-256 key file (mode 0600); ``encrypt`` and ``decrypt`` turn a file or every
+file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
+(see :mod:`fedtune.secure.at_rest`).
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from fedtune import config
+from fedtune.secure import at_rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +37,65 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--multirun", "-m", action="store_true", help="expand sweeps (a=1,2) into several runs")
     run.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     run.add_argument("--partitions", action="store_true", help="print how the data is split into clients and exit")
+    keygen = commands.add_parser("keygen", help="write a new key file for encrypt/decrypt (mode 0600)")
+    keygen.add_argument("key_file", type=Path, help="where to write the key; an existing file is never overwritten")
+    for name, remove, what in (
+        ("encrypt", "--remove-plaintext", "x to x.enc"),
+        ("decrypt", "--remove-encrypted", "x.enc to x"),
+    ):
+        command = commands.add_parser(name, help=f"{name} a file ({what}) or every file of a directory")
+        command.add_argument("path", type=Path, help="a file or a directory, e.g. runs/<date_time>/adapter")
+        key = command.add_mutually_exclusive_group(required=True)
+        key.add_argument("--key-file", type=Path, help="file written by `fedtune keygen`")
+        key.add_argument("--key-env", metavar="VAR", help="environment variable holding the key (hex)")
+        command.add_argument(
+            remove, dest="remove_source", action="store_true", help="delete each source file once written"
+        )
     args = parser.parse_args(argv)
     _configure_logging()
+    handlers = {"run": _run_command, "keygen": _keygen, "encrypt": _encrypt, "decrypt": _decrypt}
     try:
-        if args.partitions:
-            return _show_partitions(args.overrides)
-        return _run(args.overrides, multirun=args.multirun, show_config=args.cfg)
+        return handlers[args.command](args)
     except config.ConfigError as error:
         print(f"fedtune: config error: {error}", file=sys.stderr)
         return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.partitions:
+        return _show_partitions(args.overrides)
+    return _run(args.overrides, multirun=args.multirun, show_config=args.cfg)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    try:
+        at_rest.generate_key(args.key_file)
+    except (FileExistsError, FileNotFoundError) as error:
+        print(f"fedtune: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.key_file} (mode 0600; keep it apart from the encrypted files and their backups)")
+    return 0
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    return _transform(at_rest.encrypt_path, args)
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    return _transform(at_rest.decrypt_path, args)
+
+
+def _transform(function: Callable[..., list[Path]], args: argparse.Namespace) -> int:
+    """Run encrypt_path or decrypt_path; errors become one line on stderr and exit code 1."""
+    try:
+        key = at_rest.load_key(key_file=args.key_file, key_env=args.key_env)
+        written = function(args.path, key, remove_source=args.remove_source)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # DecryptionError is a ValueError
+        print(f"fedtune: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
 
 
 def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:

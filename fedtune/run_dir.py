@@ -61,6 +61,11 @@ class RunDir:
     def check(self, resume: bool) -> None:
         """Raise unless a new run (``resume=False``) or a resumed one can use this directory; writes nothing."""
         has_checkpoints = self.checkpoints.is_dir() and any(self.checkpoints.glob("round-*.pt"))
+        if not has_checkpoints and self.checkpoints.is_dir() and any(self.checkpoints.glob("round-*.pt.enc")):
+            raise FileExistsError(
+                f"{self.checkpoints} holds encrypted checkpoints only; decrypt them first "
+                f"(`fedtune decrypt {self.checkpoints} --key-file KEY`), or choose another run_dir."
+            )
         if resume and not has_checkpoints:
             raise FileNotFoundError(
                 f"resume=true but {self.checkpoints} holds no checkpoint; start without resume=true."

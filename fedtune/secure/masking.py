@@ -1,0 +1,338 @@
+"""Secure aggregation by masking (SecAgg: Bonawitz et al. 2017, https://eprint.iacr.org/2017/281), without Flower.
+
+The server learns the sum of the sampled clients' encoded updates and nothing else about any one of
+them. One round, as driven by fedtune/secure_round.py (U1 ⊇ U2 ⊇ U3 are the clients still present):
+
+1. **keys**: each client makes two X25519 key pairs for this round (one to encrypt shares, one to agree
+   masks) and signs the public halves with its long-term Ed25519 identity (bound to run and round).
+2. **shares**: each client checks every peer's signed keys, picks a random self-mask seed ``b``, splits
+   ``b`` and its mask private key into Shamir shares (threshold t of |U1|), and sends each peer its
+   shares encrypted with AES-GCM under their pairwise key, through the server (which cannot read them).
+   It also commits to ``b`` (SHA-256), so a wrong reconstruction is caught.
+3. **masked input**: each client uploads ``y = x + PRG(b) + sum_v ±PRG(s_uv)`` mod 2^32, where ``x`` is its
+   fixed-point update (fedtune/secure/fixed_point.py) and ``s_uv`` the seed it agrees with peer ``v``
+   (``+`` if its name sorts before ``v``'s, ``-`` after); the pairwise masks cancel in the sum.
+4. **unmask**: for each client in U3 the survivors reveal their share of its ``b``; for each client that
+   dropped after step 2 they reveal their share of its mask private key, so the server can recompute and
+   remove its pairwise masks. A client never reveals both for the same peer and refuses to unmask with
+   fewer than t survivors; with t > |U1|/2 the server cannot collect t shares of both from a split set.
+
+Trust: the server is honest-but-curious about contents; peers' identities come from the server's trusted
+key list unless a node holds its own (node config ``trusted-keys``). Secrets live only in the client's
+memory (Flower's Context.state) and are erased when the round's unmask step is answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fedtune.secure import identity, primitives, shamir
+from fedtune.secure.fixed_point import FixedPoint
+from fedtune.secure.identity import Identity
+
+DOMAIN = b"fedtune-secagg-v1"
+
+
+class ProtocolError(ValueError):
+    """A protocol step cannot go on safely (too few clients, a bad signature, an inconsistent request)."""
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation by pairwise masking with dropout recovery (config group ``secure=masking``).
+
+    Args:
+        threshold: Fraction of a round's clients whose shares are needed to unmask (t = ceil(threshold * n),
+            at least 2). Must exceed 0.5; up to n - t clients may drop out after sharing keys.
+        value_range: Largest absolute value of one update coordinate (an update outside it is refused, not clipped).
+        max_examples: Largest training example count of one client (the weight of its update).
+
+    Raises:
+        ValueError: An out-of-range value.
+    """
+
+    threshold: float = 0.6
+    value_range: float = 1.0
+    max_examples: int = 100_000
+
+    masked = True
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.threshold <= 1:
+            raise ValueError(
+                f"secure.threshold={self.threshold}: must lie in (0.5, 1]; at or below one half a server could "
+                "collect the shares of both masks of one client from two halves of the round."
+            )
+        if not self.value_range > 0:
+            raise ValueError(f"secure.value_range={self.value_range}: must be positive.")
+        if not self.max_examples >= 1:
+            raise ValueError(f"secure.max_examples={self.max_examples}: must be at least 1.")
+
+    def min_survivors(self, num_clients: int) -> int:
+        """t: clients that must stay to the end of a round of ``num_clients`` (never fewer than 2)."""
+        return max(2, math.ceil(self.threshold * num_clients - 1e-9))
+
+    def fixed_point(self, num_clients: int, unit_weights: bool) -> FixedPoint:
+        """The round's code; ``unit_weights`` when every update counts once (organisation-level DP)."""
+        return FixedPoint.for_round(self.value_range, 1 if unit_weights else self.max_examples, num_clients)
+
+    def describe(self) -> str:
+        """One line for the model card."""
+        return (
+            f"masking (SecAgg with Shamir dropout recovery, threshold {self.threshold}): the server saw only "
+            f"the sum of the updates; values within ±{self.value_range}, fixed point mod 2^32."
+        )
+
+
+@dataclass(frozen=True)
+class Session:
+    """What binds a protocol message to one round of one run."""
+
+    run_nonce: str
+    server_round: int
+
+    def context(self, purpose: str, *parts: str) -> bytes:
+        """Unambiguous bytes naming the run, the round, a purpose and the parties (length-prefixed)."""
+        fields = [self.run_nonce, str(self.server_round), purpose, *parts]
+        return DOMAIN + b"".join(len(f.encode()).to_bytes(4, "big") + f.encode() for f in fields)
+
+
+@dataclass(frozen=True)
+class KeyBundle:
+    """A client's public keys for one round, signed by its identity key."""
+
+    client: str
+    encryption_key: bytes
+    mask_key: bytes
+    signature: bytes
+
+    def signed_bytes(self, session: Session) -> bytes:
+        """What the signature covers."""
+        return session.context("keys", self.client, self.encryption_key.hex(), self.mask_key.hex())
+
+    def verify(self, session: Session, public_hex: str | None) -> None:
+        """Raise ProtocolError unless signed by ``public_hex`` for this session."""
+        if public_hex is None or not identity.verify(public_hex, self.signature, self.signed_bytes(session)):
+            raise ProtocolError(f"The round keys of {self.client} are not signed by its known identity key.")
+
+    def to_json(self) -> str:
+        """Wire form."""
+        return json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyBundle:
+        """Parse the wire form."""
+        data = json.loads(text)
+        return cls(
+            str(data["client"]),
+            bytes.fromhex(data["encryption_key"]),
+            bytes.fromhex(data["mask_key"]),
+            bytes.fromhex(data["signature"]),
+        )
+
+
+@dataclass
+class ClientRound:
+    """One client's secrets and view of a round, kept between protocol steps and erased after unmasking."""
+
+    session: Session
+    client: str
+    encryption_private: bytes
+    mask_private: bytes
+    threshold: int = 0
+    self_seed: bytes = b""
+    peers: dict[str, KeyBundle] = field(default_factory=dict)  # U1, self included
+    shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (share of b, share of mask key)
+
+    def to_json(self) -> str:
+        """Serialised for Flower's Context.state (the client's memory between messages)."""
+        return json.dumps(
+            {
+                "session": asdict(self.session),
+                "client": self.client,
+                "encryption_private": self.encryption_private.hex(),
+                "mask_private": self.mask_private.hex(),
+                "threshold": self.threshold,
+                "self_seed": self.self_seed.hex(),
+                "peers": {k: b.to_json() for k, b in self.peers.items()},
+                "shares": {k: [b.hex(), s.hex()] for k, (b, s) in self.shares.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientRound:
+        """Parse :meth:`to_json`."""
+        data = json.loads(text)
+        return cls(
+            Session(**data["session"]),
+            data["client"],
+            bytes.fromhex(data["encryption_private"]),
+            bytes.fromhex(data["mask_private"]),
+            data["threshold"],
+            bytes.fromhex(data["self_seed"]),
+            {k: KeyBundle.from_json(v) for k, v in data["peers"].items()},
+            {k: (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in data["shares"].items()},
+        )
+
+
+def advertise_keys(session: Session, client: str, signer: Identity) -> tuple[ClientRound, KeyBundle]:
+    """Step 1 (client): fresh round keys and their signed public halves."""
+    encryption_private, encryption_public = primitives.x25519_keypair()
+    mask_private, mask_public = primitives.x25519_keypair()
+    unsigned = KeyBundle(client, encryption_public, mask_public, b"")
+    bundle = KeyBundle(client, encryption_public, mask_public, signer.sign(unsigned.signed_bytes(session)))
+    return ClientRound(session, client, encryption_private, mask_private), bundle
+
+
+def share_keys(
+    state: ClientRound, bundles: list[KeyBundle], identities: Mapping[str, str], config: SecureAggregation
+) -> tuple[dict[str, bytes], bytes]:
+    """Step 2 (client): encrypted shares for every peer, and the commitment to the self-mask seed.
+
+    Raises:
+        ProtocolError: A peer's keys are not validly signed, this client's own keys were altered, names
+            repeat, or fewer than t clients take part.
+    """
+    peers = {bundle.client: bundle for bundle in bundles}
+    if len(peers) != len(bundles):
+        raise ProtocolError("Two key bundles carry the same client name.")
+    own = peers.get(state.client)
+    if own is None or own.mask_key != primitives.x25519_public(state.mask_private):
+        raise ProtocolError("The server did not forward this client's own round keys unchanged.")
+    for bundle in bundles:
+        bundle.verify(state.session, identities.get(bundle.client))
+    state.threshold = config.min_survivors(len(peers))
+    if len(peers) < state.threshold:
+        raise ProtocolError(f"{len(peers)} clients in the round, fewer than the threshold t={state.threshold}.")
+    state.peers, state.self_seed = peers, secrets.token_bytes(shamir.SECRET_BYTES)
+    names = sorted(peers)
+    seed_shares = shamir.split(state.self_seed, state.threshold, len(names))
+    key_shares = shamir.split(state.mask_private, state.threshold, len(names))
+    sealed = {}
+    for name, seed_share, key_share in zip(names, seed_shares, key_shares, strict=True):
+        if name == state.client:
+            state.shares[name] = (seed_share, key_share)
+        else:
+            key = _share_key(state, name)
+            sealed[name] = primitives.seal(
+                key, seed_share + key_share, state.session.context("share", state.client, name)
+            )
+    return sealed, hashlib.sha256(state.self_seed).digest()
+
+
+def mask_update(
+    state: ClientRound, sealed_for_me: Mapping[str, bytes], survivors: list[str], encoded: np.ndarray
+) -> np.ndarray:
+    """Step 3 (client): store the shares peers sent, and mask the encoded update.
+
+    Raises:
+        ProtocolError: The survivors are not a large enough subset of the round, or a share is missing.
+        primitives.AuthenticationError: A share was modified in transit or not meant for this client.
+    """
+    _check_subset(state, survivors, "uploads")
+    for name in survivors:
+        if name == state.client:
+            continue
+        if name not in sealed_for_me:
+            raise ProtocolError(f"No share from {name}, which the server lists as a survivor.")
+        share = primitives.unseal(
+            _share_key(state, name), sealed_for_me[name], state.session.context("share", name, state.client)
+        )
+        half = len(share) // 2
+        state.shares[name] = (share[:half], share[half:])
+    masked = encoded + primitives.keystream(state.self_seed, len(encoded))
+    for name in survivors:
+        if name != state.client:
+            mask = primitives.keystream(
+                _pair_seed(state.session, state.mask_private, state.client, state.peers[name]), len(encoded)
+            )
+            masked = masked + mask if state.client < name else masked - mask
+    return masked
+
+
+def reveal_shares(state: ClientRound, survivors: list[str], dropped: list[str]) -> dict[str, dict[str, str]]:
+    """Step 4 (client): shares of survivors' self-mask seeds and of dropped clients' mask keys (hex).
+
+    Raises:
+        ProtocolError: The request is inconsistent (a client both survived and dropped, unknown names,
+            this client not a survivor) or leaves fewer than t survivors.
+    """
+    if set(survivors) & set(dropped):
+        raise ProtocolError("The server asked for both masks of the same client; refusing to reveal anything.")
+    _check_subset(state, survivors, "survivors")
+    if not set(survivors) | set(dropped) == set(state.shares):
+        raise ProtocolError("Survivors and dropped clients do not add up to the clients that shared keys.")
+    return {
+        "seed": {name: state.shares[name][0].hex() for name in survivors},
+        "mask_key": {name: state.shares[name][1].hex() for name in dropped},
+    }
+
+
+def unmask(
+    session: Session,
+    masked: Mapping[str, np.ndarray],
+    bundles: Mapping[str, KeyBundle],
+    commitments: Mapping[str, bytes],
+    revealed: list[dict[str, dict[str, str]]],
+    threshold: int,
+) -> np.ndarray:
+    """Step 4 (server): the sum of the survivors' encoded updates, their masks removed.
+
+    ``masked`` holds the survivors' uploads (U3); clients in ``commitments`` but not in ``masked`` shared
+    keys and then dropped (U2 \\ U3).
+
+    Raises:
+        ProtocolError: Fewer than t revealed share sets, or a reconstruction does not match the commitment
+            or public key it must match (a client revealed a wrong share).
+    """
+    if len(revealed) < threshold:
+        raise ProtocolError(f"{len(revealed)} clients revealed shares, fewer than the threshold t={threshold}.")
+    length = len(next(iter(masked.values())))
+    total = np.zeros(length, dtype=np.uint32)
+    for name, upload in masked.items():
+        seed = _reconstruct(revealed, "seed", name, threshold)
+        if hashlib.sha256(seed).digest() != commitments[name]:
+            raise ProtocolError(f"The reconstructed self-mask of {name} does not match its commitment.")
+        total = total + upload - primitives.keystream(seed, length)
+    for gone in sorted(set(commitments) - set(masked)):
+        mask_private = _reconstruct(revealed, "mask_key", gone, threshold)
+        if primitives.x25519_public(mask_private) != bundles[gone].mask_key:
+            raise ProtocolError(f"The reconstructed mask key of {gone} does not match its signed public key.")
+        for name in masked:
+            mask = primitives.keystream(_pair_seed(session, mask_private, gone, bundles[name]), length)
+            total = total - mask if name < gone else total + mask  # undo the mask ``name`` added with ``gone``
+    return total
+
+
+def _reconstruct(revealed: list[dict[str, dict[str, str]]], kind: str, name: str, threshold: int) -> bytes:
+    shares = [bytes.fromhex(r[kind][name]) for r in revealed if name in r.get(kind, {})]
+    try:
+        return shamir.combine(shares, threshold)
+    except shamir.ShareError as error:
+        raise ProtocolError(f"Cannot reconstruct the {kind} of {name}: {error}") from error
+
+
+def _check_subset(state: ClientRound, names: list[str], what: str) -> None:
+    if state.client not in names or not set(names) <= set(state.peers):
+        raise ProtocolError(f"The {what} list must include this client and only clients that shared keys.")
+    if len(set(names)) < state.threshold:
+        raise ProtocolError(f"{len(set(names))} {what}, fewer than the threshold t={state.threshold}.")
+
+
+def _share_key(state: ClientRound, peer: str) -> bytes:
+    low, high = sorted((state.client, peer))
+    return primitives.agree(
+        state.encryption_private, state.peers[peer].encryption_key, state.session.context("share-key", low, high)
+    )
+
+
+def _pair_seed(session: Session, own_mask_private: bytes, own: str, peer: KeyBundle) -> bytes:
+    low, high = sorted((own, peer.client))
+    return primitives.agree(own_mask_private, peer.mask_key, session.context("mask", low, high))

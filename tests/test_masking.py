@@ -1,0 +1,211 @@
+"""Secure aggregation protocol (fedtune/secure/masking.py), run in-process between simulated parties.
+
+The reference for every aggregate is the float64 weighted sum of the plaintext updates, computed here
+independently of the fixed-point code.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fedtune.secure import masking, primitives, shamir
+from fedtune.secure.fixed_point import FixedPoint
+from fedtune.secure.identity import Identity
+from fedtune.secure.masking import ProtocolError, SecureAggregation, Session
+
+CONFIG = SecureAggregation(threshold=0.6, value_range=1.0, max_examples=1000)
+SESSION = Session("run-nonce", 3)
+
+
+class Round:
+    """n clients through steps 1-2 of a round; uploads and unmasking are driven by each test."""
+
+    def __init__(self, num_clients: int, session: Session = SESSION, seed: int = 0) -> None:
+        self.names = [f"hospital-{i:02d}" for i in range(num_clients)]
+        self.identities = {n: Identity.generate() for n in self.names}
+        self.public = {n: i.public_hex for n, i in self.identities.items()}
+        self.session = session
+        self.states, self.bundles = {}, []
+        for name in self.names:
+            state, bundle = masking.advertise_keys(session, name, self.identities[name])
+            self.states[name], self.bundles = state, [*self.bundles, bundle]
+        self.sealed, self.commitments = {}, {}
+        for name in self.names:
+            self.sealed[name], self.commitments[name] = masking.share_keys(
+                self.states[name], self.bundles, self.public, CONFIG
+            )
+        generator = torch.Generator().manual_seed(seed)
+        self.updates = {
+            n: {
+                "lora_A": torch.randn(4, 8, generator=generator) * 0.05,
+                "lora_B": torch.randn(8, 2, generator=generator) * 0.05,
+            }
+            for n in self.names
+        }
+        self.weights = {n: 10 + 7 * i for i, n in enumerate(self.names)}
+        self.code = CONFIG.fixed_point(num_clients, unit_weights=False)
+        self.threshold = self.states[self.names[0]].threshold
+
+    def upload(self, name: str, survivors: list[str]) -> np.ndarray:
+        sealed = {v: self.sealed[v][name] for v in survivors if v != name}
+        return masking.mask_update(
+            self.states[name], sealed, survivors, self.code.encode(self.updates[name], self.weights[name])
+        )
+
+    def reference(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {k: sum(self.updates[n][k].double() * self.weights[n] for n in names) for k in self.updates[names[0]]}
+
+    def unmask(self, uploads: dict[str, np.ndarray], revealers: list[str]) -> np.ndarray:
+        survivors, dropped = sorted(uploads), sorted(set(self.commitments) - set(uploads))
+        revealed = [masking.reveal_shares(self.states[n], survivors, dropped) for n in revealers]
+        bundles = {b.client: b for b in self.bundles}
+        return masking.unmask(self.session, uploads, bundles, self.commitments, revealed, self.threshold)
+
+
+def test_unmasked_sum_equals_the_plaintext_weighted_sum_within_the_stated_bound() -> None:
+    parties = Round(5)
+    uploads = {n: parties.upload(n, parties.names) for n in parties.names}
+    summed, total_weight = parties.code.decode(
+        parties.unmask(uploads, parties.names), parties.updates[parties.names[0]]
+    )
+    reference = parties.reference(parties.names)
+    assert total_weight == sum(parties.weights.values())
+    bound = parties.code.error_bound(5, total_weight)
+    for key in reference:
+        assert (summed[key] / total_weight - reference[key] / total_weight).abs().max() <= bound
+    assert bound < 1e-6  # the bound itself is far below float32 resolution of these updates
+
+
+@pytest.mark.parametrize("dropouts", [1, 2])  # n=5, t=3: up to n - t = 2 may drop after uploading
+def test_dropouts_after_upload_still_give_the_exact_aggregate(dropouts: int) -> None:
+    parties = Round(5)
+    uploads = {n: parties.upload(n, parties.names) for n in parties.names}
+    revealers = parties.names[dropouts:]  # the first ones vanish before revealing their shares
+    exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in parties.names)
+    assert np.array_equal(parties.unmask(uploads, revealers), exact.astype(np.uint32))
+
+
+@pytest.mark.parametrize("dropouts", [1, 2])
+def test_dropouts_between_sharing_and_upload_are_unmasked_exactly(dropouts: int) -> None:
+    parties = Round(5)
+    survivors = parties.names[dropouts:]
+    uploads = {n: parties.upload(n, parties.names) for n in survivors}  # masks still include the dropped peers
+    exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in survivors)
+    assert np.array_equal(parties.unmask(uploads, survivors), exact.astype(np.uint32))
+
+
+def test_more_than_n_minus_t_dropouts_fail_the_round_cleanly() -> None:
+    parties = Round(5)
+    uploads = {n: parties.upload(n, parties.names) for n in parties.names}
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        parties.unmask(uploads, parties.names[:2])  # only 2 of 5 reveal; t = 3
+    survivors = parties.names[:2]  # 3 dropped before uploading: the clients themselves refuse to reveal
+    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+        masking.reveal_shares(parties.states[survivors[0]], survivors, parties.names[2:])
+
+
+def test_a_single_masked_update_is_indistinguishable_from_uniform() -> None:
+    parties = Round(3)
+    parties.updates[parties.names[0]] = {"lora_A": torch.zeros(64, 256), "lora_B": torch.zeros(1)}
+    code = parties.code
+    upload = masking.mask_update(
+        parties.states[parties.names[0]],
+        {v: parties.sealed[v][parties.names[0]] for v in parties.names[1:]},
+        parties.names,
+        code.encode(parties.updates[parties.names[0]], 1),
+    )
+    # A constant (all-zero) input is the worst case: any structure left would show in the byte histogram.
+    counts = np.bincount(upload.view(np.uint8), minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    assert stats.kstest(upload / 2**32, "uniform").pvalue > 1e-3
+
+
+def test_server_asking_for_both_masks_of_a_client_is_refused() -> None:
+    parties = Round(5)
+    for name in parties.names:
+        parties.upload(name, parties.names)
+    with pytest.raises(ProtocolError, match="both masks"):
+        masking.reveal_shares(parties.states[parties.names[0]], parties.names, [parties.names[1]])
+
+
+def test_forged_or_replayed_round_keys_are_rejected() -> None:
+    parties = Round(3)
+    impostor = Identity.generate()
+    state, forged = masking.advertise_keys(SESSION, parties.names[1], impostor)
+    bundles = [parties.bundles[0], forged, parties.bundles[2]]
+    with pytest.raises(ProtocolError, match="not signed by its known identity key"):
+        masking.share_keys(parties.states[parties.names[0]], bundles, parties.public, CONFIG)
+    next_round = Session(SESSION.run_nonce, SESSION.server_round + 1)
+    state, _ = masking.advertise_keys(next_round, parties.names[0], parties.identities[parties.names[0]])
+    state.mask_private = parties.states[parties.names[0]].mask_private
+    with pytest.raises(ProtocolError, match="not signed"):  # round-3 keys replayed in round 4
+        masking.share_keys(state, parties.bundles, parties.public, CONFIG)
+
+
+def test_tampered_or_misdirected_shares_are_rejected() -> None:
+    parties = Round(3)
+    a, b, c = parties.names
+    tampered = bytearray(parties.sealed[b][a])
+    tampered[20] ^= 1
+    with pytest.raises(primitives.AuthenticationError):
+        masking.mask_update(
+            parties.states[a], {b: bytes(tampered), c: parties.sealed[c][a]}, parties.names, np.zeros(3, np.uint32)
+        )
+    with pytest.raises(primitives.AuthenticationError):  # b's share for c handed to a
+        masking.mask_update(
+            parties.states[a], {b: parties.sealed[b][c], c: parties.sealed[c][a]}, parties.names, np.zeros(3, np.uint32)
+        )
+
+
+def test_a_wrong_revealed_share_is_detected() -> None:
+    parties = Round(5)
+    uploads = {n: parties.upload(n, parties.names) for n in parties.names}
+    revealed = [masking.reveal_shares(parties.states[n], parties.names, []) for n in parties.names]
+    share = bytearray.fromhex(revealed[0]["seed"][parties.names[1]])
+    share[-1] ^= 1
+    revealed[0]["seed"][parties.names[1]] = share.hex()
+    bundles = {b.client: b for b in parties.bundles}
+    with pytest.raises(ProtocolError, match="inconsistent"):
+        masking.unmask(SESSION, uploads, bundles, parties.commitments, revealed, parties.threshold)
+
+
+def test_threshold_at_or_below_one_half_is_refused() -> None:
+    with pytest.raises(ValueError, match="secure.threshold"):
+        SecureAggregation(threshold=0.5)
+    assert SecureAggregation(threshold=0.6).min_survivors(10) == 6
+    assert SecureAggregation(threshold=0.6).min_survivors(2) == 2
+
+
+def test_fixed_point_refuses_out_of_range_values_and_weights_instead_of_clipping() -> None:
+    code = FixedPoint.for_round(value_range=0.5, max_weight=100, num_clients=4)
+    with pytest.raises(ValueError, match="secure.value_range"):
+        code.encode({"w": torch.tensor([0.6])}, 1)
+    with pytest.raises(ValueError, match="secure.max_examples"):
+        code.encode({"w": torch.tensor([0.1])}, 101)
+    with pytest.raises(ValueError, match="NaN"):
+        code.encode({"w": torch.tensor([float("nan")])}, 1)
+    with pytest.raises(ValueError, match="lower secure.max_examples"):
+        FixedPoint.for_round(value_range=1.0, max_weight=2**30, num_clients=4)
+
+
+def test_fixed_point_sum_at_the_extremes_does_not_overflow() -> None:
+    code = FixedPoint.for_round(value_range=0.5, max_weight=100, num_clients=4)
+    for sign in (1.0, -1.0):
+        encoded = [code.encode({"w": torch.tensor([sign * 0.5])}, 100) for _ in range(4)]
+        summed, weight = code.decode(sum(encoded).astype(np.uint32), {"w": torch.zeros(1)})
+        assert weight == 400
+        assert abs(summed["w"].item() - sign * 200.0) <= 4 / (2 * code.scale)
+
+
+def test_shamir_any_t_shares_reconstruct_and_fewer_do_not() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, threshold=3, num_shares=5)
+    for subset in itertools.combinations(shares, 3):
+        assert shamir.combine(list(subset), 3) == secret
+    with pytest.raises(shamir.ShareError, match="3 are needed"):
+        shamir.combine(shares[:2], 3)
