@@ -1,28 +1,32 @@
-"""Flower ClientApp (Message API): decodes messages and calls fedtune.client. All logic lives there.
+"""Flower ClientApp (Message API): decodes messages, calls fedtune.client, signs every reply.
 
 Node config keys (``flower-supernode --node-config``): ``partition-id`` / ``num-partitions`` pick a
 partition of the configured dataset (simulation, demos); ``data-path`` points at the node's own file
-and ``name`` labels the node in logs and reports (deployments).
+and ``name`` labels the node in logs and reports (deployments); ``identity-key`` is the node's Ed25519
+key file (created on first use; default beside ``state-dir``); ``trusted-keys`` optionally lists the
+peers' identity keys this node accepts in secure aggregation (otherwise it takes the server's list).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import adapters, client, client_state, config
+from fedtune import adapters, client, client_state, config, wire
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
+from fedtune.secure import identity, masking
+from fedtune.secure.identity import Identity
+from fedtune.secure.masking import ClientRound, KeyBundle, ProtocolError, Session
 
-# Wire keys shared with server_app.py.
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
-EXPERIMENT_HASH, SERVER_ROUND, CLIENT_KEY, DESCRIPTION = "experiment-hash", "server-round", "client-key", "description"
-NUM_SAMPLED = "num-sampled"
 PRIVACY_STATE = "privacy"  # Context.state record holding the client's privacy accounting
+SECAGG_STATE = "secagg"  # Context.state record holding this round's secure-aggregation secrets
 
 
 def client_key(node_config: Mapping[str, Any]) -> str:
@@ -36,6 +40,11 @@ def client_key(node_config: Mapping[str, Any]) -> str:
     )
 
 
+@cache
+def _identity(path: str) -> Identity:
+    return identity.load_or_create(Path(path))
+
+
 def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> ClientApp:
     """Build the ClientApp; ``bound_run_config`` stands in for Flower's run_config (in-process simulation)."""
     app = ClientApp()
@@ -43,7 +52,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def setup(msg: Message, context: Context) -> tuple[Experiment, ClientData]:
         run_config = bound_run_config if bound_run_config is not None else context.run_config
         experiment = get_experiment(config.load_experiment(run_config))
-        expected = msg.content.config_records[CONFIG].get(EXPERIMENT_HASH)
+        expected = msg.content.config_records[wire.CONFIG].get(wire.EXPERIMENT_HASH)
         if expected is not None and expected != experiment.hash:
             raise RuntimeError(
                 "This node composed a different experiment config than the server (fedtune or conf/ versions differ)."
@@ -58,41 +67,117 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             )
         return experiment, experiment.client_data(int(context.node_config["partition-id"]))
 
+    def reply(msg: Message, context: Context, content: RecordDict) -> Message:
+        key = client_key(context.node_config)
+        signer = _identity(str(client_state.identity_file(context.node_config, key)))
+        wire.sign(content, signer, _session(msg), msg.metadata.message_type, key)
+        return Message(content, reply_to=msg)
+
     @app.query()
     def describe(msg: Message, context: Context) -> Message:
         experiment, data = setup(msg, context)
-        info = {CLIENT_KEY: client_key(context.node_config), DESCRIPTION: json.dumps(client.describe(experiment, data))}
-        return Message(RecordDict({CONFIG: ConfigRecord(info)}), reply_to=msg)
+        # With masking the server learns only totals, so the node does not announce its data sizes.
+        description = {} if experiment.secure.masked else client.describe(experiment, data)
+        info = {wire.CLIENT_KEY: client_key(context.node_config), wire.DESCRIPTION: json.dumps(description)}
+        return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord(info)}))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         experiment, data = setup(msg, context)
-        global_adapter = msg.content.array_records[ARRAYS].to_torch_state_dict()
-        server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])
+        global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        round_config = msg.content.config_records[wire.CONFIG]
+        server_round = int(round_config[wire.SERVER_ROUND])
         key = client_key(context.node_config)
+        secagg = _round_state(msg, context) if experiment.secure.masked else None  # before training: fail fast
         durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         client_state.begin_round(privacy_state, server_round, adapters.fingerprint(global_adapter))
         update, metrics = client.train_round(
-            experiment,
-            data,
-            global_adapter,
-            server_round,
-            key,
-            privacy_state,
-            int(msg.content.config_records[CONFIG][NUM_SAMPLED]),
+            experiment, data, global_adapter, server_round, key, privacy_state, int(round_config[wire.NUM_SAMPLED])
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         client_state.save(privacy_state, durable)  # and across a resumed run
-        return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)
+        if secagg is None:
+            return reply(
+                msg, context, RecordDict({wire.ARRAYS: ArrayRecord(update), wire.METRICS: MetricRecord(metrics)})
+            )
+        unit_weights = experiment.privacy.organisation is not None  # organisation-level DP: every update counts once
+        weight = 1 if unit_weights else int(metrics["num_examples"])
+        code = experiment.secure.fixed_point(len(secagg.peers), unit_weights)
+        sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
+        survivors = json.loads(str(round_config[wire.SURVIVORS]))
+        masked = masking.mask_update(secagg, sealed, survivors, code.encode(update, weight))
+        _save_round_state(context, secagg)
+        visible = {k: v for k, v in metrics.items() if k != "num_examples"}  # the count travels masked
+        return reply(
+            msg, context, RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
+        )
+
+    @app.train("secagg_keys")
+    def advertise_keys(msg: Message, context: Context) -> Message:
+        key = client_key(context.node_config)
+        signer = _identity(str(client_state.identity_file(context.node_config, key)))
+        state, bundle = masking.advertise_keys(_session(msg), key, signer)
+        _save_round_state(context, state)
+        return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord({wire.BUNDLE: bundle.to_json()})}))
+
+    @app.train("secagg_shares")
+    def share_keys(msg: Message, context: Context) -> Message:
+        experiment, _ = setup(msg, context)
+        state = _round_state(msg, context)
+        received = msg.content.config_records[wire.CONFIG]
+        bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
+        sealed, commitment = masking.share_keys(state, bundles, _peer_identities(context, received), experiment.secure)
+        _save_round_state(context, state)
+        content = {wire.SEALED: ConfigRecord(sealed), wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment})}
+        return reply(msg, context, RecordDict(content))
+
+    @app.train("secagg_unmask")
+    def reveal_shares(msg: Message, context: Context) -> Message:
+        state = _round_state(msg, context)
+        received = msg.content.config_records[wire.CONFIG]
+        del context.state.config_records[SECAGG_STATE]  # one answer per round, then the secrets are gone
+        revealed = masking.reveal_shares(
+            state, json.loads(str(received[wire.SURVIVORS])), json.loads(str(received[wire.DROPPED]))
+        )
+        return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})}))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         experiment, data = setup(msg, context)
-        metrics = client.evaluate_round(experiment, data, msg.content.array_records[ARRAYS].to_torch_state_dict())
-        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+        metrics = client.evaluate_round(experiment, data, msg.content.array_records[wire.ARRAYS].to_torch_state_dict())
+        if experiment.secure.masked:
+            del metrics["num_examples"]  # sizes stay private; the server averages clients equally
+        return reply(msg, context, RecordDict({wire.METRICS: MetricRecord(metrics)}))
 
     return app
+
+
+def _session(msg: Message) -> Session:
+    received = msg.content.config_records[wire.CONFIG]
+    return Session(str(received[wire.RUN_NONCE]), int(received[wire.SERVER_ROUND]))
+
+
+def _round_state(msg: Message, context: Context) -> ClientRound:
+    """This round's secrets, refusing a message from another run or round than the one they belong to."""
+    record = context.state.config_records.get(SECAGG_STATE)
+    state = ClientRound.from_json(str(record["round"])) if record is not None else None
+    if state is None or state.session != _session(msg):
+        raise ProtocolError(
+            "No secure-aggregation keys for this run and round on this node; the server skipped a step."
+        )
+    return state
+
+
+def _save_round_state(context: Context, state: ClientRound) -> None:
+    context.state.config_records[SECAGG_STATE] = ConfigRecord({"round": state.to_json()})
+
+
+def _peer_identities(context: Context, received: ConfigRecord) -> dict[str, str]:
+    """Peers' identity keys: the node's own trusted list if it has one, else the list the server forwards."""
+    if "trusted-keys" in context.node_config:
+        return identity.load_trusted_keys(str(context.node_config["trusted-keys"]))
+    return json.loads(str(received[wire.IDENTITIES]))
 
 
 app = make_client_app()

@@ -32,6 +32,14 @@ def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) ->
     return root / f"{name}.json"
 
 
+def identity_file(node_config: Mapping[str, Any], client_key: str) -> Path:
+    """This node's identity key: node config ``identity-key``, else one kept beside its privacy state."""
+    if "identity-key" in node_config:
+        return Path(str(node_config["identity-key"]))
+    root = Path(str(node_config.get("state-dir", cache_dir() / "client-state")))
+    return root / "identity" / f"{hashlib.sha256(client_key.encode()).hexdigest()[:24]}.pem"
+
+
 def load(in_context: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """The state from Context.state, else from the durable file, else empty."""
     if in_context:

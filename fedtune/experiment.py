@@ -25,6 +25,8 @@ from fedtune.federation import Federation
 from fedtune.interfaces import Strategy
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import PrivacyMechanism
+from fedtune.secure import Plaintext
+from fedtune.secure.masking import SecureAggregation
 from fedtune.training import TrainConfig
 
 _EXPERIMENTS: dict[str, Experiment] = {}
@@ -66,6 +68,11 @@ class Experiment:
     def privacy(self) -> PrivacyMechanism:
         """The privacy mechanism each client trains under."""
         return fedtune_config.instantiate(self.cfg.privacy)
+
+    @cached_property
+    def secure(self) -> Plaintext | SecureAggregation:
+        """How updates reach the server: in the clear, or masked so that only their sum is seen."""
+        return fedtune_config.instantiate(self.cfg.secure)
 
     def new_strategy(self) -> Strategy:
         """A fresh server-side aggregation strategy."""
@@ -156,12 +163,26 @@ class Experiment:
         check_model = getattr(self.privacy, "check_model", None)
         if check_model is not None:  # DP refuses layers it cannot clip per record, before any client starts
             check_model(self.model())
+        self._check_secure_aggregation()
         self.client_data(0)  # assigns the pool, which natural partitioning needs to count its partitions
         partitions = self.partitioner.num_partitions
         if partitions != self.federation.num_clients:
             raise ValueError(
                 f"partition gives {partitions} partitions but federation.num_clients={self.federation.num_clients}; "
                 f"set federation.num_clients={partitions}."
+            )
+
+    def _check_secure_aggregation(self) -> None:
+        if not self.secure.masked:
+            return
+        if not self.new_strategy().linear:
+            raise ValueError(
+                f"strategy {self.cfg.strategy._target_} needs every client's individual update, but secure=masking "
+                "lets the server see only their sum. Use a linear strategy (strategy=fedavg) or secure=none."
+            )
+        if self.federation.min_train_clients < 2:
+            raise ValueError(
+                "secure=masking needs federation.min_train_clients >= 2: the sum of one update is that update."
             )
 
     @property

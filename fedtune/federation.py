@@ -20,6 +20,9 @@ class Federation:
         cpus_per_client: CPU cores reserved per simulated client (Ray resources).
         evaluate_every: Evaluate (federated and central) every this many rounds, and after the last round.
         connect_timeout: Seconds the server waits at start for all ``num_clients`` nodes to connect.
+        trusted_keys: JSON file of node name -> Ed25519 public key (``fedtune identity`` writes it). Only
+            these nodes are admitted. Without it each node's key is pinned when the run starts. Read by the
+            server only (nodes compose the same config but need not hold the file).
 
     Raises:
         ValueError: If a value is out of range; the message names the key.
@@ -35,6 +38,7 @@ class Federation:
     cpus_per_client: float = 1.0
     evaluate_every: int = 1
     connect_timeout: float = 600.0
+    trusted_keys: str | None = None
 
     def __post_init__(self) -> None:
         checks = {

@@ -105,21 +105,28 @@ class RunDir:
         os.replace(handle.name, path)
         return path
 
-    def latest_checkpoint(self, experiment_hash: str) -> Checkpoint:
-        """Load the newest checkpoint and drop metric lines of rounds after it (they will be redone).
+    def latest_checkpoint(self, experiment_hash: str, at_most: int | None = None) -> Checkpoint | None:
+        """Load the newest checkpoint (of round ``at_most`` or earlier) and drop metric lines of later rounds.
+
+        Returns None when no checkpoint qualifies: the run restarts at round 1 (metrics up to ``at_most`` kept).
 
         Raises:
             ValueError: The checkpoint was written by a different experiment config.
         """
-        path = max(self.checkpoints.glob("round-*.pt"))
-        data = torch.load(path, weights_only=True)
-        if data["experiment_hash"] != experiment_hash:
+        candidates = sorted(
+            p for p in self.checkpoints.glob("round-*.pt") if at_most is None or int(p.stem[6:]) <= at_most
+        )
+        data = torch.load(candidates[-1], weights_only=True) if candidates else None
+        if data is not None and data["experiment_hash"] != experiment_hash:
             raise ValueError(
-                f"{path} belongs to a different experiment config; resume with the same overrides as the original run "
-                f"(see {self.path / 'config.yaml'})."
+                f"{candidates[-1]} belongs to a different experiment config; resume with the same overrides as the "
+                f"original run (see {self.path / 'config.yaml'})."
             )
-        kept = [line for line in self.read_metrics() if line["round"] <= data["round"]]
+        last = data["round"] if data is not None else at_most
+        kept = [line for line in self.read_metrics() if last is None or line["round"] <= last]
         _atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
+        if data is None:
+            return None
         return Checkpoint(
             data["round"], data["adapter"], data["strategy_state"], data["experiment_hash"], data["privacy_state"]
         )

@@ -1,60 +1,40 @@
 """Flower ServerApp (Message API): the federated round loop, written out.
 
-Each round: sample clients -> send the global adapter -> collect updates (failed clients are logged
-and skipped) -> strategy aggregates and steps -> federated and central evaluation -> metrics,
-checkpoint. The loop resumes from the last checkpoint when ``resume=true``.
+Each round: sample clients -> send the global adapter -> collect their updates, in the clear or masked
+(fedtune/secure_round.py); failed clients and replies that fail verification are logged and skipped ->
+strategy steps -> checkpoint -> federated and central evaluation -> metrics -> a ledger entry. The loop
+resumes from the last checkpoint recorded in the ledger when ``resume=true``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune import adapters, config, report
+from fedtune import adapters, config, report, secure_round
 from fedtune.adapters import AdapterState
-from fedtune.client_app import (
-    ARRAYS,
-    CLIENT_KEY,
-    CONFIG,
-    DESCRIPTION,
-    EXPERIMENT_HASH,
-    METRICS,
-    NUM_SAMPLED,
-    SERVER_ROUND,
-)
 from fedtune.data.partition import format_summary
 from fedtune.experiment import Experiment, get_experiment
+from fedtune.ledger import Ledger, file_hash, metrics_hash
 from fedtune.run_dir import Checkpoint, RunDir
 from fedtune.seeding import derive_seed, noise_generator
+from fedtune.transport import Client, RoundFailedError, Transport, connect
+from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, payload_bytes
 
 logger = logging.getLogger("fedtune")
 
+__all__ = ["RoundFailedError", "make_server_app", "run_federation"]
 
 # Privacy is reported for the worst-off client, never averaged: each client's epsilon is in its own lines.
 _WORST_CASE = ("epsilon", "delta")
-
-
-class RoundFailedError(RuntimeError):
-    """Too few clients replied for a round to count; the last checkpoint is intact for resume."""
-
-
-@dataclass(frozen=True)
-class Client:
-    """A connected node as the server knows it."""
-
-    node_id: int
-    key: str
-    info: dict[str, Any]
 
 
 def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -78,69 +58,72 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     federation = experiment.federation
     run_dir = RunDir(cfg.run_dir)
     run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
+    ledger = Ledger(run_dir.path)
     strategy = experiment.new_strategy()
     global_adapter, first_round = experiment.initial_adapter(), 1
     privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side)
     if cfg.resume:
-        checkpoint = run_dir.latest_checkpoint(experiment.hash)
-        global_adapter, first_round = checkpoint.adapter, checkpoint.round + 1
-        strategy.load_state_dict(checkpoint.strategy_state)
-        privacy_state = checkpoint.privacy_state
-        logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
-    clients = _connect(grid, experiment)
-    summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
-    run_dir.write_json("partitions.json", summary)
-    logger.info("Partition summary:\n%s", format_summary(summary))
-    if first_round == 1:
+        checkpoint = run_dir.latest_checkpoint(experiment.hash, at_most=ledger.last_round())
+        if checkpoint is not None:
+            global_adapter, first_round = checkpoint.adapter, checkpoint.round + 1
+            strategy.load_state_dict(checkpoint.strategy_state)
+            privacy_state = checkpoint.privacy_state
+        ledger.truncate(first_round - 1)
+        logger.info("Resuming %s after round %d", run_dir.path, first_round - 1)
+    transport = Transport(grid, experiment)
+    clients = connect(transport, run_dir, resume=bool(cfg.resume))
+    if not experiment.secure.masked:
+        summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
+        run_dir.write_json("partitions.json", summary)
+        logger.info("Partition summary:\n%s", format_summary(summary))
+    if ledger.last_round() < 0:
         _log_central(run_dir, experiment, global_adapter, 0)
+        ledger.append(
+            "start",
+            0,
+            config_hash=experiment.hash,
+            config_file=file_hash(run_dir.path / "config.yaml"),
+            aggregate=adapters.fingerprint(global_adapter),
+            metrics=metrics_hash(run_dir.metrics_file, 0),
+        )
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
-        global_adapter = _train_step(
-            grid, experiment, strategy, clients, global_adapter, server_round, run_dir, privacy_state
+        global_adapter, record = _train_step(
+            transport, experiment, strategy, clients, global_adapter, server_round, run_dir, privacy_state
         )
         checkpoint = Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state)
-        run_dir.save_checkpoint(checkpoint)
+        checkpoint_path = run_dir.save_checkpoint(checkpoint)
         central = {}
         if federation.evaluates_after(server_round):
-            _federated_evaluation(grid, experiment, clients, global_adapter, server_round, run_dir)
+            _federated_evaluation(transport, experiment, clients, global_adapter, server_round, run_dir)
             central = _log_central(run_dir, experiment, global_adapter, server_round)
         seconds = time.monotonic() - started
         run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
+        ledger.append(
+            "round",
+            server_round,
+            **record,
+            config_hash=experiment.hash,
+            aggregate=adapters.fingerprint(global_adapter),
+            checkpoint_file=str(checkpoint_path.relative_to(run_dir.path)),
+            checkpoint=file_hash(checkpoint_path),
+            metrics=metrics_hash(run_dir.metrics_file, server_round),
+        )
         logger.info(report.progress_line(server_round, federation.num_rounds, run_dir.read_metrics(), central, seconds))
     report.finish(run_dir, experiment, global_adapter)
-    return global_adapter
-
-
-def _connect(grid: Grid, experiment: Experiment) -> list[Client]:
-    """Wait for the federation's nodes, then ask each for its name and data description (sorted by name).
-
-    Waits up to ``federation.connect_timeout`` for all ``num_clients`` nodes, then starts with whoever is
-    connected if that is at least ``min_train_clients``.
-    """
-    federation = experiment.federation
-    deadline = time.monotonic() + federation.connect_timeout
-    while len(list(grid.get_node_ids())) < federation.num_clients and time.monotonic() < deadline:
-        time.sleep(1.0)
-    connected = len(list(grid.get_node_ids()))
-    if connected < federation.min_train_clients:
-        raise RoundFailedError(
-            f"{connected} nodes connected within federation.connect_timeout={federation.connect_timeout:.0f} s, fewer "
-            f"than federation.min_train_clients={federation.min_train_clients}. Start more SuperNodes or lower the minimum."
-        )
-    if connected < federation.num_clients:
-        logger.warning("Starting with %d of federation.num_clients=%d nodes", connected, federation.num_clients)
-    replies = _send(
-        grid, experiment, grid.get_node_ids(), "query", RecordDict(), timeout=experiment.federation.round_timeout
+    exported = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()] + [run_dir.path / "README.md"]
+    head = ledger.append(
+        "export",
+        federation.num_rounds,
+        adapter=adapters.fingerprint(global_adapter),
+        files={str(p.relative_to(run_dir.path)): file_hash(p) for p in exported},
     )
-    clients = [
-        Client(
-            reply.metadata.src_node_id,
-            str(reply.content.config_records[CONFIG][CLIENT_KEY]),
-            json.loads(str(reply.content.config_records[CONFIG][DESCRIPTION])),
-        )
-        for reply in replies
-    ]
-    return sorted(clients, key=lambda c: c.key)
+    logger.info(
+        "Ledger head %s: publish it; `fedtune audit %s --head HASH` checks the run against it",
+        head["hash"],
+        run_dir.path,
+    )
+    return global_adapter
 
 
 def _sample(
@@ -153,7 +136,7 @@ def _sample(
 
 
 def _train_step(
-    grid: Grid,
+    transport: Transport,
     experiment: Experiment,
     strategy: Any,
     clients: list[Client],
@@ -161,63 +144,78 @@ def _train_step(
     server_round: int,
     run_dir: RunDir,
     privacy_state: dict[str, Any],
-) -> AdapterState:
+) -> tuple[AdapterState, dict[str, Any]]:
+    """One round's training; returns the new global adapter and the round's ledger fields."""
     sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train")
-    round_config = ConfigRecord({SERVER_ROUND: server_round, NUM_SAMPLED: len(sampled)})
-    content = RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: round_config})
-    replies = _send(
-        grid, experiment, [c.node_id for c in sampled], "train", content, experiment.federation.round_timeout
-    )
-    by_node = {c.node_id: c for c in sampled}
-    updates, weights, train_metrics = [], [], []
-    for reply in sorted(replies, key=lambda r: by_node[r.metadata.src_node_id].key):  # fixed order: reproducible sums
-        try:
-            update, metrics = _read_update(reply, global_adapter)
-        except (KeyError, TypeError, ValueError) as error:
-            logger.warning(
-                "Round %d: update of %s rejected: %s", server_round, by_node[reply.metadata.src_node_id].key, error
-            )
-            continue
-        updates.append(update)
-        weights.append(float(metrics["num_examples"]))
-        train_metrics.append(metrics)
-        run_dir.log_metrics(server_round, f"client:{by_node[reply.metadata.src_node_id].key}", metrics)
-    if len(updates) < experiment.federation.min_train_clients:
+
+    def train_content(_: Client) -> RecordDict:
+        return RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: ConfigRecord({NUM_SAMPLED: len(sampled)})})
+
+    organisation = experiment.privacy.organisation
+    if experiment.secure.masked:  # the server sees only the sum of the weighted updates and of the weights
+        masked = secure_round.collect(
+            transport, sampled, train_content, global_adapter, server_round, unit_weights=organisation is not None
+        )
+        replies, upload_bytes = masked.uploads, masked.upload_bytes
+        train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
+        weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally
+        denominator = len(sampled) if organisation is not None else masked.total_weight
+        mean = {k: (v / denominator).to(global_adapter[k].dtype) for k, v in masked.weighted_sum.items()}
+        extra = {"aggregation_error_bound": masked.error_bound}
+    else:
+        replies, updates, weights, train_metrics = [], [], [], []
+        for reply in transport.send(sampled, "train", train_content, server_round):
+            try:
+                update, metrics = _read_update(reply.content, global_adapter)
+            except (KeyError, TypeError, ValueError) as error:
+                logger.warning("Round %d: update of %s rejected: %s", server_round, reply.client.key, error)
+                continue
+            replies.append(reply)
+            updates.append(update)
+            weights.append(float(metrics["num_examples"]))
+            train_metrics.append(metrics)
+        if updates and organisation is None:
+            mean = strategy.aggregate(updates, weights)
+        elif updates:  # organisation-level DP: equal weights over a fixed denominator (the sampled count)
+            mean = strategy.aggregate(updates, [1.0] * len(updates))
+            mean = {k: v * (len(updates) / len(sampled)) for k, v in mean.items()}
+        upload_bytes = sum(payload_bytes(r.content) for r in replies) / max(len(replies), 1)
+        extra = {}
+    if len(replies) < experiment.federation.min_train_clients:
         raise RoundFailedError(
-            f"Round {server_round}: {len(updates)} of {len(sampled)} sampled clients returned an update, fewer than "
+            f"Round {server_round}: {len(replies)} of {len(sampled)} sampled clients returned an update, fewer than "
             f"federation.min_train_clients={experiment.federation.min_train_clients}. Resume with resume=true once nodes are back."
         )
-    organisation = experiment.privacy.organisation
-    if organisation is None:
-        new_adapter = strategy.step(global_adapter, strategy.aggregate(updates, weights))
-    else:  # organisation-level DP: equal weights, a fixed denominator (the sampled count), Gaussian noise
-        mean = strategy.aggregate(updates, [1.0] * len(updates))
-        mean = {k: v * (len(updates) / len(sampled)) for k, v in mean.items()}
+    for reply, metrics in zip(replies, train_metrics, strict=True):
+        run_dir.log_metrics(server_round, f"client:{reply.client.key}", metrics)
+    privacy: dict[str, float] = {}
+    if organisation is not None:  # Gaussian noise on the mean (unless the clients already added it)
         noise = noise_generator(
             privacy_state, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
         )
-        new_adapter = strategy.step(global_adapter, organisation.privatize_aggregate(mean, len(sampled), noise))
-        epsilon = organisation.account(privacy_state, len(sampled) / len(clients), len(clients))
-        run_dir.log_metrics(server_round, "server", {"client_dp_epsilon": epsilon})
-    run_dir.log_metrics(
-        server_round,
-        "train",
-        {
-            **_weighted_mean([{k: v for k, v in m.items() if k not in _WORST_CASE} for m in train_metrics], weights),
-            **{f"{k}_max": max(m[k] for m in train_metrics) for k in _WORST_CASE if k in train_metrics[0]},
-            "clients": float(len(updates)),
-            "sampled": float(len(sampled)),
-            "bytes_per_client": float(adapters.num_bytes(global_adapter)),
-        },
-    )
-    return new_adapter
+        mean = organisation.privatize_aggregate(mean, len(sampled), noise)
+        privacy["client_dp_epsilon"] = organisation.account(privacy_state, len(sampled) / len(clients), len(clients))
+        run_dir.log_metrics(server_round, "server", privacy)
+    summary = {
+        **_weighted_mean([{k: v for k, v in m.items() if k not in _WORST_CASE} for m in train_metrics], weights),
+        **{f"{k}_max": max(m[k] for m in train_metrics) for k in _WORST_CASE if k in train_metrics[0]},
+        "clients": float(len(replies)),
+        "sampled": float(len(sampled)),
+        "bytes_per_client": float(adapters.num_bytes(global_adapter)),
+        "upload_bytes_per_client": float(upload_bytes),
+        **extra,
+    }
+    run_dir.log_metrics(server_round, "train", summary)
+    privacy.update({f"{k}_max": summary[f"{k}_max"] for k in _WORST_CASE if f"{k}_max" in summary})
+    record = {"participants": [r.client.key for r in replies], "received": {r.client.key: r.digest for r in replies}}
+    return strategy.step(global_adapter, mean), {**record, "privacy": privacy}
 
 
-def _read_update(reply: Message, global_adapter: AdapterState) -> tuple[AdapterState, dict[str, float]]:
+def _read_update(content: RecordDict, global_adapter: AdapterState) -> tuple[AdapterState, dict[str, float]]:
     """The update and metrics of a train reply, refused if malformed (wrong tensors, non-finite values, bad weight)."""
-    update = reply.content.array_records[ARRAYS].to_torch_state_dict()
+    update = content.array_records[ARRAYS].to_torch_state_dict()
     adapters.check_update(update, global_adapter)
-    metrics = dict(reply.content.metric_records[METRICS])
+    metrics = dict(content.metric_records[METRICS])
     metrics["update_norm"] = adapters.l2_norm(update)
     weight = float(metrics["num_examples"])
     if not math.isfinite(weight) or weight <= 0:
@@ -226,7 +224,7 @@ def _read_update(reply: Message, global_adapter: AdapterState) -> tuple[AdapterS
 
 
 def _federated_evaluation(
-    grid: Grid,
+    transport: Transport,
     experiment: Experiment,
     clients: list[Client],
     global_adapter: AdapterState,
@@ -236,19 +234,14 @@ def _federated_evaluation(
     if experiment.federation.fraction_evaluate == 0:
         return
     sampled = _sample(clients, experiment.federation.fraction_evaluate, experiment, server_round, "evaluate")
-    replies = _send(
-        grid,
-        experiment,
-        [c.node_id for c in sampled],
-        "evaluate",
-        RecordDict({ARRAYS: ArrayRecord(global_adapter)}),
-        experiment.federation.round_timeout,
-    )
+    content = RecordDict({ARRAYS: ArrayRecord(global_adapter)})
+    replies = transport.send(sampled, "evaluate", lambda _: content, server_round)
     results = [dict(r.content.metric_records[METRICS]) for r in replies]
     if len(results) < experiment.federation.min_evaluate_clients:
         logger.warning("Round %d: federated evaluation skipped, %d replies", server_round, len(results))
         return
-    run_dir.log_metrics(server_round, "federated", _weighted_mean(results, [m["num_examples"] for m in results]))
+    weights = [m.get("num_examples", 1.0) for m in results]  # without sizes (secure=masking) clients count equally
+    run_dir.log_metrics(server_round, "federated", _weighted_mean(results, weights))
 
 
 def _log_central(
@@ -258,36 +251,6 @@ def _log_central(
     metrics = experiment.evaluate(global_adapter, experiment.test_set)
     run_dir.log_metrics(server_round, "central", metrics)
     return metrics
-
-
-def _send(
-    grid: Grid, experiment: Experiment, node_ids: Iterable[int], message_type: str, content: RecordDict, timeout: float
-) -> list[Message]:
-    """Send one message per node and return the successful replies; failures are logged and skipped."""
-    content.config_records.setdefault(CONFIG, ConfigRecord())
-    content.config_records[CONFIG][EXPERIMENT_HASH] = experiment.hash
-    messages = [Message(content=content, dst_node_id=node_id, message_type=message_type) for node_id in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    ok = []
-    for reply in replies:
-        if reply.has_error():
-            logger.warning(
-                "Node %s failed a %s message and is skipped this round: %s",
-                reply.metadata.src_node_id,
-                message_type,
-                reply.error.reason,
-            )
-        else:
-            ok.append(reply)
-    if len(replies) < len(messages):
-        logger.warning(
-            "%d of %d nodes did not answer the %s message within %.0f s",
-            len(messages) - len(replies),
-            len(messages),
-            message_type,
-            timeout,
-        )
-    return ok
 
 
 def _weighted_mean(metrics: list[dict[str, float]], weights: list[float]) -> dict[str, float]:

@@ -1,4 +1,8 @@
-"""How client updates reach the aggregator. Secure aggregation schemes plug in here (see conf/secure/)."""
+"""How client updates reach the aggregator (config group ``secure``): in the clear, or masked.
+
+``secure=masking`` is fedtune.secure.masking.SecureAggregation; the modules here hold its protocol,
+fixed-point code, primitives and identity keys, and at-rest encryption of outputs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Plaintext:
-    """Updates travel unencrypted: the server sees every client's individual adapter update."""
+    """Updates travel unencrypted (still signed): the server sees every client's individual adapter update."""
+
+    masked = False
 
     def describe(self) -> str:
         """One line for the model card."""

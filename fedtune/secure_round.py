@@ -1,0 +1,141 @@
+"""The server's side of one securely aggregated training round (protocol: fedtune/secure/masking.py).
+
+Four exchanges with the sampled clients: round keys, encrypted shares, training with masked upload,
+unmasking. The server only ever holds masked uploads and their unmasked sum; clients that drop out
+before the upload or before unmasking are handled while at least t of them remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from fedtune import wire
+from fedtune.adapters import AdapterState
+from fedtune.secure import fixed_point, primitives
+from fedtune.secure.masking import KeyBundle, ProtocolError, SecureAggregation, Session, unmask
+from fedtune.transport import Client, Reply, RoundFailedError, Transport
+
+logger = logging.getLogger("fedtune")
+
+
+@dataclass(frozen=True)
+class MaskedSum:
+    """What the server learns from a secure round: the sum, the total weight, and who contributed."""
+
+    weighted_sum: AdapterState  # float64: sum of weight * update over the contributors
+    total_weight: int
+    error_bound: float  # per coordinate, of weighted_sum / total_weight against the plaintext mean
+    uploads: list[Reply]  # the contributors' masked uploads (metrics in the clear, update masked)
+    upload_bytes: float  # mean bytes a contributor sent over all four steps
+
+
+def collect(
+    transport: Transport,
+    sampled: list[Client],
+    train_content: Callable[[Client], RecordDict],
+    global_adapter: AdapterState,
+    server_round: int,
+    unit_weights: bool,
+) -> MaskedSum:
+    """Run the four steps with ``sampled``; ``train_content`` builds each client's train message.
+
+    Raises:
+        RoundFailedError: Fewer than t clients are left at some step, or unmasking fails.
+    """
+    secure: SecureAggregation = transport.experiment.secure
+    session = Session(transport.run_nonce, server_round)
+    sent: dict[str, int] = {}
+
+    def step(targets: list[Client], message_type: str, content: Callable[[Client], RecordDict]) -> list[Reply]:
+        replies = transport.send(targets, message_type, content, server_round)
+        for reply in replies:
+            sent[reply.client.key] = sent.get(reply.client.key, 0) + wire.payload_bytes(reply.content)
+        return replies
+
+    bundles = {}
+    for reply in step(sampled, wire.SECAGG_KEYS, lambda c: RecordDict()):
+        bundle = KeyBundle.from_json(str(reply.content.config_records[wire.CONFIG][wire.BUNDLE]))
+        try:
+            if bundle.client != reply.client.key:
+                raise ProtocolError(f"keys announced for {bundle.client}")
+            bundle.verify(session, reply.client.public_key)
+        except ProtocolError as error:
+            logger.warning("Round %d: round keys of %s rejected: %s", server_round, reply.client.key, error)
+            continue
+        bundles[reply.client.key] = bundle
+    threshold = secure.min_survivors(len(bundles))
+    round_clients = [c for c in sampled if c.key in bundles]
+    _require(len(bundles), threshold, server_round, "sent round keys")
+    identities = {c.key: c.public_key for c in round_clients}
+    key_list = json.dumps([bundles[name].to_json() for name in sorted(bundles)])
+
+    sealed, commitments = {}, {}
+    shares_config = ConfigRecord({wire.BUNDLES: key_list, wire.IDENTITIES: json.dumps(identities)})
+    for reply in step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: shares_config})):
+        shares = {name: bytes(value) for name, value in reply.content.config_records[wire.SEALED].items()}
+        commitment = reply.content.config_records[wire.CONFIG][wire.COMMITMENT]
+        if set(shares) != set(bundles) - {reply.client.key} or not isinstance(commitment, bytes):
+            logger.warning("Round %d: shares of %s rejected: not one per peer", server_round, reply.client.key)
+            continue
+        sealed[reply.client.key], commitments[reply.client.key] = shares, commitment
+    _require(len(sealed), threshold, server_round, "shared their keys")
+    survivors = sorted(sealed)
+
+    def masked_train(client: Client) -> RecordDict:
+        content = train_content(client)
+        content.config_records[wire.CONFIG][wire.SURVIVORS] = json.dumps(survivors)
+        content.config_records[wire.SEALED] = ConfigRecord(
+            {v: sealed[v][client.key] for v in survivors if v != client.key}
+        )
+        return content
+
+    length = fixed_point.num_slots(global_adapter)
+    uploads = []
+    for reply in step([c for c in round_clients if c.key in sealed], "train", masked_train):
+        array = reply.content.array_records[wire.MASKED]["0"].numpy()
+        if array.dtype != np.uint32 or array.shape != (length,):
+            logger.warning(
+                "Round %d: upload of %s rejected: %s %s", server_round, reply.client.key, array.dtype, array.shape
+            )
+            continue
+        uploads.append(reply)
+    _require(len(uploads), threshold, server_round, "uploaded a masked update")
+    uploaders = [r.client.key for r in uploads]
+    dropped = sorted(set(survivors) - set(uploaders))
+    unmask_config = ConfigRecord({wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)})
+    revealed = [
+        json.loads(str(reply.content.config_records[wire.CONFIG][wire.REVEALED]))
+        for reply in step(
+            [r.client for r in uploads], wire.SECAGG_UNMASK, lambda c: RecordDict({wire.CONFIG: unmask_config})
+        )
+    ]
+    masked = {r.client.key: r.content.array_records[wire.MASKED]["0"].numpy() for r in uploads}
+    try:
+        total = unmask(session, masked, bundles, commitments, revealed, threshold)
+    except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
+        raise RoundFailedError(f"Round {server_round}: unmasking failed: {error}. Resume with resume=true.") from error
+    if dropped:
+        logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
+    code = secure.fixed_point(len(bundles), unit_weights)
+    weighted_sum, total_weight = code.decode(total, global_adapter)
+    return MaskedSum(
+        weighted_sum,
+        total_weight,
+        code.error_bound(len(uploads), total_weight),
+        uploads,
+        sum(sent[key] for key in uploaders) / len(uploaders),
+    )
+
+
+def _require(count: int, threshold: int, server_round: int, what: str) -> None:
+    if count < threshold:
+        raise RoundFailedError(
+            f"Round {server_round}: {count} clients {what}, fewer than the secure-aggregation threshold t={threshold}; "
+            "the round is abandoned without revealing anything. Resume with resume=true once nodes are back."
+        )

@@ -1,0 +1,90 @@
+"""What travels between ServerApp and ClientApp: record names, and signed replies.
+
+Every client reply is signed with the node's Ed25519 identity key over a digest of its whole content,
+bound to the run (a nonce the server draws at start), the round, the protocol step (message type) and
+the node's name. The server rejects a reply whose signature does not verify under the key it knows for
+that node, which also rejects a reply replayed from another round, step or run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from flwr.app import ConfigRecord, RecordDict
+
+from fedtune.secure import identity
+from fedtune.secure.identity import Identity
+from fedtune.secure.masking import Session
+
+# Record and key names (Flower's hyphenated convention).
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+EXPERIMENT_HASH, SERVER_ROUND, CLIENT_KEY, DESCRIPTION = "experiment-hash", "server-round", "client-key", "description"
+NUM_SAMPLED, RUN_NONCE, NODE_KEY = "num-sampled", "run-nonce", "node-key"
+SIGNATURE = "signature"
+# Secure aggregation steps (message types) and their records.
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "train.secagg_keys", "train.secagg_shares", "train.secagg_unmask"
+BUNDLE, BUNDLES, IDENTITIES, SEALED, COMMITMENT = "bundle", "bundles", "identities", "sealed", "commitment"
+SURVIVORS, DROPPED, REVEALED, MASKED = "survivors", "dropped", "revealed", "masked"
+
+
+class RejectedReply(ValueError):
+    """A reply the server must not use: unsigned, signed by another key, or bound to another step."""
+
+
+def content_digest(content: RecordDict) -> bytes:
+    """SHA-256 over every record of ``content`` except the signature, in a canonical order."""
+    digest = hashlib.sha256()
+
+    def add(*fields: str | bytes) -> None:
+        for item in fields:
+            data = item if isinstance(item, bytes) else item.encode()
+            digest.update(len(data).to_bytes(8, "big") + data)
+
+    for name in sorted(content.array_records):
+        record = content.array_records[name]
+        for key in sorted(record):
+            array = record[key]
+            add("array", name, key, array.dtype, repr(tuple(array.shape)), array.data)
+    for kind, records in (("config", content.config_records), ("metric", content.metric_records)):
+        for name in sorted(records):
+            if kind == "config" and name == SIGNATURE:
+                continue
+            for key in sorted(records[name]):
+                add(kind, name, key, repr(records[name][key]))
+    return digest.digest()
+
+
+def sign(content: RecordDict, signer: Identity, session: Session, message_type: str, client: str) -> RecordDict:
+    """Attach the signature record to ``content`` (returned for chaining)."""
+    payload = session.context("reply", message_type, client, content_digest(content).hex())
+    content.config_records[SIGNATURE] = ConfigRecord({NODE_KEY: signer.public_hex, SIGNATURE: signer.sign(payload)})
+    return content
+
+
+def verify(content: RecordDict, public_hex: str, session: Session, message_type: str, client: str) -> str:
+    """The hex content digest of a reply whose signature checks out.
+
+    Raises:
+        RejectedReply: No signature, a different key than ``public_hex``, or a signature over other content,
+            another run, round or step.
+    """
+    record = content.config_records.get(SIGNATURE)
+    if record is None:
+        raise RejectedReply("the reply is not signed")
+    if record.get(NODE_KEY) != public_hex:
+        raise RejectedReply("the reply is signed by a key that is not this node's known identity key")
+    digest = content_digest(content).hex()
+    payload = session.context("reply", message_type, client, digest)
+    signature = record.get(SIGNATURE)
+    if not isinstance(signature, bytes) or not identity.verify(public_hex, signature, payload):
+        raise RejectedReply("bad signature (modified in transit, or replayed from another round, step or run)")
+    return digest
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of payload in a message: serialised arrays plus config values (for the bytes-per-client log)."""
+    arrays = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    values = sum(
+        len(v) if isinstance(v, bytes | str) else 8 for r in content.config_records.values() for v in r.values()
+    )
+    return arrays + values
