@@ -4,6 +4,8 @@
     fedtune keygen KEY_FILE
     fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
+    fedtune audit RUN_DIR [--head HASH]
+    fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
 
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
 the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
@@ -12,7 +14,9 @@ config, and ``--partitions`` how the data is split into clients, without running
 
 ``keygen`` writes a new AES-256 key file (mode 0600); ``encrypt`` and ``decrypt`` turn a file or every
 file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
-(see :mod:`fedtune.secure.at_rest`).
+(see :mod:`fedtune.secure.at_rest`). ``audit`` checks a run's hash-chained ledger (fedtune/ledger.py)
+and names the first broken entry; ``identity`` creates a node's Ed25519 key and lists it in the trusted
+keys file the server reads (``federation.trusted_keys``).
 """
 
 from __future__ import annotations
@@ -51,9 +55,23 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument(
             remove, dest="remove_source", action="store_true", help="delete each source file once written"
         )
+    audit = commands.add_parser("audit", help="verify a run's ledger against its metrics, checkpoints and adapter")
+    audit.add_argument("run_dir", type=Path, help="the run directory")
+    audit.add_argument("--head", help="the ledger head hash published at the end of the run")
+    node = commands.add_parser("identity", help="create a node's identity key and list it as trusted")
+    node.add_argument("name", help="the node's name (its node-config 'name')")
+    node.add_argument("key_file", type=Path, help="the node's private key (created with mode 0600 if absent)")
+    node.add_argument("--trusted", type=Path, help="add the public key to this trusted-keys file (the server's)")
     args = parser.parse_args(argv)
     _configure_logging()
-    handlers = {"run": _run_command, "keygen": _keygen, "encrypt": _encrypt, "decrypt": _decrypt}
+    handlers = {
+        "run": _run_command,
+        "keygen": _keygen,
+        "encrypt": _encrypt,
+        "decrypt": _decrypt,
+        "audit": _audit,
+        "identity": _identity,
+    }
     try:
         return handlers[args.command](args)
     except config.ConfigError as error:
@@ -95,6 +113,28 @@ def _transform(function: Callable[..., list[Path]], args: argparse.Namespace) ->
         return 1
     for path in written:
         print(path)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fedtune.ledger import audit
+
+    problems = audit(args.run_dir, head=args.head)
+    for problem in problems:
+        print(f"fedtune audit: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.run_dir}: ledger, metrics, checkpoints and adapter are consistent")
+    return 1 if problems else 0
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from fedtune.secure import identity
+
+    node = identity.load_or_create(args.key_file)
+    print(f"{args.name}: {node.public_hex}")
+    if args.trusted is not None:
+        identity.add_trusted_key(args.trusted, args.name, node.public_hex)
+        print(f"listed in {args.trusted}")
     return 0
 
 

@@ -115,11 +115,12 @@ def collect(
             [r.client for r in uploads], wire.SECAGG_UNMASK, lambda c: RecordDict({wire.CONFIG: unmask_config})
         )
     ]
+    _require(len(revealed), threshold, server_round, "revealed their shares")
     masked = {r.client.key: r.content.array_records[wire.MASKED]["0"].numpy() for r in uploads}
     try:
         total = unmask(session, masked, bundles, commitments, revealed, threshold)
     except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
-        raise RoundFailedError(f"Round {server_round}: unmasking failed: {error}. Resume with resume=true.") from error
+        raise RoundFailedError(f"Round {server_round}: unmasking failed ({error}) Resume with resume=true.") from error
     if dropped:
         logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
     code = secure.fixed_point(len(bundles), unit_weights)

@@ -17,9 +17,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from fedtune import adapters, cli, config
-from fedtune.client_app import make_client_app
+from fedtune import adapters, cli, client_state, config, wire
+from fedtune.client_app import client_key, make_client_app
 from fedtune.run_dir import RunDir
+from fedtune.secure import identity
+from fedtune.secure.masking import Session
 from fedtune.server_app import make_server_app
 from tests.conftest import tiny_overrides
 
@@ -120,13 +122,16 @@ def test_starting_over_an_existing_run_is_refused_before_anything_starts(
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
-def test_failing_and_malformed_clients_are_skipped_and_the_round_goes_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_failing_malformed_and_forged_replies_are_skipped_and_the_round_goes_on(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
     from flwr.simulation import run_simulation
 
-    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=3")
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=4")
     run_config = config.to_run_config(overrides, str(tmp_path / "run"))
     real = make_client_app(run_config)
     flaky = ClientApp()
+    earlier_replies: dict[str, Message] = {}
 
     @flaky.query()
     def query(msg: Message, context: Context) -> Message:
@@ -134,20 +139,25 @@ def test_failing_and_malformed_clients_are_skipped_and_the_round_goes_on(tiny_be
 
     @flaky.train()
     def train(msg: Message, context: Context) -> Message:
-        partition, server_round = (
-            context.node_config["partition-id"],
-            msg.content.config_records["config"]["server-round"],
-        )
-        if (partition, server_round) == (1, 2):
+        node, server_round = client_key(context.node_config), msg.content.config_records["config"]["server-round"]
+        if (node, server_round) == ("partition-1", 2):
             raise RuntimeError("disk full")  # a hospital's node fails mid-run
         reply = real(msg, context)
-        if (partition, server_round) == (2, 1):  # a faulty node sends a poisoned update
+        if (node, server_round) == ("partition-2", 1):  # a faulty node sends a poisoned update, validly signed
             update = reply.content.array_records["arrays"].to_torch_state_dict()
             update[next(iter(update))].fill_(float("nan"))
-            return Message(
-                RecordDict({"arrays": ArrayRecord(update), "metrics": reply.content.metric_records["metrics"]}),
-                reply_to=msg,
-            )
+            content = RecordDict({"arrays": ArrayRecord(update), "metrics": reply.content.metric_records["metrics"]})
+            config_record = msg.content.config_records["config"]
+            session = Session(str(config_record["run-nonce"]), server_round)
+            signer = identity.load_or_create(client_state.identity_file(context.node_config, node))
+            return Message(wire.sign(content, signer, session, "train", node), reply_to=msg)
+        if (node, server_round) == ("partition-3", 1):  # changed in transit after signing
+            earlier_replies[node] = reply
+            update = reply.content.array_records["arrays"].to_torch_state_dict()
+            update[next(iter(update))] *= 2
+            reply.content.array_records["arrays"] = ArrayRecord(update)
+        if (node, server_round) == ("partition-3", 2):  # round 1's (validly signed) reply replayed
+            return Message(earlier_replies[node].content, reply_to=msg)
         return reply
 
     @flaky.evaluate()
@@ -157,13 +167,25 @@ def test_failing_and_malformed_clients_are_skipped_and_the_round_goes_on(tiny_be
     run_simulation(
         server_app=make_server_app(run_config),
         client_app=flaky,
-        num_supernodes=3,
+        num_supernodes=4,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     lines = RunDir(tmp_path / "run").read_metrics()
+    scopes = {(m["round"], m["scope"]) for m in lines}
+    assert {
+        (1, "client:partition-0"),
+        (1, "client:partition-1"),
+        (2, "client:partition-0"),
+        (2, "client:partition-2"),
+    } <= scopes
+    rejected = {
+        (1, "client:partition-2"),
+        (1, "client:partition-3"),
+        (2, "client:partition-1"),
+        (2, "client:partition-3"),
+    }
+    assert not rejected & scopes  # NaN, tampered, failed and replayed replies never count
     clients = {m["round"]: m["value"] for m in lines if m["scope"] == "train" and m["metric"] == "clients"}
-    assert clients == {1: 2.0, 2: 2.0}  # round 1: the NaN update is rejected; round 2: the failed node is skipped
-    assert not [m for m in lines if m["round"] == 2 and m["scope"] == "client:partition-1"]
-    assert not [m for m in lines if m["round"] == 1 and m["scope"] == "client:partition-2"]
+    assert clients == {1: 2.0, 2: 2.0}
     assert all(torch.isfinite(t).all() for t in _final_adapter(tmp_path / "run").values())
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

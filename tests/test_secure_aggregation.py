@@ -1,0 +1,222 @@
+"""secure=masking in whole Flower simulations: same result as plaintext, dropouts, untrusted nodes, audit.
+
+The protocol itself is tested in-process in test_masking.py; here it runs between real ServerApp and
+ClientApps (Ray actors), with nodes that fail mid-protocol or are not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+
+from fedtune import cli, client_state, config, wire
+from fedtune.client_app import client_key, make_client_app
+from fedtune.experiment import get_experiment
+from fedtune.ledger import Ledger, audit
+from fedtune.run_dir import RunDir
+from fedtune.secure import identity
+from fedtune.secure.fixed_point import FixedPoint
+from fedtune.server_app import make_server_app
+from fedtune.transport import RoundFailedError
+from tests.conftest import tiny_overrides
+
+
+def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / f"round-{server_round:04d}.pt", weights_only=True)["adapter"]
+
+
+def _train_metric(run_dir: Path, name: str) -> dict[int, float]:
+    return {
+        m["round"]: m["value"] for m in RunDir(run_dir).read_metrics() if m["scope"] == "train" and m["metric"] == name
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The same 3-client experiment in the clear and masked; the masked run records what the server handled."""
+    root = tmp_path_factory.mktemp("secure")
+    seen: dict[str, list] = {"replies": [], "decoded": []}
+    verify, decode = wire.verify, FixedPoint.decode
+
+    def spy_verify(content, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - transparent wrapper
+        seen["replies"].append((args[2], [a.dtype for r in content.array_records.values() for a in r.values()]))
+        return verify(content, *args, **kwargs)
+
+    def spy_decode(self, total, template):  # noqa: ANN001, ANN202
+        seen["decoded"].append(total.shape)
+        return decode(self, total, template)
+
+    overrides = tiny_overrides(tiny_bert_dir, root / "plain", "federation.num_clients=3")
+    assert cli.main(["run", *overrides]) == 0
+    overrides = [*overrides, f"run_dir={root / 'masked'}", "secure=masking"]
+    with pytest.MonkeyPatch.context() as patch:  # the ServerApp runs in this process, clients in Ray actors
+        patch.setattr(wire, "verify", spy_verify)
+        patch.setattr(FixedPoint, "decode", spy_decode)
+        assert cli.main(["run", *overrides]) == 0
+    return {"plain": root / "plain", "masked": root / "masked", "overrides": overrides, "seen": seen}
+
+
+def test_masked_aggregate_equals_the_plaintext_one_within_the_logged_bound(runs: dict) -> None:
+    plain, masked = _checkpoint(runs["plain"], 1), _checkpoint(runs["masked"], 1)
+    bound = _train_metric(runs["masked"], "aggregation_error_bound")[1]
+    for key in plain:
+        float32_rounding = 2 * torch.finfo(torch.float32).eps * plain[key].abs().max()
+        assert (plain[key] - masked[key]).abs().max() <= bound + float32_rounding
+    assert 0 < bound < 1e-5
+    assert _train_metric(runs["masked"], "clients") == {1: 3.0, 2: 3.0}
+
+
+def test_server_handles_only_masked_uploads_and_decodes_only_their_sum(runs: dict) -> None:
+    replies = runs["seen"]["replies"]
+    train = [dtypes for step, dtypes in replies if step == "train"]
+    assert len(train) == 6 and all(dtypes == ["uint32"] for dtypes in train)  # 3 clients x 2 rounds, no float arrays
+    assert all(not dtypes for step, dtypes in replies if step != "train")
+    assert len(runs["seen"]["decoded"]) == 2  # one decode per round: of the sum of the uploads
+    plain_bytes = _train_metric(runs["plain"], "upload_bytes_per_client")[1]
+    masked_bytes = _train_metric(runs["masked"], "upload_bytes_per_client")[1]
+    assert masked_bytes < 1.3 * plain_bytes  # the tiny adapter makes the fixed key/share cost visible here
+
+
+def test_masked_nodes_do_not_announce_their_data_sizes(runs: dict) -> None:
+    assert not (runs["masked"] / "partitions.json").exists()
+    assert (runs["plain"] / "partitions.json").is_file()
+
+
+def test_audit_accepts_an_intact_run_and_names_what_was_changed(runs: dict, tmp_path: Path) -> None:
+    assert audit(runs["masked"]) == []
+    head = Ledger(runs["masked"]).entries()[-1]["hash"]
+    assert audit(runs["masked"], head=head) == []
+
+    def tampered(change: Callable[[Path], None]) -> list[str]:
+        copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(runs["masked"], copy)
+        change(copy)
+        return audit(copy, head=head)
+
+    def edit_metric(run: Path) -> None:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        index = next(i for i, line in enumerate(lines) if '"round": 2' in line and "macro_f1" in line)
+        line = json.loads(lines[index])
+        lines[index] = json.dumps({**line, "value": line["value"] + 0.1})
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    def edit_adapter(run: Path) -> None:
+        path = run / "adapter" / "adapter_model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(data)
+
+    def remove_round(run: Path) -> None:
+        lines = (run / "ledger.jsonl").read_text().splitlines()
+        (run / "ledger.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+
+    def cut_tail(run: Path) -> None:
+        lines = (run / "ledger.jsonl").read_text().splitlines()
+        (run / "ledger.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+
+    assert tampered(edit_metric) == [
+        "entry 2 (round round 2): the metric lines of round 2 in metrics.jsonl were changed"
+    ]
+    assert tampered(edit_adapter) == [
+        "entry 3 (export round 2): adapter/adapter_model.safetensors is missing or was changed"
+    ]
+    assert "entry 1 (round round 2): does not follow the entry before it" in tampered(remove_round)[0]
+    assert "entries were cut off" in tampered(cut_tail)[0]
+    assert cli.main(["audit", str(runs["masked"])]) == 0
+
+
+def test_a_non_linear_strategy_is_refused_with_secure_aggregation(runs: dict) -> None:
+    overrides = [*runs["overrides"], "strategy._target_=tests.test_secure_aggregation.CoordinateMedian"]
+    with pytest.raises(ValueError, match="needs every client's individual update"):
+        get_experiment(config.compose(overrides)).preflight()
+
+
+class CoordinateMedian:
+    """A stand-in non-linear strategy (needs individual updates), for the refusal test only."""
+
+    linear = False
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
+
+
+def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str]) -> ClientApp:
+    """The real ClientApp, except that node ``partition-i`` raises at ``(step, round)`` listed in ``failures``."""
+    real, flaky = make_client_app(run_config), ClientApp()
+
+    def relay(step: str) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            server_round = int(msg.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
+            if failures.get((client_key(context.node_config), server_round)) == step:
+                raise RuntimeError(f"node lost during {step}")
+            return real(msg, context)
+
+        return handle
+
+    flaky.query()(relay("query"))
+    flaky.evaluate()(relay("evaluate"))
+    flaky.train()(relay("train"))
+    for action in ("secagg_keys", "secagg_shares", "secagg_unmask"):
+        flaky.train(action)(relay(action))
+    return flaky
+
+
+def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """4 nodes, t = 3: one loss after uploading (round 1) or before (round 2) is recovered; two losses in
+    round 3 leave 2 < t, so the round is abandoned and the last checkpoint and ledger stay intact."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        run,
+        "federation.num_clients=4",
+        "federation.num_rounds=3",
+        "secure=masking",
+        "privacy=client_dp",
+        "privacy.noise_at=clients",
+    )
+    failures = {
+        ("partition-3", 1): "secagg_unmask",
+        ("partition-3", 2): "train",
+        ("partition-2", 3): "secagg_unmask",
+        ("partition-3", 3): "secagg_unmask",
+    }
+    run_config = config.to_run_config(overrides, str(run))
+    with pytest.raises(RoundFailedError, match="Round 3: 2 clients revealed their shares, fewer than .* t=3"):
+        run_simulation(
+            server_app=make_server_app(run_config),
+            client_app=_flaky_app(run_config, failures),
+            num_supernodes=4,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    assert _train_metric(run, "clients") == {1: 4.0, 2: 3.0}  # round 1 keeps the upload of the node lost later
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    epsilons = [m for m in RunDir(run).read_metrics() if m["metric"] == "client_dp_epsilon"]
+    assert [m["round"] for m in epsilons] == [1, 2]
+    assert Ledger(run).last_round() == 2 and audit(run) == []
+    assert all(torch.isfinite(t).all() for t in _checkpoint(run, 2).values())
+
+
+def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    trusted = tmp_path / "trusted.json"
+    for partition in (0, 1):  # the keys the simulated nodes use (created here if absent)
+        name = f"partition-{partition}"
+        key = identity.load_or_create(client_state.identity_file({}, name))
+        identity.add_trusted_key(trusted, name, key.public_hex)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_bert_dir, run, "federation.num_clients=3", "federation.num_rounds=1", f"federation.trusted_keys={trusted}"
+    )
+    assert cli.main(["run", *overrides]) == 0
+    assert _train_metric(run, "clients") == {1: 2.0}
+    assert not [m for m in RunDir(run).read_metrics() if m["scope"] == "client:partition-2"]
+    assert not (run / "node_keys.json").exists()  # a trusted list is used as is, nothing is pinned
+    assert np.isfinite(_train_metric(run, "train_loss")[1])

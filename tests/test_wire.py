@@ -1,0 +1,104 @@
+"""Signed replies (fedtune/wire.py) and identity keys (fedtune/secure/identity.py)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune import wire
+from fedtune.secure import identity
+from fedtune.secure.identity import Identity
+from fedtune.secure.masking import Session
+
+NODE = Identity.generate()
+SESSION = Session("run-nonce", 2)
+
+
+def _reply() -> RecordDict:
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord({"lora_A": torch.arange(6.0).reshape(2, 3)}),
+            wire.METRICS: MetricRecord({"train_loss": 1.5, "num_examples": 40.0}),
+        }
+    )
+    return wire.sign(content, NODE, SESSION, "train", "hospital-a")
+
+
+def test_a_signed_reply_verifies_and_its_digest_covers_the_content() -> None:
+    digest = wire.verify(_reply(), NODE.public_hex, SESSION, "train", "hospital-a")
+    assert digest == wire.content_digest(_reply()).hex()
+    changed = _reply()
+    changed.metric_records[wire.METRICS]["train_loss"] = 1.25
+    assert wire.content_digest(changed).hex() != digest
+
+
+@pytest.mark.parametrize(
+    "session, step, client",
+    [
+        (Session("run-nonce", 1), "train", "hospital-a"),  # replay of an older round
+        (Session("another-run", 2), "train", "hospital-a"),  # replay from another run
+        (SESSION, "train.secagg_unmask", "hospital-a"),  # replay at another protocol step
+        (SESSION, "train", "hospital-b"),  # presented as another node's reply
+    ],
+)
+def test_a_replayed_reply_is_rejected(session: Session, step: str, client: str) -> None:
+    with pytest.raises(wire.RejectedReply, match="bad signature"):
+        wire.verify(_reply(), NODE.public_hex, session, step, client)
+
+
+def test_tampered_updates_and_metrics_are_rejected() -> None:
+    tampered = _reply()
+    update = tampered.array_records[wire.ARRAYS].to_torch_state_dict()
+    update["lora_A"][0, 0] += 1e-3
+    signature = tampered.config_records[wire.SIGNATURE]
+    tampered = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(update),
+            wire.METRICS: tampered.metric_records[wire.METRICS],
+            wire.SIGNATURE: signature,
+        }
+    )
+    with pytest.raises(wire.RejectedReply, match="bad signature"):
+        wire.verify(tampered, NODE.public_hex, SESSION, "train", "hospital-a")
+    inflated = _reply()
+    inflated.metric_records[wire.METRICS]["num_examples"] = 4000.0  # a node claiming more weight than it signed
+    with pytest.raises(wire.RejectedReply, match="bad signature"):
+        wire.verify(inflated, NODE.public_hex, SESSION, "train", "hospital-a")
+
+
+def test_forged_and_unsigned_replies_are_rejected() -> None:
+    forger = Identity.generate()
+    forged = wire.sign(_reply(), forger, SESSION, "train", "hospital-a")
+    with pytest.raises(wire.RejectedReply, match="not this node's known identity key"):
+        wire.verify(forged, NODE.public_hex, SESSION, "train", "hospital-a")
+    forged.config_records[wire.SIGNATURE][wire.NODE_KEY] = NODE.public_hex  # claims the right key, wrong signature
+    with pytest.raises(wire.RejectedReply, match="bad signature"):
+        wire.verify(forged, NODE.public_hex, SESSION, "train", "hospital-a")
+    unsigned = _reply()
+    del unsigned.config_records[wire.SIGNATURE]
+    with pytest.raises(wire.RejectedReply, match="not signed"):
+        wire.verify(unsigned, NODE.public_hex, SESSION, "train", "hospital-a")
+
+
+def test_signature_record_is_excluded_only_by_its_own_name() -> None:
+    content = _reply()
+    content.config_records["extra"] = ConfigRecord({"note": "added after signing"})
+    with pytest.raises(wire.RejectedReply):
+        wire.verify(content, NODE.public_hex, SESSION, "train", "hospital-a")
+
+
+def test_identity_key_is_created_private_and_reloaded(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "hospital-a.pem"
+    created = identity.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert identity.load_or_create(path).public_hex == created.public_hex
+    trusted = tmp_path / "trusted.json"
+    identity.add_trusted_key(trusted, "hospital-a", created.public_hex)
+    assert identity.load_trusted_keys(trusted) == {"hospital-a": created.public_hex}
+    trusted.write_text('{"hospital-a": "not-a-key"}')
+    with pytest.raises(ValueError, match="fedtune identity"):
+        identity.load_trusted_keys(trusted)
