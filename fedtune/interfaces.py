@@ -16,7 +16,8 @@ class Strategy(Protocol):
 
     Attributes:
         linear: True if ``aggregate`` is exactly the example-weighted mean of the updates. Only linear
-            strategies can run on a securely aggregated (masked) sum, where individual updates are never seen.
+            strategies can run on a securely aggregated (masked) sum, where individual updates are never
+            seen: the server then computes that mean from the unmasked sum and calls only ``step``.
     """
 
     linear: bool

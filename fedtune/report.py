@@ -117,6 +117,9 @@ def model_card(
     cfg, spec, federation = experiment.cfg, experiment.model_spec, experiment.federation
     lora = cfg.lora
     final = _final_central(metrics)
+    partitions = (
+        " (clients' sizes withheld: secure aggregation)" if experiment.secure.masked else " (see `partitions.json`)"
+    )
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in final.items())
     baseline_rows = "\n".join(f"| majority-class {k} | {v:.4f} |" for k, v in (baseline or {}).items())
     return f"""# Federated LoRA adapter
@@ -134,7 +137,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 ## Data
 - {experiment.corpus.description}
 - {len(experiment.pool)} rows for clients, {len(experiment.test_set)} held out for the central test set.
-- Partitioning: `{cfg.partition._target_.rsplit(".", 1)[-1]}` over {federation.num_clients} clients (see `partitions.json`).
+- Partitioning: `{cfg.partition._target_.rsplit(".", 1)[-1]}` over {federation.num_clients} clients{partitions}.
 
 ## Training
 - {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit(".", 1)[-1]}`.
@@ -146,6 +149,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 ## Privacy and security
 - Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(metrics)}
 - Secure aggregation: {experiment_component(experiment, "secure")}
+- Integrity: every client reply was signed; `ledger.jsonl` chains every round (`fedtune audit <run dir>`).
 
 ## Results (central held-out test set, final round)
 | metric | value |

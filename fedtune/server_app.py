@@ -70,6 +70,8 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
             privacy_state = checkpoint.privacy_state
         ledger.truncate(first_round - 1)
         logger.info("Resuming %s after round %d", run_dir.path, first_round - 1)
+    if not experiment.secure.masked:
+        logger.warning("secure=none: the server sees every client's update; secure=masking shows it only their sum")
     transport = Transport(grid, experiment)
     clients = connect(transport, run_dir, resume=bool(cfg.resume))
     if not experiment.secure.masked:

@@ -1,6 +1,7 @@
 """End to end deployment: a real SuperLink, two real SuperNodes, and `flwr run` of the repository as a Flower app.
 
-Everything runs on loopback with free ports and its own FLWR_HOME. Every process the test starts, and every
+The run uses secure aggregation (secure=masking) and admits only the nodes whose identity keys are in
+the trusted-keys file. Everything runs on loopback with free ports and its own FLWR_HOME. Every process the test starts, and every
 process those start (SuperExec, flwr-serverapp, flwr-clientapp), is stopped by PID afterwards, also when the
 test fails; the test fails if any of them is still alive after that.
 """
@@ -26,6 +27,8 @@ import psutil
 import pytest
 
 from fedtune.config import to_run_config
+from fedtune.ledger import audit
+from fedtune.secure import identity
 from tests.conftest import tiny_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +227,10 @@ def test_flwr_run_on_real_superlink_and_supernodes(
         ],
     )
     _wait_for_health(flower, superlink_port)
+    trusted_keys = tmp_path / "trusted_keys.json"  # the operators' exchange of node identity keys
+    for partition in range(2):
+        node = identity.load_or_create(tmp_path / "keys" / f"partition-{partition}.pem")
+        identity.add_trusted_key(trusted_keys, f"partition-{partition}", node.public_hex)
     for partition, port in enumerate(node_ports):
         flower.start(
             f"supernode-{partition}",
@@ -235,12 +242,18 @@ def test_flwr_run_on_real_superlink_and_supernodes(
                 "--port",
                 str(port),
                 "--node-config",
-                f"partition-id={partition} num-partitions=2",
+                f"partition-id={partition} num-partitions=2 identity-key='{tmp_path}/keys/partition-{partition}.pem'",
             ],
         )
 
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(tiny_bert_dir, run_dir, "federation.round_timeout=240")
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        run_dir,
+        "federation.round_timeout=240",
+        "secure=masking",
+        f"federation.trusted_keys={trusted_keys}",
+    )
     run_config = to_run_config(overrides, str(run_dir))
     run_config_file = tmp_path / "run_config.toml"
     run_config_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()))
@@ -295,6 +308,8 @@ def test_flwr_run_on_real_superlink_and_supernodes(
             if line["round"] == server_round and line["scope"] == "train" and line["metric"] == "clients"
         ]
         assert clients == [2.0]
+    assert audit(run_dir) == []  # the ledger matches metrics, checkpoints and adapter
+    assert {line["round"] for line in lines if line["metric"] == "aggregation_error_bound"} == {1, 2}  # masked
 
     # No ClientApp failed along the way (their output goes to the SuperNodes' logs).
     for name in ("supernode-0", "supernode-1"):
