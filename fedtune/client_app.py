@@ -23,7 +23,7 @@ from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
-from fedtune.secure.masking import ClientRound, KeyBundle, ProtocolError, Session
+from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
 
 PRIVACY_STATE = "privacy"  # Context.state record holding the client's privacy accounting
 SECAGG_STATE = "secagg"  # Context.state record holding this round's secure-aggregation secrets

@@ -18,7 +18,8 @@ from flwr.app import ConfigRecord, RecordDict
 from fedtune import wire
 from fedtune.adapters import AdapterState
 from fedtune.secure import fixed_point, primitives
-from fedtune.secure.masking import KeyBundle, ProtocolError, SecureAggregation, Session, unmask
+from fedtune.secure.masking import SecureAggregation, unmask
+from fedtune.secure.session import KeyBundle, ProtocolError, Session
 from fedtune.transport import Client, Reply, RoundFailedError, Transport
 
 logger = logging.getLogger("fedtune")
@@ -69,10 +70,11 @@ def collect(
             logger.warning("Round %d: round keys of %s rejected: %s", server_round, reply.client.key, error)
             continue
         bundles[reply.client.key] = bundle
-    threshold = secure.min_survivors(len(bundles))
+    threshold = secure.round_minimum(len(bundles))
     round_clients = [c for c in sampled if c.key in bundles]
     _require(len(bundles), threshold, server_round, "sent round keys")
     identities = {c.key: c.public_key for c in round_clients}
+    peers = secure.peers(session, bundles)
     key_list = json.dumps([bundles[name].to_json() for name in sorted(bundles)])
 
     sealed, commitments = {}, {}
@@ -80,7 +82,7 @@ def collect(
     for reply in step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: shares_config})):
         shares = {name: bytes(value) for name, value in reply.content.config_records[wire.SEALED].items()}
         commitment = reply.content.config_records[wire.CONFIG][wire.COMMITMENT]
-        if set(shares) != set(bundles) - {reply.client.key} or not isinstance(commitment, bytes):
+        if set(shares) != peers[reply.client.key] or not isinstance(commitment, bytes):
             logger.warning("Round %d: shares of %s rejected: not one per peer", server_round, reply.client.key)
             continue
         sealed[reply.client.key], commitments[reply.client.key] = shares, commitment
@@ -91,7 +93,7 @@ def collect(
         content = train_content(client)
         content.config_records[wire.CONFIG][wire.SURVIVORS] = json.dumps(survivors)
         content.config_records[wire.SEALED] = ConfigRecord(
-            {v: sealed[v][client.key] for v in survivors if v != client.key}
+            {v: sealed[v][client.key] for v in survivors if client.key in sealed[v]}
         )
         return content
 
@@ -118,7 +120,7 @@ def collect(
     _require(len(revealed), threshold, server_round, "revealed their shares")
     masked = {r.client.key: r.content.array_records[wire.MASKED]["0"].numpy() for r in uploads}
     try:
-        total = unmask(session, masked, bundles, commitments, revealed, threshold)
+        total = unmask(session, masked, bundles, commitments, revealed, secure)
     except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
         raise RoundFailedError(f"Round {server_round}: unmasking failed ({error}) Resume with resume=true.") from error
     if dropped:

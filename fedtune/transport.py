@@ -23,7 +23,7 @@ from fedtune import wire
 from fedtune.experiment import Experiment
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
-from fedtune.secure.masking import Session
+from fedtune.secure.session import Session
 
 logger = logging.getLogger("fedtune")
 

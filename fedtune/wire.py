@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedtune.secure import identity
 from fedtune.secure.identity import Identity
-from fedtune.secure.masking import Session
+from fedtune.secure.session import Session
 
 # Record and key names (Flower's hyphenated convention).
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"

@@ -16,28 +16,30 @@ from scipy import stats
 from fedtune.secure import masking, primitives, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
-from fedtune.secure.masking import ProtocolError, SecureAggregation, Session
+from fedtune.secure.masking import SecureAggregation
+from fedtune.secure.session import ProtocolError, Session
 
 CONFIG = SecureAggregation(threshold=0.6, value_range=1.0, max_examples=1000)
+RING = SecureAggregation(threshold=0.6, value_range=1.0, max_examples=1000, neighbours=4)  # SecAgg+
 SESSION = Session("run-nonce", 3)
 
 
 class Round:
     """n clients through steps 1-2 of a round; uploads and unmasking are driven by each test."""
 
-    def __init__(self, num_clients: int, session: Session = SESSION, seed: int = 0) -> None:
+    def __init__(self, num_clients: int, config: SecureAggregation = CONFIG, seed: int = 0) -> None:
         self.names = [f"hospital-{i:02d}" for i in range(num_clients)]
         self.identities = {n: Identity.generate() for n in self.names}
         self.public = {n: i.public_hex for n, i in self.identities.items()}
-        self.session = session
+        self.session, self.config = SESSION, config
         self.states, self.bundles = {}, []
         for name in self.names:
-            state, bundle = masking.advertise_keys(session, name, self.identities[name])
+            state, bundle = masking.advertise_keys(SESSION, name, self.identities[name])
             self.states[name], self.bundles = state, [*self.bundles, bundle]
         self.sealed, self.commitments = {}, {}
         for name in self.names:
             self.sealed[name], self.commitments[name] = masking.share_keys(
-                self.states[name], self.bundles, self.public, CONFIG
+                self.states[name], self.bundles, self.public, config
             )
         generator = torch.Generator().manual_seed(seed)
         self.updates = {
@@ -48,11 +50,10 @@ class Round:
             for n in self.names
         }
         self.weights = {n: 10 + 7 * i for i, n in enumerate(self.names)}
-        self.code = CONFIG.fixed_point(num_clients, unit_weights=False)
-        self.threshold = self.states[self.names[0]].threshold
+        self.code = config.fixed_point(num_clients, unit_weights=False)
 
     def upload(self, name: str, survivors: list[str]) -> np.ndarray:
-        sealed = {v: self.sealed[v][name] for v in survivors if v != name}
+        sealed = {v: self.sealed[v][name] for v in survivors if name in self.sealed[v]}  # as the server routes them
         return masking.mask_update(
             self.states[name], sealed, survivors, self.code.encode(self.updates[name], self.weights[name])
         )
@@ -64,7 +65,7 @@ class Round:
         survivors, dropped = sorted(uploads), sorted(set(self.commitments) - set(uploads))
         revealed = [masking.reveal_shares(self.states[n], survivors, dropped) for n in revealers]
         bundles = {b.client: b for b in self.bundles}
-        return masking.unmask(self.session, uploads, bundles, self.commitments, revealed, self.threshold)
+        return masking.unmask(self.session, uploads, bundles, self.commitments, revealed, self.config)
 
 
 def test_unmasked_sum_equals_the_plaintext_weighted_sum_within_the_stated_bound() -> None:
@@ -81,18 +82,27 @@ def test_unmasked_sum_equals_the_plaintext_weighted_sum_within_the_stated_bound(
     assert bound < 1e-6  # the bound itself is far below float32 resolution of these updates
 
 
-@pytest.mark.parametrize("dropouts", [1, 2])  # n=5, t=3: up to n - t = 2 may drop after uploading
-def test_dropouts_after_upload_still_give_the_exact_aggregate(dropouts: int) -> None:
-    parties = Round(5)
+# n=5, t=3: up to n - t = 2 may drop. With 9 clients on a ring of 4 neighbours each group has 5 members
+# and t=3, so any 2 may drop as well (each group loses at most 2).
+DROPOUT_CASES = [(5, CONFIG, 1), (5, CONFIG, 2), (9, RING, 1), (9, RING, 2)]
+
+
+@pytest.mark.parametrize("num_clients, config, dropouts", DROPOUT_CASES)
+def test_dropouts_after_upload_still_give_the_exact_aggregate(
+    num_clients: int, config: SecureAggregation, dropouts: int
+) -> None:
+    parties = Round(num_clients, config)
     uploads = {n: parties.upload(n, parties.names) for n in parties.names}
     revealers = parties.names[dropouts:]  # the first ones vanish before revealing their shares
     exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in parties.names)
     assert np.array_equal(parties.unmask(uploads, revealers), exact.astype(np.uint32))
 
 
-@pytest.mark.parametrize("dropouts", [1, 2])
-def test_dropouts_between_sharing_and_upload_are_unmasked_exactly(dropouts: int) -> None:
-    parties = Round(5)
+@pytest.mark.parametrize("num_clients, config, dropouts", DROPOUT_CASES)
+def test_dropouts_between_sharing_and_upload_are_unmasked_exactly(
+    num_clients: int, config: SecureAggregation, dropouts: int
+) -> None:
+    parties = Round(num_clients, config)
     survivors = parties.names[dropouts:]
     uploads = {n: parties.upload(n, parties.names) for n in survivors}  # masks still include the dropped peers
     exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in survivors)
@@ -102,7 +112,7 @@ def test_dropouts_between_sharing_and_upload_are_unmasked_exactly(dropouts: int)
 def test_more_than_n_minus_t_dropouts_fail_the_round_cleanly() -> None:
     parties = Round(5)
     uploads = {n: parties.upload(n, parties.names) for n in parties.names}
-    with pytest.raises(ProtocolError, match="fewer than the threshold"):
+    with pytest.raises(ProtocolError, match="3 are needed"):
         parties.unmask(uploads, parties.names[:2])  # only 2 of 5 reveal; t = 3
     survivors = parties.names[:2]  # 3 dropped before uploading: the clients themselves refuse to reveal
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
@@ -171,7 +181,7 @@ def test_a_wrong_revealed_share_is_detected() -> None:
     revealed[0]["seed"][parties.names[1]] = share.hex()
     bundles = {b.client: b for b in parties.bundles}
     with pytest.raises(ProtocolError, match="inconsistent"):
-        masking.unmask(SESSION, uploads, bundles, parties.commitments, revealed, parties.threshold)
+        masking.unmask(SESSION, uploads, bundles, parties.commitments, revealed, CONFIG)
 
 
 def test_threshold_at_or_below_one_half_is_refused() -> None:
@@ -209,3 +219,29 @@ def test_shamir_any_t_shares_reconstruct_and_fewer_do_not() -> None:
         assert shamir.combine(list(subset), 3) == secret
     with pytest.raises(shamir.ShareError, match="3 are needed"):
         shamir.combine(shares[:2], 3)
+
+
+def test_ring_neighbourhoods_are_symmetric_of_size_k_and_agreed_by_everyone() -> None:
+    names = [f"hospital-{i:02d}" for i in range(12)]
+    peers = RING.peers(SESSION, names)
+    assert all(len(peers[name]) == 4 and name not in peers[name] for name in names)
+    assert all(a in peers[b] for a in names for b in peers[a])
+    assert RING.peers(SESSION, reversed(names)) == peers  # every party computes the same graph
+    assert RING.peers(Session(SESSION.run_nonce, 4), names) != peers  # a fresh ring each round
+    assert CONFIG.peers(SESSION, names)[names[0]] == frozenset(names[1:])
+    assert SecureAggregation(neighbours=4).peers(SESSION, names[:5])[names[0]] == frozenset(names[1:5])
+
+
+def test_with_neighbourhoods_a_client_shares_and_masks_only_with_its_peers() -> None:
+    parties = Round(9, RING)
+    for name in parties.names:
+        assert set(parties.sealed[name]) == set(RING.peers(SESSION, parties.names)[name])
+    uploads = {n: parties.upload(n, parties.names) for n in parties.names}
+    exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in parties.names)
+    assert np.array_equal(parties.unmask(uploads, parties.names), exact.astype(np.uint32))
+
+
+def test_odd_or_tiny_neighbourhoods_are_refused() -> None:
+    for value in (1, 3):
+        with pytest.raises(ValueError, match="secure.neighbours"):
+            SecureAggregation(neighbours=value)

@@ -21,7 +21,7 @@ from fedtune import adapters, cli, client_state, config, wire
 from fedtune.client_app import client_key, make_client_app
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
-from fedtune.secure.masking import Session
+from fedtune.secure.session import Session
 from fedtune.server_app import make_server_app
 from tests.conftest import tiny_overrides
 

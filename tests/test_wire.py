@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtune import wire
 from fedtune.secure import identity
 from fedtune.secure.identity import Identity
-from fedtune.secure.masking import Session
+from fedtune.secure.session import Session
 
 NODE = Identity.generate()
 SESSION = Session("run-nonce", 2)

@@ -17,6 +17,9 @@ them. One round, as driven by fedtune/secure_round.py (U1 ⊇ U2 ⊇ U3 are the 
    remove its pairwise masks. A client never reveals both for the same peer and refuses to unmask with
    fewer than t survivors; with t > |U1|/2 the server cannot collect t shares of both from a split set.
 
+"Peers" are all other clients, or with ``neighbours: k`` only k of them (SecAgg+, fedtune/secure/graph.py):
+masks, shares and the threshold then apply per neighbourhood, and a client's cost grows with k, not n.
+
 Trust: the server is honest-but-curious about contents; peers' identities come from the server's trusted
 key list unless a node holds its own (node config ``trusted-keys``). Secrets live only in the client's
 memory (Flower's Context.state) and are erased when the round's unmask step is answered.
@@ -25,23 +28,17 @@ memory (Flower's Context.state) and are erased when the round's unmask step is a
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import secrets
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.secure import identity, primitives, shamir
+from fedtune.secure import graph, primitives, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
-
-DOMAIN = b"fedtune-secagg-v1"
-
-
-class ProtocolError(ValueError):
-    """A protocol step cannot go on safely (too few clients, a bad signature, an inconsistent request)."""
+from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
 
 
 @dataclass(frozen=True)
@@ -53,6 +50,8 @@ class SecureAggregation:
             at least 2). Must exceed 0.5; up to n - t clients may drop out after sharing keys.
         value_range: Largest absolute value of one update coordinate (an update outside it is refused, not clipped).
         max_examples: Largest training example count of one client (the weight of its update).
+        neighbours: Mask with and share secrets among only this many peers (even, >= 2; SecAgg+ for large
+            rounds, where O(log n) suffices); None = every other client of the round.
 
     Raises:
         ValueError: An out-of-range value.
@@ -61,6 +60,7 @@ class SecureAggregation:
     threshold: float = 0.6
     value_range: float = 1.0
     max_examples: int = 100_000
+    neighbours: int | None = None
 
     masked = True
 
@@ -74,10 +74,24 @@ class SecureAggregation:
             raise ValueError(f"secure.value_range={self.value_range}: must be positive.")
         if not self.max_examples >= 1:
             raise ValueError(f"secure.max_examples={self.max_examples}: must be at least 1.")
+        if self.neighbours is not None and (self.neighbours < 2 or self.neighbours % 2):
+            raise ValueError(
+                f"secure.neighbours={self.neighbours}: must be an even number >= 2 (half on each side of a "
+                "client on the ring), or null for every other client."
+            )
 
-    def min_survivors(self, num_clients: int) -> int:
-        """t: clients that must stay to the end of a round of ``num_clients`` (never fewer than 2)."""
-        return max(2, math.ceil(self.threshold * num_clients - 1e-9))
+    def min_survivors(self, group: int) -> int:
+        """t: members of a group (a client and its peers) that must stay to the end (never fewer than 2)."""
+        return max(2, math.ceil(self.threshold * group - 1e-9))
+
+    def round_minimum(self, num_clients: int) -> int:
+        """Clients a round needs at every step (with neighbourhoods, each must also keep its own t)."""
+        group = num_clients if self.neighbours is None else min(num_clients, self.neighbours + 1)
+        return self.min_survivors(group)
+
+    def peers(self, session: Session, names: Iterable[str]) -> dict[str, frozenset[str]]:
+        """Each client's peers in this round (all others, or its ring neighbours)."""
+        return graph.neighbourhoods(names, self.neighbours, session.context("graph"))
 
     def fixed_point(self, num_clients: int, unit_weights: bool) -> FixedPoint:
         """The round's code; ``unit_weights`` when every update counts once (organisation-level DP)."""
@@ -86,99 +100,9 @@ class SecureAggregation:
     def describe(self) -> str:
         """One line for the model card."""
         return (
-            f"masking (SecAgg with Shamir dropout recovery, threshold {self.threshold}): the server saw only "
+            f"masking (SecAgg with Shamir dropout recovery, threshold {self.threshold}, "
+            f"{'all peers' if self.neighbours is None else f'{self.neighbours} neighbours'}): the server saw only "
             f"the sum of the updates; values within ±{self.value_range}, fixed point mod 2^32."
-        )
-
-
-@dataclass(frozen=True)
-class Session:
-    """What binds a protocol message to one round of one run."""
-
-    run_nonce: str
-    server_round: int
-
-    def context(self, purpose: str, *parts: str) -> bytes:
-        """Unambiguous bytes naming the run, the round, a purpose and the parties (length-prefixed)."""
-        fields = [self.run_nonce, str(self.server_round), purpose, *parts]
-        return DOMAIN + b"".join(len(f.encode()).to_bytes(4, "big") + f.encode() for f in fields)
-
-
-@dataclass(frozen=True)
-class KeyBundle:
-    """A client's public keys for one round, signed by its identity key."""
-
-    client: str
-    encryption_key: bytes
-    mask_key: bytes
-    signature: bytes
-
-    def signed_bytes(self, session: Session) -> bytes:
-        """What the signature covers."""
-        return session.context("keys", self.client, self.encryption_key.hex(), self.mask_key.hex())
-
-    def verify(self, session: Session, public_hex: str | None) -> None:
-        """Raise ProtocolError unless signed by ``public_hex`` for this session."""
-        if public_hex is None or not identity.verify(public_hex, self.signature, self.signed_bytes(session)):
-            raise ProtocolError(f"The round keys of {self.client} are not signed by its known identity key.")
-
-    def to_json(self) -> str:
-        """Wire form."""
-        return json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in asdict(self).items()})
-
-    @classmethod
-    def from_json(cls, text: str) -> KeyBundle:
-        """Parse the wire form."""
-        data = json.loads(text)
-        return cls(
-            str(data["client"]),
-            bytes.fromhex(data["encryption_key"]),
-            bytes.fromhex(data["mask_key"]),
-            bytes.fromhex(data["signature"]),
-        )
-
-
-@dataclass
-class ClientRound:
-    """One client's secrets and view of a round, kept between protocol steps and erased after unmasking."""
-
-    session: Session
-    client: str
-    encryption_private: bytes
-    mask_private: bytes
-    threshold: int = 0
-    self_seed: bytes = b""
-    peers: dict[str, KeyBundle] = field(default_factory=dict)  # U1, self included
-    shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (share of b, share of mask key)
-
-    def to_json(self) -> str:
-        """Serialised for Flower's Context.state (the client's memory between messages)."""
-        return json.dumps(
-            {
-                "session": asdict(self.session),
-                "client": self.client,
-                "encryption_private": self.encryption_private.hex(),
-                "mask_private": self.mask_private.hex(),
-                "threshold": self.threshold,
-                "self_seed": self.self_seed.hex(),
-                "peers": {k: b.to_json() for k, b in self.peers.items()},
-                "shares": {k: [b.hex(), s.hex()] for k, (b, s) in self.shares.items()},
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> ClientRound:
-        """Parse :meth:`to_json`."""
-        data = json.loads(text)
-        return cls(
-            Session(**data["session"]),
-            data["client"],
-            bytes.fromhex(data["encryption_private"]),
-            bytes.fromhex(data["mask_private"]),
-            data["threshold"],
-            bytes.fromhex(data["self_seed"]),
-            {k: KeyBundle.from_json(v) for k, v in data["peers"].items()},
-            {k: (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in data["shares"].items()},
         )
 
 
@@ -208,11 +132,12 @@ def share_keys(
         raise ProtocolError("The server did not forward this client's own round keys unchanged.")
     for bundle in bundles:
         bundle.verify(state.session, identities.get(bundle.client))
-    state.threshold = config.min_survivors(len(peers))
-    if len(peers) < state.threshold:
-        raise ProtocolError(f"{len(peers)} clients in the round, fewer than the threshold t={state.threshold}.")
-    state.peers, state.self_seed = peers, secrets.token_bytes(shamir.SECRET_BYTES)
-    names = sorted(peers)
+    names = sorted(config.peers(state.session, peers)[state.client] | {state.client})
+    state.threshold = config.min_survivors(len(names))
+    if len(names) < state.threshold:
+        raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
+    state.peers = {name: peers[name] for name in names}
+    state.self_seed = secrets.token_bytes(shamir.SECRET_BYTES)
     seed_shares = shamir.split(state.self_seed, state.threshold, len(names))
     key_shares = shamir.split(state.mask_private, state.threshold, len(names))
     sealed = {}
@@ -232,12 +157,15 @@ def mask_update(
 ) -> np.ndarray:
     """Step 3 (client): store the shares peers sent, and mask the encoded update.
 
+    ``survivors`` is U2, the clients that shared keys; this client masks with its peers among them.
+
     Raises:
-        ProtocolError: The survivors are not a large enough subset of the round, or a share is missing.
+        ProtocolError: Too few of this client's peers are left, or a share is missing.
         primitives.AuthenticationError: A share was modified in transit or not meant for this client.
     """
-    _check_subset(state, survivors, "uploads")
-    for name in survivors:
+    present = _present_peers(state, survivors, "uploaders")
+    state.uploaders = sorted(survivors)
+    for name in present:
         if name == state.client:
             continue
         if name not in sealed_for_me:
@@ -248,7 +176,7 @@ def mask_update(
         half = len(share) // 2
         state.shares[name] = (share[:half], share[half:])
     masked = encoded + primitives.keystream(state.self_seed, len(encoded))
-    for name in survivors:
+    for name in present:
         if name != state.client:
             mask = primitives.keystream(
                 _pair_seed(state.session, state.mask_private, state.client, state.peers[name]), len(encoded)
@@ -266,12 +194,12 @@ def reveal_shares(state: ClientRound, survivors: list[str], dropped: list[str]) 
     """
     if set(survivors) & set(dropped):
         raise ProtocolError("The server asked for both masks of the same client; refusing to reveal anything.")
-    _check_subset(state, survivors, "survivors")
-    if not set(survivors) | set(dropped) == set(state.shares):
+    if set(survivors) | set(dropped) != set(state.uploaders):
         raise ProtocolError("Survivors and dropped clients do not add up to the clients that shared keys.")
+    _present_peers(state, survivors, "survivors")
     return {
-        "seed": {name: state.shares[name][0].hex() for name in survivors},
-        "mask_key": {name: state.shares[name][1].hex() for name in dropped},
+        "seed": {name: state.shares[name][0].hex() for name in survivors if name in state.shares},
+        "mask_key": {name: state.shares[name][1].hex() for name in dropped if name in state.shares},
     }
 
 
@@ -281,7 +209,7 @@ def unmask(
     bundles: Mapping[str, KeyBundle],
     commitments: Mapping[str, bytes],
     revealed: list[dict[str, dict[str, str]]],
-    threshold: int,
+    config: SecureAggregation,
 ) -> np.ndarray:
     """Step 4 (server): the sum of the survivors' encoded updates, their masks removed.
 
@@ -289,23 +217,22 @@ def unmask(
     keys and then dropped (U2 \\ U3).
 
     Raises:
-        ProtocolError: Fewer than t revealed share sets, or a reconstruction does not match the commitment
-            or public key it must match (a client revealed a wrong share).
+        ProtocolError: Fewer than t shares for a client's secret, or a reconstruction does not match the
+            commitment or public key it must match (a client revealed a wrong share).
     """
-    if len(revealed) < threshold:
-        raise ProtocolError(f"{len(revealed)} clients revealed shares, fewer than the threshold t={threshold}.")
+    peers = config.peers(session, bundles)
     length = len(next(iter(masked.values())))
     total = np.zeros(length, dtype=np.uint32)
     for name, upload in masked.items():
-        seed = _reconstruct(revealed, "seed", name, threshold)
+        seed = _reconstruct(revealed, "seed", name, config.min_survivors(len(peers[name]) + 1))
         if hashlib.sha256(seed).digest() != commitments[name]:
             raise ProtocolError(f"The reconstructed self-mask of {name} does not match its commitment.")
         total = total + upload - primitives.keystream(seed, length)
     for gone in sorted(set(commitments) - set(masked)):
-        mask_private = _reconstruct(revealed, "mask_key", gone, threshold)
+        mask_private = _reconstruct(revealed, "mask_key", gone, config.min_survivors(len(peers[gone]) + 1))
         if primitives.x25519_public(mask_private) != bundles[gone].mask_key:
             raise ProtocolError(f"The reconstructed mask key of {gone} does not match its signed public key.")
-        for name in masked:
+        for name in sorted(peers[gone] & set(masked)):
             mask = primitives.keystream(_pair_seed(session, mask_private, gone, bundles[name]), length)
             total = total - mask if name < gone else total + mask  # undo the mask ``name`` added with ``gone``
     return total
@@ -319,11 +246,16 @@ def _reconstruct(revealed: list[dict[str, dict[str, str]]], kind: str, name: str
         raise ProtocolError(f"Cannot reconstruct the {kind} of {name}: {error}") from error
 
 
-def _check_subset(state: ClientRound, names: list[str], what: str) -> None:
-    if state.client not in names or not set(names) <= set(state.peers):
-        raise ProtocolError(f"The {what} list must include this client and only clients that shared keys.")
-    if len(set(names)) < state.threshold:
-        raise ProtocolError(f"{len(set(names))} {what}, fewer than the threshold t={state.threshold}.")
+def _present_peers(state: ClientRound, names: list[str], what: str) -> list[str]:
+    """This client and its peers among ``names``, refusing if this client is missing or fewer than t remain."""
+    if state.client not in names:
+        raise ProtocolError(f"The {what} list must include this client.")
+    present = sorted(set(names) & set(state.peers))
+    if len(present) < state.threshold:
+        raise ProtocolError(
+            f"{len(present)} of this client's group are {what}, fewer than the threshold t={state.threshold}."
+        )
+    return present
 
 
 def _share_key(state: ClientRound, peer: str) -> bytes:

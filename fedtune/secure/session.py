@@ -1,0 +1,108 @@
+"""The public context of a protocol round and the client's private state between its steps."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from fedtune.secure import identity
+
+DOMAIN = b"fedtune-secagg-v1"
+
+
+class ProtocolError(ValueError):
+    """A protocol step cannot go on safely (too few clients, a bad signature, an inconsistent request)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """What binds a protocol message to one round of one run."""
+
+    run_nonce: str
+    server_round: int
+
+    def context(self, purpose: str, *parts: str) -> bytes:
+        """Unambiguous bytes naming the run, the round, a purpose and the parties (length-prefixed)."""
+        fields = [self.run_nonce, str(self.server_round), purpose, *parts]
+        return DOMAIN + b"".join(len(f.encode()).to_bytes(4, "big") + f.encode() for f in fields)
+
+
+@dataclass(frozen=True)
+class KeyBundle:
+    """A client's public keys for one round, signed by its identity key."""
+
+    client: str
+    encryption_key: bytes
+    mask_key: bytes
+    signature: bytes
+
+    def signed_bytes(self, session: Session) -> bytes:
+        """What the signature covers."""
+        return session.context("keys", self.client, self.encryption_key.hex(), self.mask_key.hex())
+
+    def verify(self, session: Session, public_hex: str | None) -> None:
+        """Raise ProtocolError unless signed by ``public_hex`` for this session."""
+        if public_hex is None or not identity.verify(public_hex, self.signature, self.signed_bytes(session)):
+            raise ProtocolError(f"The round keys of {self.client} are not signed by its known identity key.")
+
+    def to_json(self) -> str:
+        """Wire form."""
+        return json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyBundle:
+        """Parse the wire form."""
+        data = json.loads(text)
+        return cls(
+            str(data["client"]),
+            bytes.fromhex(data["encryption_key"]),
+            bytes.fromhex(data["mask_key"]),
+            bytes.fromhex(data["signature"]),
+        )
+
+
+@dataclass
+class ClientRound:
+    """One client's secrets and view of a round, kept between protocol steps and erased after unmasking."""
+
+    session: Session
+    client: str
+    encryption_private: bytes
+    mask_private: bytes
+    threshold: int = 0
+    self_seed: bytes = b""
+    peers: dict[str, KeyBundle] = field(default_factory=dict)  # this client's neighbourhood in U1, self included
+    shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (share of b, share of mask key)
+    uploaders: list[str] = field(default_factory=list)  # U2 as announced at the upload step
+
+    def to_json(self) -> str:
+        """Serialised for Flower's Context.state (the client's memory between messages)."""
+        return json.dumps(
+            {
+                "session": asdict(self.session),
+                "client": self.client,
+                "encryption_private": self.encryption_private.hex(),
+                "mask_private": self.mask_private.hex(),
+                "threshold": self.threshold,
+                "self_seed": self.self_seed.hex(),
+                "peers": {k: b.to_json() for k, b in self.peers.items()},
+                "shares": {k: [b.hex(), s.hex()] for k, (b, s) in self.shares.items()},
+                "uploaders": self.uploaders,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientRound:
+        """Parse :meth:`to_json`."""
+        data = json.loads(text)
+        return cls(
+            Session(**data["session"]),
+            data["client"],
+            bytes.fromhex(data["encryption_private"]),
+            bytes.fromhex(data["mask_private"]),
+            data["threshold"],
+            bytes.fromhex(data["self_seed"]),
+            {k: KeyBundle.from_json(v) for k, v in data["peers"].items()},
+            {k: (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in data["shares"].items()},
+            data["uploaders"],
+        )
