@@ -9,16 +9,17 @@ for adapters of 1M, 4M and 16M parameters and 4, 10 and 50 clients:
     per parameter).
   - Flower SecAgg+ (flwr 1.41): the stage functions of flwr's own client mod (secaggplus_mod's _setup,
     _share_keys, _collect_masked_vectors, _unmask) called in protocol order on the same updates, with
-    SecAggPlusWorkflow's defaults and every sampled client a neighbour (num_shares=1.0), as fedtune masks.
+    SecAggPlusWorkflow's default quantisation, fedtune's threshold (0.6) and every sampled client a
+    neighbour (num_shares=1.0), as in fedtune.
 Part B, whole rounds (Flower simulations, Ray): a tiny random Llama (hidden 512, 4 layers, LoRA on all
 linear layers: r=32 gives 1.1M adapter parameters, r=128 4.5M), ICD-10 instructions, the same local
 training (fedtune.client.train_round) in four variants: (1) fedtune plaintext, (2) fedtune secure=masking,
 (3) Flower legacy FedAvg, (4) the same under Flower's SecAggPlusWorkflow (secaggplus_mod on the clients).
 Round time is the median of the rounds between the first (start-up) and the last (final evaluation).
 
-    python benchmarks/secure_overhead.py                                   # both parts, about 25 min on 2 cores
+    python benchmarks/secure_overhead.py                                   # both parts, about 20 min on 2 cores
     python benchmarks/secure_overhead.py --part a --sizes 1m 4m --clients 4 10
-    python benchmarks/secure_overhead.py --part b --points 1m:10 1m:4 4m:10 --out benchmarks/results/secure_overhead_b.json
+    python benchmarks/secure_overhead.py --part b --points 1m:10 1m:10:30 --rounds 6 --out /tmp/secure_b.json
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,14 +64,15 @@ from fedtune.run_dir import RunDir
 from fedtune.secure import masking
 from fedtune.secure.fixed_point import flatten
 from fedtune.secure.identity import Identity
-from fedtune.secure.masking import SecureAggregation, Session
+from fedtune.secure.masking import SecureAggregation
+from fedtune.secure.session import Session
 from fedtune.simulation import simulate
 
 SIZES = {"1m": 2**20, "4m": 2**22, "16m": 2**24}  # Part A adapter parameters
 CLIENTS = (4, 10, 50)
 RANKS = {"1m": 32, "4m": 128}  # Part B: LoRA rank on the benchmark Llama -> 1,114,112 / 4,456,448 parameters
 LORA_SHAPES = ((32, 512), (512, 32))  # Part A: A and B of LoRA r=32 on a 512-wide layer
-# SecAggPlusWorkflow's defaults; num_shares=1.0 makes every sampled client a neighbour of every other.
+# SecAggPlusWorkflow's default quantisation; fedtune's threshold; num_shares=1.0: every sampled client is a neighbour.
 FLOWER = {
     "num_shares": 1.0,
     "reconstruction_threshold": 0.6,
@@ -142,7 +145,7 @@ def ours(protocol: SecureAggregation, num_params: int, num_clients: int) -> dict
         started = time.perf_counter()
         masked = {name: uploads[name] for name in survivors}
         summed, total_weight = code.decode(
-            masking.unmask(session, masked, by_name, commitments, shares, threshold), template
+            masking.unmask(session, masked, by_name, commitments, shares, protocol), template
         )
         seconds = time.perf_counter() - started
         error = float(np.abs(flatten(summed) / total_weight - expected / total_weight).max())
@@ -298,7 +301,7 @@ def tiny_llama(target: Path) -> Path:
     return target
 
 
-def experiment_overrides(model_dir: Path, size: str, num_clients: int, rounds: int) -> list[str]:
+def experiment_overrides(model_dir: Path, size: str, num_clients: int, rounds: int, local_steps: int) -> list[str]:
     """The shared experiment of Part B: same model, data and local training for every variant."""
     rank = RANKS[size]
     return [
@@ -318,7 +321,7 @@ def experiment_overrides(model_dir: Path, size: str, num_clients: int, rounds: i
         f"federation.num_rounds={rounds}",
         f"federation.evaluate_every={rounds}",
         "federation.fraction_evaluate=0",
-        "train.local_steps=3",
+        f"train.local_steps={local_steps}",
         "train.batch_size=4",
         "train.eval_max_examples=20",
         "train.generation_examples=0",
@@ -341,13 +344,12 @@ def fedtune_variant(overrides: list[str], rounds: int) -> dict[str, Any]:
     lines = RunDir(run_dir).read_metrics()
     seconds = {m["round"]: m["value"] for m in lines if m["scope"] == "server" and m["metric"] == "round_seconds"}
     train = {m["metric"]: m["value"] for m in lines if m["scope"] == "train" and m["round"] == 2}
-    logged = "upload_bytes_per_client" in train
     return {
         **steady_rounds(seconds, rounds),
         "wall_seconds": wall,
         "clients_per_round": train["clients"],
-        "upload_bytes_per_client": train["upload_bytes_per_client" if logged else "bytes_per_client"],
-        "upload_bytes_source": "metrics.jsonl upload_bytes_per_client" if logged else "metrics.jsonl bytes_per_client",
+        "upload_bytes_per_client": train["upload_bytes_per_client"],
+        "upload_bytes_source": "metrics.jsonl upload_bytes_per_client (round 2)",
     }
 
 
@@ -394,17 +396,21 @@ class TimedFedAvg(FedAvg):
         return aggregated
 
 
-def count_upload(path: str) -> Callable[[Any, Context, Callable[[Any, Context], Any]], Any]:
-    """A client mod that appends the payload bytes of each reply (round, node, bytes) to ``path``."""
+def _payload_bytes(content: Any) -> int:
+    """Payload of a Flower RecordDict: array bytes, config bytes values, 8 bytes per number."""
+    size = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    size += sum(_record_bytes(record) for record in content.config_records.values())
+    return size + sum(8 * len(record) for record in content.metric_records.values())
+
+
+def count_bytes(path: str) -> Callable[[Any, Context, Callable[[Any, Context], Any]], Any]:
+    """A client mod that appends ``round node downloaded uploaded`` payload bytes of each message to ``path``."""
 
     def mod(msg: Any, context: Context, call_next: Callable[[Any, Context], Any]) -> Any:
+        downloaded = _payload_bytes(msg.content)
         reply = call_next(msg, context)
-        content = reply.content
-        size = sum(len(array.data) for record in content.array_records.values() for array in record.values())
-        size += sum(_record_bytes(record) for record in content.config_records.values())
-        size += sum(8 * len(record) for record in content.metric_records.values())
         with open(path, "a") as file:
-            file.write(f"{msg.metadata.group_id} {context.node_id} {size}\n")
+            file.write(f"{msg.metadata.group_id} {context.node_id} {downloaded} {_payload_bytes(reply.content)}\n")
         return reply
 
     return mod
@@ -418,7 +424,7 @@ def flower_variant(overrides: list[str], rounds: int, secure: bool) -> dict[str,
     federation = experiment.federation
     initial = [tensor.numpy() for tensor in experiment.initial_adapter().values()]
     log: dict[int, dict[str, float]] = {}
-    uploads = tempfile.mktemp(suffix=".txt")
+    counts = str(Path(tempfile.mkdtemp()) / "bytes.txt")
     server_app = ServerApp()
 
     @server_app.main()
@@ -439,7 +445,7 @@ def flower_variant(overrides: list[str], rounds: int, secure: bool) -> dict[str,
     def client_fn(context: Context) -> Any:
         return AdapterClient(overrides, int(context.node_config["partition-id"])).to_client()
 
-    mods = [count_upload(uploads), secaggplus_mod] if secure else [count_upload(uploads)]
+    mods = [count_bytes(counts), secaggplus_mod] if secure else [count_bytes(counts)]
     cpus = os.cpu_count() or 1
     backend_config = {  # as fedtune.simulation
         "client_resources": {"num_cpus": min(federation.cpus_per_client, cpus), "num_gpus": 0.0},
@@ -458,16 +464,20 @@ def flower_variant(overrides: list[str], rounds: int, secure: bool) -> dict[str,
     incomplete = {r: e for r, e in log.items() if e.get("results") != federation.num_clients}
     if len(log) != rounds or incomplete:
         raise RuntimeError(f"Flower {'SecAgg+' if secure else 'FedAvg'} rounds incomplete: {log}")
-    per_client: dict[tuple[str, str], int] = {}
-    for line in Path(uploads).read_text().splitlines():
-        server_round, node, size = line.split()
-        per_client[server_round, node] = per_client.get((server_round, node), 0) + int(size)
+    downloaded: Counter[tuple[str, str]] = Counter()
+    uploaded: Counter[tuple[str, str]] = Counter()
+    for line in Path(counts).read_text().splitlines():
+        server_round, node, down, up = line.split()
+        if int(server_round) >= 2:  # as the round times
+            downloaded[server_round, node] += int(down)
+            uploaded[server_round, node] += int(up)
     return {
         **steady_rounds({r: e["finished"] - e["started"] for r, e in log.items()}, rounds),
         "wall_seconds": wall,
         "clients_per_round": federation.num_clients,
-        "upload_bytes_per_client": statistics.median(per_client.values()),
-        "upload_bytes_source": "reply payloads counted by a client mod (arrays, config bytes, 8 per number)",
+        "upload_bytes_per_client": statistics.median(uploaded.values()),
+        "download_bytes_per_client": statistics.median(downloaded.values()),
+        "upload_bytes_source": "message payloads counted by a client mod (arrays, config bytes, 8 per number)",
     }
 
 
@@ -475,8 +485,8 @@ def part_b(points: list[str], rounds: int, model_dir: Path) -> list[dict[str, An
     """Whole-round times and upload bytes of the four variants for each ``size:clients`` point."""
     rows = []
     for point in points:
-        size, clients = point.split(":")
-        overrides = experiment_overrides(model_dir, size, int(clients), rounds)
+        size, clients, *steps = point.split(":")
+        overrides = experiment_overrides(model_dir, size, int(clients), rounds, int(steps[0]) if steps else 3)
         experiment = get_experiment(config.compose([*overrides, f"run_dir={tempfile.mkdtemp()}"]))
         row: dict[str, Any] = {
             "point": point,
@@ -494,6 +504,7 @@ def part_b(points: list[str], rounds: int, model_dir: Path) -> list[dict[str, An
             ("flower", "flower_fedavg", "flower_secaggplus"),
         ):
             row[f"{name}_overhead"] = row[secure]["round_seconds"] / row[plain]["round_seconds"] - 1
+            row[f"{name}_added_seconds"] = row[secure]["round_seconds"] - row[plain]["round_seconds"]
             row[f"{name}_upload_ratio"] = row[secure]["upload_bytes_per_client"] / row[plain]["upload_bytes_per_client"]
         rows.append(row)
         print(
@@ -513,7 +524,9 @@ def goals(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[st
     return {
         "fedtune_overhead": None if b is None else b["fedtune_overhead"],
         "overhead_under_5_percent": None if b is None else b["fedtune_overhead"] < 0.05,
+        "fedtune_added_seconds": None if b is None else b["fedtune_added_seconds"],
         "flower_overhead": None if b is None else b["flower_overhead"],
+        "flower_added_seconds": None if b is None else b["flower_added_seconds"],
         # Whole-round uploads as logged: masked (all four steps) over plaintext (update, metrics, signature).
         "upload_over_plaintext": None if b is None else b["fedtune_upload_ratio"],
         "upload_no_larger_than_plaintext": None if b is None else b["fedtune_upload_ratio"] <= 1,
@@ -551,8 +564,9 @@ def print_tables(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> 
             seconds = [f"{v['round_seconds']:.2f}" for v in variants]
             megabytes = " / ".join(f"{v['upload_bytes_per_client'] / 1e6:.2f}" for v in variants)
             print(
-                f"| {r['point']} | {seconds[0]} | {seconds[1]} | {r['fedtune_overhead']:+.1%} | {seconds[2]} | "
-                f"{seconds[3]} | {r['flower_overhead']:+.1%} | {megabytes} |"
+                f"| {r['point']} | {seconds[0]} | {seconds[1]} | {r['fedtune_overhead']:+.1%} "
+                f"({r['fedtune_added_seconds']:+.2f} s) | {seconds[2]} | {seconds[3]} | {r['flower_overhead']:+.1%} "
+                f"({r['flower_added_seconds']:+.2f} s) | {megabytes} |"
             )
 
 
@@ -573,6 +587,9 @@ NOTES = [
     "fedtune's final central evaluation). fedtune's round covers train step, checkpoint and logging; Flower's round "
     "runs from configure_fit to the end of aggregate_fit. Flower's SecAgg+ returns float64 aggregates, so its "
     "clients receive float64 adapters from round 2 on (cast to float32 before training).",
+    "Part B: an overhead in percent depends on how long local training takes (3 steps of 4 x 64 tokens by default, "
+    "about 0.6 s per client, clients two at a time on 2 cores; point 1m:10:30 trains 30 steps); the added seconds "
+    "per round do not.",
 ]
 
 
@@ -585,6 +602,7 @@ def machine() -> dict[str, Any]:
         "flwr": flwr.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "load_average_1_5_15_min_at_start": os.getloadavg(),
     }
 
 
@@ -594,13 +612,18 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES), help="Part A adapter sizes")
     parser.add_argument("--clients", nargs="*", type=int, default=list(CLIENTS), help="Part A client counts")
     parser.add_argument("--timed-clients", type=int, default=3, help="Part A: Flower clients that mask an update")
-    parser.add_argument("--points", nargs="*", default=["1m:10", "1m:4"], help="Part B size:clients (sizes 1m, 4m)")
-    parser.add_argument("--rounds", type=int, default=5, help="Part B rounds per simulation (at least 3)")
+    parser.add_argument(
+        "--points",
+        nargs="*",
+        default=["1m:10", "1m:4", "4m:10", "1m:10:30"],
+        help="Part B size:clients[:local steps, default 3] (sizes 1m, 4m)",
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="Part B rounds per simulation (at least 3)")
     parser.add_argument("--out", default="benchmarks/results/secure_overhead.json")
     args = parser.parse_args()
     if args.rounds < 3 or any(p.split(":")[0] not in RANKS for p in args.points):
         parser.error(f"--rounds must be at least 3 and --points sizes one of {sorted(RANKS)}")
-    started = time.perf_counter()
+    started, info = time.perf_counter(), machine()
     protocol = config.instantiate(config.compose(["secure=masking"]).secure)  # as shipped in conf/secure/
     rows_a = part_a(protocol, args.sizes, args.clients, args.timed_clients) if args.part in ("a", "all") else []
     rows_b = []
@@ -609,7 +632,7 @@ def main() -> None:
             rows_b = part_b(args.points, args.rounds, tiny_llama(Path(model_dir)))
     result = {
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {**info, "load_average_1_5_15_min_at_end": os.getloadavg()},
         "settings": {
             "part": args.part,
             "sizes": {s: SIZES[s] for s in args.sizes},

@@ -181,7 +181,7 @@ def mask_update(
             mask = primitives.keystream(
                 _pair_seed(state.session, state.mask_private, state.client, state.peers[name]), len(encoded)
             )
-            masked = masked + mask if state.client < name else masked - mask
+            (np.add if state.client < name else np.subtract)(masked, mask, out=masked)  # in place: no copies
     return masked
 
 
@@ -227,14 +227,15 @@ def unmask(
         seed = _reconstruct(revealed, "seed", name, config.min_survivors(len(peers[name]) + 1))
         if hashlib.sha256(seed).digest() != commitments[name]:
             raise ProtocolError(f"The reconstructed self-mask of {name} does not match its commitment.")
-        total = total + upload - primitives.keystream(seed, length)
+        total += upload
+        total -= primitives.keystream(seed, length)
     for gone in sorted(set(commitments) - set(masked)):
         mask_private = _reconstruct(revealed, "mask_key", gone, config.min_survivors(len(peers[gone]) + 1))
         if primitives.x25519_public(mask_private) != bundles[gone].mask_key:
             raise ProtocolError(f"The reconstructed mask key of {gone} does not match its signed public key.")
         for name in sorted(peers[gone] & set(masked)):
             mask = primitives.keystream(_pair_seed(session, mask_private, gone, bundles[name]), length)
-            total = total - mask if name < gone else total + mask  # undo the mask ``name`` added with ``gone``
+            (np.subtract if name < gone else np.add)(total, mask, out=total)  # undo what ``name`` added
     return total
 
 
