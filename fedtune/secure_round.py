@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -23,6 +24,8 @@ from fedtune.secure.session import KeyBundle, ProtocolError, Session
 from fedtune.transport import Client, Reply, RoundFailedError, Transport
 
 logger = logging.getLogger("fedtune")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,17 +62,14 @@ def collect(
             sent[reply.client.key] = sent.get(reply.client.key, 0) + wire.payload_bytes(reply.content)
         return replies
 
-    bundles = {}
-    for reply in step(sampled, wire.SECAGG_KEYS, lambda c: RecordDict()):
+    def read_bundle(reply: Reply) -> KeyBundle:
         bundle = KeyBundle.from_json(str(reply.content.config_records[wire.CONFIG][wire.BUNDLE]))
-        try:
-            if bundle.client != reply.client.key:
-                raise ProtocolError(f"keys announced for {bundle.client}")
-            bundle.verify(session, reply.client.public_key)
-        except ProtocolError as error:
-            logger.warning("Round %d: round keys of %s rejected: %s", server_round, reply.client.key, error)
-            continue
-        bundles[reply.client.key] = bundle
+        if bundle.client != reply.client.key:
+            raise ProtocolError(f"keys announced for {bundle.client}")
+        bundle.verify(session, reply.client.public_key)
+        return bundle
+
+    bundles = _accepted(step(sampled, wire.SECAGG_KEYS, lambda c: RecordDict()), read_bundle, server_round)
     threshold = secure.round_minimum(len(bundles))
     round_clients = [c for c in sampled if c.key in bundles]
     _require(len(bundles), threshold, server_round, "sent round keys")
@@ -77,15 +77,21 @@ def collect(
     peers = secure.peers(session, bundles)
     key_list = json.dumps([bundles[name].to_json() for name in sorted(bundles)])
 
-    sealed, commitments = {}, {}
-    shares_config = ConfigRecord({wire.BUNDLES: key_list, wire.IDENTITIES: json.dumps(identities)})
-    for reply in step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: shares_config})):
+    def read_shares(reply: Reply) -> tuple[dict[str, bytes], bytes]:
         shares = {name: bytes(value) for name, value in reply.content.config_records[wire.SEALED].items()}
         commitment = reply.content.config_records[wire.CONFIG][wire.COMMITMENT]
-        if set(shares) != peers[reply.client.key] or not isinstance(commitment, bytes):
-            logger.warning("Round %d: shares of %s rejected: not one per peer", server_round, reply.client.key)
-            continue
-        sealed[reply.client.key], commitments[reply.client.key] = shares, commitment
+        if set(shares) != peers[reply.client.key] or not isinstance(commitment, bytes) or len(commitment) != 32:
+            raise ProtocolError("not one encrypted share per peer and a 32-byte commitment")
+        return shares, commitment
+
+    shares_config = ConfigRecord({wire.BUNDLES: key_list, wire.IDENTITIES: json.dumps(identities)})
+    shared = _accepted(
+        step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: shares_config})),
+        read_shares,
+        server_round,
+    )
+    sealed = {name: shares for name, (shares, _) in shared.items()}
+    commitments = {name: commitment for name, (_, commitment) in shared.items()}
     _require(len(sealed), threshold, server_round, "shared their keys")
     survivors = sorted(sealed)
 
@@ -98,27 +104,31 @@ def collect(
         return content
 
     length = fixed_point.num_slots(global_adapter)
-    uploads = []
-    for reply in step([c for c in round_clients if c.key in sealed], "train", masked_train):
+
+    def read_upload(reply: Reply) -> tuple[Reply, np.ndarray]:
         array = reply.content.array_records[wire.MASKED]["0"].numpy()
         if array.dtype != np.uint32 or array.shape != (length,):
-            logger.warning(
-                "Round %d: upload of %s rejected: %s %s", server_round, reply.client.key, array.dtype, array.shape
-            )
-            continue
-        uploads.append(reply)
+            raise ProtocolError(f"a masked upload must be {length} uint32 values, got {array.dtype} {array.shape}")
+        dict(reply.content.metric_records[wire.METRICS])  # present, or the reply is malformed
+        return reply, array
+
+    accepted = _accepted(
+        step([c for c in round_clients if c.key in sealed], "train", masked_train), read_upload, server_round
+    )
+    uploads = [reply for reply, _ in accepted.values()]
+    masked = {name: array for name, (_, array) in accepted.items()}
     _require(len(uploads), threshold, server_round, "uploaded a masked update")
-    uploaders = [r.client.key for r in uploads]
+    uploaders = sorted(masked)
     dropped = sorted(set(survivors) - set(uploaders))
     unmask_config = ConfigRecord({wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)})
-    revealed = [
-        json.loads(str(reply.content.config_records[wire.CONFIG][wire.REVEALED]))
-        for reply in step(
-            [r.client for r in uploads], wire.SECAGG_UNMASK, lambda c: RecordDict({wire.CONFIG: unmask_config})
-        )
-    ]
+    revealed = list(
+        _accepted(
+            step([r.client for r in uploads], wire.SECAGG_UNMASK, lambda c: RecordDict({wire.CONFIG: unmask_config})),
+            _read_revealed,
+            server_round,
+        ).values()
+    )
     _require(len(revealed), threshold, server_round, "revealed their shares")
-    masked = {r.client.key: r.content.array_records[wire.MASKED]["0"].numpy() for r in uploads}
     try:
         total = unmask(session, masked, bundles, commitments, revealed, secure)
     except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
@@ -134,6 +144,26 @@ def collect(
         uploads,
         sum(sent[key] for key in uploaders) / len(uploaders),
     )
+
+
+def _accepted(replies: list[Reply], read: Callable[[Reply], T], server_round: int) -> dict[str, T]:
+    """``read`` applied to each reply; a reply it cannot read is logged and left out (the round goes on)."""
+    accepted = {}
+    for reply in replies:
+        try:
+            accepted[reply.client.key] = read(reply)
+        except (KeyError, TypeError, ValueError, ProtocolError) as error:  # ProtocolError is a ValueError
+            logger.warning("Round %d: reply of %s rejected: %s", server_round, reply.client.key, error)
+    return accepted
+
+
+def _read_revealed(reply: Reply) -> dict[str, dict[str, str]]:
+    revealed = json.loads(str(reply.content.config_records[wire.CONFIG][wire.REVEALED]))
+    if set(revealed) != {"seed", "mask_key"} or not all(
+        isinstance(shares, dict) and all(isinstance(v, str) for v in shares.values()) for shares in revealed.values()
+    ):
+        raise ProtocolError("revealed shares must be two maps of client name to hex share")
+    return revealed
 
 
 def _require(count: int, threshold: int, server_round: int, what: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
@@ -25,6 +25,7 @@ from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
 from fedtune.secure.fixed_point import FixedPoint
+from fedtune.secure.session import Session
 from fedtune.server_app import make_server_app
 from fedtune.transport import RoundFailedError
 from tests.conftest import tiny_overrides
@@ -150,14 +151,23 @@ class CoordinateMedian:
 
 
 def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str]) -> ClientApp:
-    """The real ClientApp, except that node ``partition-i`` raises at ``(step, round)`` listed in ``failures``."""
+    """The real ClientApp, except that a node listed in ``failures`` under ``(name, round)`` raises at that step,
+    or, for ``"garbage:<step>"``, answers that step with a validly signed but meaningless reply."""
     real, flaky = make_client_app(run_config), ClientApp()
 
     def relay(step: str) -> Callable[[Message, Context], Message]:
         def handle(msg: Message, context: Context) -> Message:
             server_round = int(msg.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
-            if failures.get((client_key(context.node_config), server_round)) == step:
+            node = client_key(context.node_config)
+            failure = failures.get((node, server_round))
+            if failure == step:
                 raise RuntimeError(f"node lost during {step}")
+            if failure == f"garbage:{step}":
+                received = msg.content.config_records[wire.CONFIG]
+                session = Session(str(received[wire.RUN_NONCE]), server_round)
+                signer = identity.load_or_create(client_state.identity_file(context.node_config, node))
+                junk = RecordDict({wire.CONFIG: ConfigRecord({"junk": "not a protocol message"})})
+                return Message(wire.sign(junk, signer, session, msg.metadata.message_type, node), reply_to=msg)
             return real(msg, context)
 
         return handle
@@ -223,17 +233,18 @@ def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Pat
 
 
 def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """SecAgg+ (secure.neighbours=2) over 5 nodes: the masks of a node lost after sharing keys are removed."""
+    """SecAgg+ (secure.neighbours=2) over 5 nodes: a malformed (but signed) reply is rejected and the round goes
+    on; the masks of a node lost after sharing keys are removed."""
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_bert_dir, run, "federation.num_clients=5", "secure=masking", "secure.neighbours=2")
     run_config = config.to_run_config(overrides, str(run))
     run_simulation(
         server_app=make_server_app(run_config),
-        client_app=_flaky_app(run_config, {("partition-4", 2): "train"}),
+        client_app=_flaky_app(run_config, {("partition-4", 2): "train", ("partition-1", 1): "garbage:secagg_shares"}),
         num_supernodes=5,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    assert _train_metric(run, "clients") == {1: 5.0, 2: 4.0}
+    assert _train_metric(run, "clients") == {1: 4.0, 2: 4.0}  # round 1: a malformed share reply is left out
     assert audit(run) == []
     before, after = _checkpoint(run, 1), _checkpoint(run, 2)
     step = max((after[k] - before[k]).abs().max().item() for k in before)
