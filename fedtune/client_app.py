@@ -40,8 +40,13 @@ def client_key(node_config: Mapping[str, Any]) -> str:
     )
 
 
+def _signer(node_config: Mapping[str, Any]) -> Identity:
+    """This node's identity key (loaded once per process)."""
+    return _load_identity(str(client_state.identity_file(node_config, client_key(node_config))))
+
+
 @cache
-def _identity(path: str) -> Identity:
+def _load_identity(path: str) -> Identity:
     return identity.load_or_create(Path(path))
 
 
@@ -69,8 +74,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
 
     def reply(msg: Message, context: Context, content: RecordDict) -> Message:
         key = client_key(context.node_config)
-        signer = _identity(str(client_state.identity_file(context.node_config, key)))
-        wire.sign(content, signer, _session(msg), msg.metadata.message_type, key)
+        wire.sign(content, _signer(context.node_config), _session(msg), msg.metadata.message_type, key)
         return Message(content, reply_to=msg)
 
     @app.query()
@@ -115,9 +119,9 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
 
     @app.train("secagg_keys")
     def advertise_keys(msg: Message, context: Context) -> Message:
-        key = client_key(context.node_config)
-        signer = _identity(str(client_state.identity_file(context.node_config, key)))
-        state, bundle = masking.advertise_keys(_session(msg), key, signer)
+        state, bundle = masking.advertise_keys(
+            _session(msg), client_key(context.node_config), _signer(context.node_config)
+        )
         _save_round_state(context, state)
         return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord({wire.BUNDLE: bundle.to_json()})}))
 

@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedtune.assets import cache_dir
+from fedtune.files import atomic_write
 
 _ROUNDS = "rounds"  # round -> fingerprint of the global adapter received, and the state before training
 
 
 def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:
     """Where this client keeps the durable copy of its state for one run."""
-    root = Path(str(node_config.get("state-dir", cache_dir() / "client-state")))
-    name = hashlib.sha256(f"{run_key}|{client_key}".encode()).hexdigest()[:24]
-    return root / f"{name}.json"
+    return _state_dir(node_config) / f"{_hashed(f'{run_key}|{client_key}')}.json"
 
 
 def identity_file(node_config: Mapping[str, Any], client_key: str) -> Path:
     """This node's identity key: node config ``identity-key``, else one kept beside its privacy state."""
     if "identity-key" in node_config:
         return Path(str(node_config["identity-key"]))
-    root = Path(str(node_config.get("state-dir", cache_dir() / "client-state")))
-    return root / "identity" / f"{hashlib.sha256(client_key.encode()).hexdigest()[:24]}.pem"
+    return _state_dir(node_config) / "identity" / f"{_hashed(client_key)}.pem"
 
 
 def load(in_context: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -49,10 +45,7 @@ def load(in_context: Mapping[str, Any], path: Path) -> dict[str, Any]:
 
 def save(state: Mapping[str, Any], path: Path) -> None:
     """Write the durable copy atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
-        json.dump(dict(state), handle)
-    os.replace(handle.name, path)
+    atomic_write(path, json.dumps(dict(state)).encode())
 
 
 def begin_round(state: dict[str, Any], server_round: int, input_fingerprint: str) -> None:
@@ -68,3 +61,12 @@ def begin_round(state: dict[str, Any], server_round: int, input_fingerprint: str
             "before": {k: v for k, v in state.items() if k != _ROUNDS},
         }
     state[_ROUNDS] = json.dumps(rounds)
+
+
+def _state_dir(node_config: Mapping[str, Any]) -> Path:
+    return Path(str(node_config.get("state-dir", cache_dir() / "client-state")))
+
+
+def _hashed(name: str) -> str:
+    """A file name for ``name`` that reveals nothing about it and is safe on every file system."""
+    return hashlib.sha256(name.encode()).hexdigest()[:24]

@@ -12,9 +12,8 @@ Layout::
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters import AdapterState
+from fedtune.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class RunDir:
         """
         self.check(resume)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "config.yaml", config_yaml.encode())
+        atomic_write(self.path / "config.yaml", config_yaml.encode())
 
     def check(self, resume: bool) -> None:
         """Raise unless a new run (``resume=False``) or a resumed one can use this directory; writes nothing."""
@@ -91,18 +91,18 @@ class RunDir:
     def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
         """Write the checkpoint of a finished round atomically (a crash never leaves a half-written one)."""
         path = self.checkpoints / f"round-{checkpoint.round:04d}.pt"
-        with tempfile.NamedTemporaryFile(dir=self.checkpoints, delete=False) as handle:
-            torch.save(
-                {
-                    "round": checkpoint.round,
-                    "adapter": checkpoint.adapter,
-                    "strategy_state": checkpoint.strategy_state,
-                    "privacy_state": checkpoint.privacy_state,
-                    "experiment_hash": checkpoint.experiment_hash,
-                },
-                handle,
-            )
-        os.replace(handle.name, path)
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "round": checkpoint.round,
+                "adapter": checkpoint.adapter,
+                "strategy_state": checkpoint.strategy_state,
+                "privacy_state": checkpoint.privacy_state,
+                "experiment_hash": checkpoint.experiment_hash,
+            },
+            buffer,
+        )
+        atomic_write(path, buffer.getvalue())
         return path
 
     def latest_checkpoint(self, experiment_hash: str, at_most: int | None = None) -> Checkpoint | None:
@@ -124,7 +124,7 @@ class RunDir:
             )
         last = data["round"] if data is not None else at_most
         kept = [line for line in self.read_metrics() if last is None or line["round"] <= last]
-        _atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
+        atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
         if data is None:
             return None
         return Checkpoint(
@@ -133,11 +133,4 @@ class RunDir:
 
     def write_json(self, name: str, payload: Any) -> None:
         """Write ``payload`` as pretty JSON to ``<run_dir>/<name>``."""
-        _atomic_write(self.path / name, json.dumps(payload, indent=2).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
-        handle.write(data)
-    os.replace(handle.name, path)
+        atomic_write(self.path / name, json.dumps(payload, indent=2).encode())

@@ -63,6 +63,13 @@ class Transport:
         self.grid, self.experiment = grid, experiment
         self.run_nonce = secrets.token_hex(16)  # fresh per server start: replies from another run never verify
 
+    def message(self, node_id: int, message_type: str, content: RecordDict, server_round: int) -> Message:
+        """A message to ``node_id``, stamped with the experiment hash, run nonce and round it must be bound to."""
+        record = content.config_records.setdefault(wire.CONFIG, ConfigRecord())
+        record[wire.EXPERIMENT_HASH] = self.experiment.hash
+        record[wire.RUN_NONCE], record[wire.SERVER_ROUND] = self.run_nonce, server_round
+        return Message(content=content, dst_node_id=node_id, message_type=message_type)
+
     def send(
         self,
         targets: Iterable[Client],
@@ -75,13 +82,10 @@ class Transport:
         Errors, timeouts and replies that fail verification are logged and left out.
         """
         by_node = {client.node_id: client for client in targets}
-        messages = []
-        for client in by_node.values():
-            body = content(client) if callable(content) else content
-            record = body.config_records.setdefault(wire.CONFIG, ConfigRecord())
-            record[wire.EXPERIMENT_HASH] = self.experiment.hash
-            record[wire.RUN_NONCE], record[wire.SERVER_ROUND] = self.run_nonce, server_round
-            messages.append(Message(content=body, dst_node_id=client.node_id, message_type=message_type))
+        messages = [
+            self.message(client.node_id, message_type, content(client) if callable(content) else content, server_round)
+            for client in by_node.values()
+        ]
         timeout = self.experiment.federation.round_timeout
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         session = Session(self.run_nonce, server_round)
@@ -132,7 +136,8 @@ def connect(transport: Transport, run_dir: RunDir, resume: bool) -> list[Client]
         logger.warning("Starting with %d of federation.num_clients=%d nodes", connected, federation.num_clients)
     trusted = _trusted_keys(transport.experiment, run_dir, resume)
     clients = []
-    for reply in transport.grid.send_and_receive(_query_messages(transport), timeout=federation.round_timeout):
+    queries = [transport.message(node_id, "query", RecordDict(), 0) for node_id in grid.get_node_ids()]
+    for reply in grid.send_and_receive(queries, timeout=federation.round_timeout):
         client = _introduce(transport, reply, trusted)
         if client is not None:
             clients.append(client)
@@ -140,18 +145,6 @@ def connect(transport: Transport, run_dir: RunDir, resume: bool) -> list[Client]
         run_dir.write_json("node_keys.json", {**trusted, **{c.key: c.public_key for c in clients}})
     _require(len(clients), f"{len(clients)} nodes were admitted", federation.min_train_clients)
     return sorted(clients, key=lambda c: c.key)
-
-
-def _query_messages(transport: Transport) -> list[Message]:
-    config = {
-        wire.EXPERIMENT_HASH: transport.experiment.hash,
-        wire.RUN_NONCE: transport.run_nonce,
-        wire.SERVER_ROUND: 0,
-    }
-    return [
-        Message(RecordDict({wire.CONFIG: ConfigRecord(config)}), dst_node_id=node_id, message_type="query")
-        for node_id in transport.grid.get_node_ids()
-    ]
 
 
 def _introduce(transport: Transport, reply: Message, trusted: dict[str, str]) -> Client | None:

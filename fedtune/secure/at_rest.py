@@ -18,11 +18,13 @@ key never appears in messages or logs; losing it loses the data.
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fedtune.files import atomic_write, create_private
 
 HEADER = b"FEDTUNE-AESGCM-1\n"
 SUFFIX = ".enc"
@@ -41,11 +43,9 @@ def generate_key(path: Path) -> None:
         FileExistsError: ``path`` exists; a key is never overwritten (that would lose the old one).
     """
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_private(path, (AESGCM.generate_key(bit_length=256).hex() + "\n").encode("ascii"))
     except FileExistsError:
         raise FileExistsError(f"{path} already exists; a key file is never overwritten, choose another path.") from None
-    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-        handle.write(AESGCM.generate_key(bit_length=256).hex() + "\n")
 
 
 def load_key(key_file: str | Path | None = None, key_env: str | None = None) -> bytes:
@@ -87,7 +87,7 @@ def encrypt_file(source: Path, target: Path, key: bytes) -> None:
         raise ValueError(f"{source} is larger than 2 GiB, the limit of one encrypted file.")
     nonce = os.urandom(_NONCE_BYTES)
     ciphertext = AESGCM(key).encrypt(nonce, source.read_bytes(), HEADER)
-    _atomic_write(target, HEADER + nonce + ciphertext)
+    atomic_write(target, HEADER + nonce + ciphertext)
 
 
 def decrypt_file(source: Path, target: Path, key: bytes) -> None:
@@ -107,7 +107,7 @@ def decrypt_file(source: Path, target: Path, key: bytes) -> None:
         plaintext = AESGCM(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], HEADER)
     except InvalidTag:
         raise DecryptionError(modified) from None
-    _atomic_write(target, plaintext)
+    atomic_write(target, plaintext)
 
 
 def encrypt_path(path: Path, key: bytes, remove_source: bool = False) -> list[Path]:
@@ -115,14 +115,8 @@ def encrypt_path(path: Path, key: bytes, remove_source: bool = False) -> list[Pa
 
     Returns the written files; ``remove_source`` deletes each plaintext file once its ``.enc`` is written.
     """
-    written = []
-    for source in _files(Path(path), encrypted=False):
-        target = source.with_name(source.name + SUFFIX)
-        encrypt_file(source, target, key)
-        written.append(target)
-        if remove_source:
-            source.unlink()
-    return written
+    sources = _files(Path(path), encrypted=False)
+    return _convert(sources, lambda s: s.with_name(s.name + SUFFIX), encrypt_file, key, remove_source)
 
 
 def decrypt_path(path: Path, key: bytes, remove_source: bool = False) -> list[Path]:
@@ -130,10 +124,22 @@ def decrypt_path(path: Path, key: bytes, remove_source: bool = False) -> list[Pa
 
     Returns the written files; ``remove_source`` deletes each ``.enc`` file once it is decrypted.
     """
+    sources = _files(Path(path), encrypted=True)
+    return _convert(sources, lambda s: s.with_name(s.name.removesuffix(SUFFIX)), decrypt_file, key, remove_source)
+
+
+def _convert(
+    sources: list[Path],
+    target_of: Callable[[Path], Path],
+    convert: Callable[[Path, Path, bytes], None],
+    key: bytes,
+    remove_source: bool,
+) -> list[Path]:
+    """``convert`` each source to its target, deleting the source afterwards if asked; returns the targets."""
     written = []
-    for source in _files(Path(path), encrypted=True):
-        target = source.with_name(source.name.removesuffix(SUFFIX))
-        decrypt_file(source, target, key)
+    for source in sources:
+        target = target_of(source)
+        convert(source, target, key)
         written.append(target)
         if remove_source:
             source.unlink()
@@ -160,17 +166,3 @@ def _files(path: Path, encrypted: bool) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"{path} holds no {'.enc ' if encrypted else 'unencrypted '}files to {action}.")
     return sorted(found)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file (mode 0600) in the same directory, so a failure leaves no partial file."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

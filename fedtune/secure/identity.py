@@ -10,7 +10,6 @@ written by ``fedtune identity``) or, without one, pins the key each node present
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -22,6 +21,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_pem_private_key,
 )
+
+from fedtune.files import create_private
 
 
 class Identity:
@@ -58,10 +59,7 @@ def load_or_create(path: Path) -> Identity:
         return Identity(key)
     identity = Identity.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = identity._private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(pem)
+    create_private(path, identity._private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     return identity
 
 
