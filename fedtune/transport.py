@@ -148,12 +148,17 @@ def connect(transport: Transport, run_dir: RunDir, resume: bool) -> list[Client]
 
 
 def _introduce(transport: Transport, reply: Message, trusted: dict[str, str]) -> Client | None:
-    """The client behind a query reply, or None (logged) if its key is unknown or its signature is bad."""
+    """The client behind a query reply, or None (logged) if it is malformed, its key unknown or its signature bad."""
     if reply.has_error():
         logger.warning("Node %s failed the query message: %s", reply.metadata.src_node_id, reply.error.reason)
         return None
-    info = reply.content.config_records[wire.CONFIG]
-    key, public_key = str(info[wire.CLIENT_KEY]), str(reply.content.config_records[wire.SIGNATURE][wire.NODE_KEY])
+    try:
+        info = reply.content.config_records[wire.CONFIG]
+        key, public_key = str(info[wire.CLIENT_KEY]), str(reply.content.config_records[wire.SIGNATURE][wire.NODE_KEY])
+        description = json.loads(str(info[wire.DESCRIPTION]))
+    except (KeyError, ValueError) as error:
+        logger.warning("Node %s refused at connect: malformed reply (%s)", reply.metadata.src_node_id, error)
+        return None
     expected = trusted.get(key)
     if expected is None and transport.experiment.federation.trusted_keys is not None:
         logger.warning(
@@ -168,7 +173,7 @@ def _introduce(transport: Transport, reply: Message, trusted: dict[str, str]) ->
     except wire.RejectedReply as error:
         logger.warning("Node %s refused at connect: %s", key, error)
         return None
-    return Client(reply.metadata.src_node_id, key, public_key, json.loads(str(info[wire.DESCRIPTION])))
+    return Client(reply.metadata.src_node_id, key, public_key, description)
 
 
 def _trusted_keys(experiment: Experiment, run_dir: RunDir, resume: bool) -> dict[str, str]:

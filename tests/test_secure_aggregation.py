@@ -249,3 +249,17 @@ def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path
     before, after = _checkpoint(run, 1), _checkpoint(run, 2)
     step = max((after[k] - before[k]).abs().max().item() for k in before)
     assert 0 < step < 0.1  # a mask left in the sum would move the adapter by ~2^31 / scale, far beyond this
+
+
+def test_a_malformed_reply_at_connect_leaves_that_node_out(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_bert_dir, run, "federation.num_clients=3", "federation.num_rounds=1")
+    run_config = config.to_run_config(overrides, str(run))
+    run_simulation(
+        server_app=make_server_app(run_config),
+        client_app=_flaky_app(run_config, {("partition-2", 0): "garbage:query"}),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    assert _train_metric(run, "clients") == {1: 2.0}
+    assert sorted(json.loads((run / "node_keys.json").read_text())) == ["partition-0", "partition-1"]
