@@ -113,38 +113,37 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         masked = masking.mask_update(secagg, sealed, survivors, code.encode(update, weight))
         _save_round_state(context, secagg)
         visible = {k: v for k, v in metrics.items() if k != "num_examples"}  # the count travels masked
-        return reply(
-            msg, context, RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
-        )
+        content = RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
+        if round_config.get(wire.PREPARE_NEXT):  # pipelined: the next round's keys ride on this upload
+            content.config_records[wire.CONFIG] = _new_round_keys(context, _session(msg, next_round=True))
+        return reply(msg, context, content)
 
     @app.train("secagg_keys")
     def advertise_keys(msg: Message, context: Context) -> Message:
-        state, bundle = masking.advertise_keys(
-            _session(msg), client_key(context.node_config), _signer(context.node_config)
-        )
-        _save_round_state(context, state)
-        return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord({wire.BUNDLE: bundle.to_json()})}))
+        return reply(msg, context, RecordDict({wire.CONFIG: _new_round_keys(context, _session(msg))}))
 
     @app.train("secagg_shares")
     def share_keys(msg: Message, context: Context) -> Message:
         experiment, _ = setup(msg, context)
-        state = _round_state(msg, context)
-        received = msg.content.config_records[wire.CONFIG]
-        bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
-        sealed, commitment = masking.share_keys(state, bundles, _peer_identities(context, received), experiment.secure)
-        _save_round_state(context, state)
-        content = {wire.SEALED: ConfigRecord(sealed), wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment})}
-        return reply(msg, context, RecordDict(content))
+        return reply(
+            msg, context, _deal_shares(context, experiment, _session(msg), msg.content.config_records[wire.CONFIG])
+        )
 
     @app.train("secagg_unmask")
     def reveal_shares(msg: Message, context: Context) -> Message:
         state = _round_state(msg, context)
         received = msg.content.config_records[wire.CONFIG]
-        del context.state.config_records[SECAGG_STATE]  # one answer per round, then the secrets are gone
+        _erase_round_state(context, state.session)  # one answer per round, then the secrets are gone
         revealed = masking.reveal_shares(
             state, json.loads(str(received[wire.SURVIVORS])), json.loads(str(received[wire.DROPPED]))
         )
-        return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})}))
+        content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
+        if wire.BUNDLES in received:  # pipelined: deal the next round's shares in the same reply
+            experiment, _ = setup(msg, context)
+            dealt = _deal_shares(context, experiment, _session(msg, next_round=True), received)
+            content.config_records[wire.SEALED] = dealt.config_records[wire.SEALED]
+            content.config_records[wire.CONFIG][wire.COMMITMENT] = dealt.config_records[wire.CONFIG][wire.COMMITMENT]
+        return reply(msg, context, content)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -157,24 +156,64 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     return app
 
 
-def _session(msg: Message) -> Session:
+def _session(msg: Message, next_round: bool = False) -> Session:
+    """The run and round ``msg`` belongs to, or the round after it (for pipelined steps)."""
     received = msg.content.config_records[wire.CONFIG]
-    return Session(str(received[wire.RUN_NONCE]), int(received[wire.SERVER_ROUND]))
+    return Session(str(received[wire.RUN_NONCE]), int(received[wire.SERVER_ROUND]) + next_round)
+
+
+def _new_round_keys(context: Context, session: Session) -> ConfigRecord:
+    """Step 1: fresh keys for ``session`` kept in Context.state; returns the signed public halves to send."""
+    state, bundle = masking.advertise_keys(session, client_key(context.node_config), _signer(context.node_config))
+    _save_round_state(context, state)
+    return ConfigRecord({wire.BUNDLE: bundle.to_json()})
+
+
+def _deal_shares(context: Context, experiment: Experiment, session: Session, received: ConfigRecord) -> RecordDict:
+    """Step 2 for ``session``: the encrypted shares for each peer and the commitment, as a reply's records."""
+    state = _round_state_for(context, session)
+    bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
+    sealed, commitment = masking.share_keys(state, bundles, _peer_identities(context, received), experiment.secure)
+    _save_round_state(context, state)
+    return RecordDict({wire.SEALED: ConfigRecord(sealed), wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment})})
 
 
 def _round_state(msg: Message, context: Context) -> ClientRound:
-    """This round's secrets, refusing a message from another run or round than the one they belong to."""
-    record = context.state.config_records.get(SECAGG_STATE)
-    state = ClientRound.from_json(str(record["round"])) if record is not None else None
-    if state is None or state.session != _session(msg):
+    """The secrets of the round ``msg`` belongs to."""
+    return _round_state_for(context, _session(msg))
+
+
+def _round_state_for(context: Context, session: Session) -> ClientRound:
+    """The secrets kept for ``session``, refusing if there are none for this run and round."""
+    record = context.state.config_records.get(SECAGG_STATE, ConfigRecord())
+    text = record.get(_state_key(session))
+    if text is None:
         raise ProtocolError(
             "No secure-aggregation keys for this run and round on this node; the server skipped a step."
         )
-    return state
+    return ClientRound.from_json(str(text))
 
 
 def _save_round_state(context: Context, state: ClientRound) -> None:
-    context.state.config_records[SECAGG_STATE] = ConfigRecord({"round": state.to_json()})
+    """Keep ``state``, and the previous round's of the same run (its unmask step may still come); erase the rest."""
+    record = context.state.config_records.get(SECAGG_STATE, ConfigRecord())
+    current = state.session.server_round
+    kept = {
+        key: value
+        for key, value in record.items()
+        if key.startswith(f"{state.session.run_nonce}/") and current - 1 <= int(key.rsplit("/", 1)[1]) < current
+    }
+    kept[_state_key(state.session)] = state.to_json()
+    context.state.config_records[SECAGG_STATE] = ConfigRecord(kept)
+
+
+def _erase_round_state(context: Context, session: Session) -> None:
+    record = context.state.config_records[SECAGG_STATE]
+    del record[_state_key(session)]
+
+
+def _state_key(session: Session) -> str:
+    return f"{session.run_nonce}/{session.server_round}"
 
 
 def _peer_identities(context: Context, received: ConfigRecord) -> dict[str, str]:

@@ -1,14 +1,19 @@
-"""The server's side of one securely aggregated training round (protocol: fedtune/secure/masking.py).
+"""The server's side of securely aggregated training rounds (protocol: fedtune/secure/masking.py).
 
-Four exchanges with the sampled clients: round keys, encrypted shares, training with masked upload,
-unmasking. The server only ever holds masked uploads and their unmasked sum; clients that drop out
-before the upload or before unmasking are handled while at least t of them remain.
+A round has four steps with the sampled clients: round keys, encrypted shares, training with masked
+upload, unmasking. The first two do not depend on the round's model, so they are pipelined: a client's
+train reply carries its keys for the next round, and its unmask reply its encrypted shares for it. A
+steady round is then two exchanges (train, unmask) instead of four; a round whose sampled clients did not
+all prepare that way (the first, the first after a resume, one after a dropout) runs all four steps.
+The server only ever holds masked uploads and their unmasked sum; clients that drop out before the
+upload or before unmasking are handled while at least t of them remain.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -36,124 +41,211 @@ class MaskedSum:
     total_weight: int
     error_bound: float  # per coordinate, of weighted_sum / total_weight against the plaintext mean
     uploads: list[Reply]  # the contributors' masked uploads (metrics in the clear, update masked)
-    upload_bytes: float  # mean bytes a contributor sent over all four steps
+    upload_bytes: float  # mean bytes a contributor sent in this round's messages
+    exchanges: int  # message exchanges the round took (2 when its keys and shares came pipelined)
 
 
-def collect(
-    transport: Transport,
-    sampled: list[Client],
-    train_content: Callable[[Client], RecordDict],
-    global_adapter: AdapterState,
-    server_round: int,
-    unit_weights: bool,
-) -> MaskedSum:
-    """Run the four steps with ``sampled``; ``train_content`` builds each client's train message.
+@dataclass(frozen=True)
+class _Setup:
+    """Steps 1 and 2 of a round done: verified round keys (U1), and the shares and commitments of U2."""
 
-    Raises:
-        RoundFailedError: Fewer than t clients are left at some step, or unmasking fails.
+    session: Session
+    bundles: dict[str, KeyBundle]
+    sealed: dict[str, dict[str, bytes]]  # sender -> receiver -> encrypted share
+    commitments: dict[str, bytes]
+
+
+class SecureRounds:
+    """Runs masked rounds for the ServerApp and carries the next round's pipelined keys and shares.
+
+    Args:
+        transport: The run's transport (its run nonce binds every step).
     """
-    secure: SecureAggregation = transport.experiment.secure
-    session = Session(transport.run_nonce, server_round)
-    sent: dict[str, int] = {}
 
-    def step(targets: list[Client], message_type: str, content: Callable[[Client], RecordDict]) -> list[Reply]:
-        replies = transport.send(targets, message_type, content, server_round)
-        for reply in replies:
-            sent[reply.client.key] = sent.get(reply.client.key, 0) + wire.payload_bytes(reply.content)
-        return replies
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.secure: SecureAggregation = transport.experiment.secure
+        self._prepared: _Setup | None = None
 
-    def read_bundle(reply: Reply) -> KeyBundle:
-        bundle = KeyBundle.from_json(str(reply.content.config_records[wire.CONFIG][wire.BUNDLE]))
-        if bundle.client != reply.client.key:
-            raise ProtocolError(f"keys announced for {bundle.client}")
-        bundle.verify(session, reply.client.public_key)
-        return bundle
+    def collect(
+        self,
+        sampled: list[Client],
+        train_content: Callable[[Client], RecordDict],
+        global_adapter: AdapterState,
+        server_round: int,
+        unit_weights: bool,
+        next_sampled: list[Client] | None,
+    ) -> MaskedSum:
+        """One round with ``sampled``; ``train_content`` builds each client's train message.
 
-    bundles = _accepted(step(sampled, wire.SECAGG_KEYS, lambda c: RecordDict()), read_bundle, server_round)
-    threshold = secure.round_minimum(len(bundles))
-    round_clients = [c for c in sampled if c.key in bundles]
-    _require(len(bundles), threshold, server_round, "sent round keys")
-    identities = {c.key: c.public_key for c in round_clients}
-    peers = secure.peers(session, bundles)
-    key_list = json.dumps([bundles[name].to_json() for name in sorted(bundles)])
+        ``next_sampled`` are the clients of the next round (None after the last): they make that round's
+        keys and shares during this one.
 
-    def read_shares(reply: Reply) -> tuple[dict[str, bytes], bytes]:
+        Raises:
+            RoundFailedError: Fewer than t clients are left at some step, or unmasking fails.
+        """
+        session = Session(self.transport.run_nonce, server_round)
+        sent: Counter[str] = Counter()
+
+        def step(targets: list[Client], message_type: str, content: Callable[[Client], RecordDict]) -> list[Reply]:
+            replies = self.transport.send(targets, message_type, content, server_round)
+            sent.update({reply.client.key: wire.payload_bytes(reply.content) for reply in replies})
+            return replies
+
+        prepared, self._prepared = self._prepared, None
+        pipelined = prepared is not None and prepared.session == session and set(prepared.sealed) == _keys(sampled)
+        setup = prepared if pipelined else self._set_up(step, sampled, session)
+        threshold = self.secure.round_minimum(len(setup.bundles))
+        _require(len(setup.sealed), threshold, server_round, "shared their keys")
+        survivors = sorted(setup.sealed)
+        next_session = Session(self.transport.run_nonce, server_round + 1)
+        # Pipelining needs every next-round client in this round; otherwise the next round runs all four steps.
+        pipelining = next_sampled is not None and _keys(next_sampled) <= _keys(sampled)
+        next_clients = _keys(next_sampled) if pipelining else set()
+
+        def masked_train(client: Client) -> RecordDict:
+            content = train_content(client)
+            config = content.config_records[wire.CONFIG]
+            config[wire.SURVIVORS], config[wire.PREPARE_NEXT] = json.dumps(survivors), client.key in next_clients
+            content.config_records[wire.SEALED] = ConfigRecord(
+                {v: setup.sealed[v][client.key] for v in survivors if client.key in setup.sealed[v]}
+            )
+            return content
+
+        length = fixed_point.num_slots(global_adapter)
+
+        def read_upload(reply: Reply) -> tuple[Reply, np.ndarray]:
+            array = reply.content.array_records[wire.MASKED]["0"].numpy()
+            if array.dtype != np.uint32 or array.shape != (length,):
+                raise ProtocolError(f"a masked upload must be {length} uint32 values, got {array.dtype} {array.shape}")
+            dict(reply.content.metric_records[wire.METRICS])  # present, or the reply is malformed
+            return reply, array
+
+        train_replies = step([c for c in sampled if c.key in setup.sealed], "train", masked_train)
+        accepted = _accepted(train_replies, read_upload, server_round)
+        uploads = [reply for reply, _ in accepted.values()]
+        masked = {name: array for name, (_, array) in accepted.items()}
+        _require(len(uploads), threshold, server_round, "uploaded a masked update")
+        uploaders = sorted(masked)
+        dropped = sorted(set(survivors) - set(uploaders))
+        next_keys = _accepted(
+            [r for r in uploads if r.client.key in next_clients],
+            lambda reply: _read_bundle(reply, next_session),
+            server_round,
+            "next-round keys",
+        )
+        preparing = pipelining and set(next_keys) == next_clients
+        unmask_fields = {wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)}
+        next_fields = {}
+        if preparing:  # the next round's clients get its keys with this request and answer with their shares
+            next_fields = _keys_message({c.key: c.public_key for c in next_sampled}, next_keys)
+
+        def unmask_request(client: Client) -> RecordDict:
+            fields = {**unmask_fields, **next_fields} if client.key in next_clients else unmask_fields
+            return RecordDict({wire.CONFIG: ConfigRecord(fields)})
+
+        unmask_replies = step([r.client for r in uploads], wire.SECAGG_UNMASK, unmask_request)
+        revealed = list(_accepted(unmask_replies, _read_revealed, server_round).values())
+        if preparing:
+            next_shares = _accepted(
+                [r for r in unmask_replies if r.client.key in next_clients],
+                _shares_reader(self.secure.peers(next_session, next_keys)),
+                server_round,
+                "next-round shares",
+            )
+            self._prepared = _Setup(
+                next_session,
+                next_keys,
+                {name: shares for name, (shares, _) in next_shares.items()},
+                {name: commitment for name, (_, commitment) in next_shares.items()},
+            )
+        _require(len(revealed), threshold, server_round, "revealed their shares")
+        try:
+            total = unmask(session, masked, setup.bundles, setup.commitments, revealed, self.secure)
+        except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
+            raise RoundFailedError(
+                f"Round {server_round}: unmasking failed ({error}) Resume with resume=true."
+            ) from error
+        if dropped:
+            logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
+        code = self.secure.fixed_point(len(setup.bundles), unit_weights)
+        weighted_sum, total_weight = code.decode(total, global_adapter)
+        return MaskedSum(
+            weighted_sum,
+            total_weight,
+            code.error_bound(len(uploads), total_weight),
+            uploads,
+            sum(sent[key] for key in uploaders) / len(uploaders),
+            2 if pipelined else 4,
+        )
+
+    def _set_up(
+        self,
+        step: Callable[[list[Client], str, Callable[[Client], RecordDict]], list[Reply]],
+        sampled: list[Client],
+        session: Session,
+    ) -> _Setup:
+        """Steps 1 and 2 as their own exchanges (when they were not pipelined into the previous round)."""
+        bundles = _accepted(
+            step(sampled, wire.SECAGG_KEYS, lambda c: RecordDict()),
+            lambda reply: _read_bundle(reply, session),
+            session.server_round,
+        )
+        _require(len(bundles), self.secure.round_minimum(len(bundles)), session.server_round, "sent round keys")
+        round_clients = [c for c in sampled if c.key in bundles]
+        config = ConfigRecord(_keys_message({c.key: c.public_key for c in round_clients}, bundles))
+        shared = _accepted(
+            step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: config})),
+            _shares_reader(self.secure.peers(session, bundles)),
+            session.server_round,
+        )
+        return _Setup(
+            session,
+            bundles,
+            {name: shares for name, (shares, _) in shared.items()},
+            {name: commitment for name, (_, commitment) in shared.items()},
+        )
+
+
+def _keys(clients: list[Client]) -> set[str]:
+    return {c.key for c in clients}
+
+
+def _keys_message(identities: dict[str, str], bundles: dict[str, KeyBundle]) -> dict[str, str]:
+    """What a client needs to deal its shares: every round client's signed keys and identity key."""
+    return {
+        wire.BUNDLES: json.dumps([bundles[name].to_json() for name in sorted(bundles)]),
+        wire.IDENTITIES: json.dumps(identities),
+    }
+
+
+def _read_bundle(reply: Reply, session: Session) -> KeyBundle:
+    bundle = KeyBundle.from_json(str(reply.content.config_records[wire.CONFIG][wire.BUNDLE]))
+    if bundle.client != reply.client.key:
+        raise ProtocolError(f"keys announced for {bundle.client}")
+    bundle.verify(session, reply.client.public_key)
+    return bundle
+
+
+def _shares_reader(peers: dict[str, frozenset[str]]) -> Callable[[Reply], tuple[dict[str, bytes], bytes]]:
+    def read(reply: Reply) -> tuple[dict[str, bytes], bytes]:
         shares = {name: bytes(value) for name, value in reply.content.config_records[wire.SEALED].items()}
         commitment = reply.content.config_records[wire.CONFIG][wire.COMMITMENT]
         if set(shares) != peers[reply.client.key] or not isinstance(commitment, bytes) or len(commitment) != 32:
             raise ProtocolError("not one encrypted share per peer and a 32-byte commitment")
         return shares, commitment
 
-    shares_config = ConfigRecord({wire.BUNDLES: key_list, wire.IDENTITIES: json.dumps(identities)})
-    shared = _accepted(
-        step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: shares_config})),
-        read_shares,
-        server_round,
-    )
-    sealed = {name: shares for name, (shares, _) in shared.items()}
-    commitments = {name: commitment for name, (_, commitment) in shared.items()}
-    _require(len(sealed), threshold, server_round, "shared their keys")
-    survivors = sorted(sealed)
-
-    def masked_train(client: Client) -> RecordDict:
-        content = train_content(client)
-        content.config_records[wire.CONFIG][wire.SURVIVORS] = json.dumps(survivors)
-        content.config_records[wire.SEALED] = ConfigRecord(
-            {v: sealed[v][client.key] for v in survivors if client.key in sealed[v]}
-        )
-        return content
-
-    length = fixed_point.num_slots(global_adapter)
-
-    def read_upload(reply: Reply) -> tuple[Reply, np.ndarray]:
-        array = reply.content.array_records[wire.MASKED]["0"].numpy()
-        if array.dtype != np.uint32 or array.shape != (length,):
-            raise ProtocolError(f"a masked upload must be {length} uint32 values, got {array.dtype} {array.shape}")
-        dict(reply.content.metric_records[wire.METRICS])  # present, or the reply is malformed
-        return reply, array
-
-    accepted = _accepted(
-        step([c for c in round_clients if c.key in sealed], "train", masked_train), read_upload, server_round
-    )
-    uploads = [reply for reply, _ in accepted.values()]
-    masked = {name: array for name, (_, array) in accepted.items()}
-    _require(len(uploads), threshold, server_round, "uploaded a masked update")
-    uploaders = sorted(masked)
-    dropped = sorted(set(survivors) - set(uploaders))
-    unmask_config = ConfigRecord({wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)})
-    revealed = list(
-        _accepted(
-            step([r.client for r in uploads], wire.SECAGG_UNMASK, lambda c: RecordDict({wire.CONFIG: unmask_config})),
-            _read_revealed,
-            server_round,
-        ).values()
-    )
-    _require(len(revealed), threshold, server_round, "revealed their shares")
-    try:
-        total = unmask(session, masked, bundles, commitments, revealed, secure)
-    except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
-        raise RoundFailedError(f"Round {server_round}: unmasking failed ({error}) Resume with resume=true.") from error
-    if dropped:
-        logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
-    code = secure.fixed_point(len(bundles), unit_weights)
-    weighted_sum, total_weight = code.decode(total, global_adapter)
-    return MaskedSum(
-        weighted_sum,
-        total_weight,
-        code.error_bound(len(uploads), total_weight),
-        uploads,
-        sum(sent[key] for key in uploaders) / len(uploaders),
-    )
+    return read
 
 
-def _accepted(replies: list[Reply], read: Callable[[Reply], T], server_round: int) -> dict[str, T]:
-    """``read`` applied to each reply; a reply it cannot read is logged and left out (the round goes on)."""
+def _accepted(replies: list[Reply], read: Callable[[Reply], T], server_round: int, what: str = "reply") -> dict[str, T]:
+    """``read`` applied to each reply; what it cannot read is logged and left out (the round goes on)."""
     accepted = {}
     for reply in replies:
         try:
             accepted[reply.client.key] = read(reply)
         except (KeyError, TypeError, ValueError, ProtocolError) as error:  # ProtocolError is a ValueError
-            logger.warning("Round %d: reply of %s rejected: %s", server_round, reply.client.key, error)
+            logger.warning("Round %d: %s of %s rejected: %s", server_round, what, reply.client.key, error)
     return accepted
 
 

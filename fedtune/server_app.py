@@ -74,6 +74,7 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
         logger.warning("secure=none: the server sees every client's update; secure=masking shows it only their sum")
     transport = Transport(grid, experiment)
     clients = connect(transport, run_dir, resume=bool(cfg.resume))
+    secure_rounds = secure_round.SecureRounds(transport) if experiment.secure.masked else None
     if not experiment.secure.masked:
         summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
         run_dir.write_json("partitions.json", summary)
@@ -91,7 +92,15 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
         global_adapter, record = _train_step(
-            transport, experiment, strategy, clients, global_adapter, server_round, run_dir, privacy_state
+            transport,
+            secure_rounds,
+            experiment,
+            strategy,
+            clients,
+            global_adapter,
+            server_round,
+            run_dir,
+            privacy_state,
         )
         checkpoint = Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state)
         checkpoint_path = run_dir.save_checkpoint(checkpoint)
@@ -139,6 +148,7 @@ def _sample(
 
 def _train_step(
     transport: Transport,
+    secure_rounds: secure_round.SecureRounds | None,
     experiment: Experiment,
     strategy: Any,
     clients: list[Client],
@@ -147,23 +157,30 @@ def _train_step(
     run_dir: RunDir,
     privacy_state: dict[str, Any],
 ) -> tuple[AdapterState, dict[str, Any]]:
-    """One round's training; returns the new global adapter and the round's ledger fields."""
+    """One round's training (masked when ``secure_rounds`` is set); returns the new global adapter and the
+    round's ledger fields."""
     sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train")
 
     def train_content(_: Client) -> RecordDict:
         return RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: ConfigRecord({NUM_SAMPLED: len(sampled)})})
 
     organisation = experiment.privacy.organisation
-    if experiment.secure.masked:  # the server sees only the sum of the weighted updates and of the weights
-        masked = secure_round.collect(
-            transport, sampled, train_content, global_adapter, server_round, unit_weights=organisation is not None
+    if secure_rounds is not None:  # the server sees only the sum of the weighted updates and of the weights
+        last = server_round == experiment.federation.num_rounds
+        next_sampled = (
+            None
+            if last
+            else _sample(clients, experiment.federation.fraction_train, experiment, server_round + 1, "train")
+        )
+        masked = secure_rounds.collect(
+            sampled, train_content, global_adapter, server_round, organisation is not None, next_sampled
         )
         replies, upload_bytes = masked.uploads, masked.upload_bytes
         train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
         weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally
         denominator = len(sampled) if organisation is not None else masked.total_weight
         mean = {k: (v / denominator).to(global_adapter[k].dtype) for k, v in masked.weighted_sum.items()}
-        extra = {"aggregation_error_bound": masked.error_bound}
+        extra = {"aggregation_error_bound": masked.error_bound, "exchanges": float(masked.exchanges)}
     else:
         replies, updates, weights, train_metrics = [], [], [], []
         for reply in transport.send(sampled, "train", train_content, server_round):

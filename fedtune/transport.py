@@ -27,6 +27,8 @@ from fedtune.secure.session import Session
 
 logger = logging.getLogger("fedtune")
 
+_MIN_POLL, _MAX_POLL = 0.005, 0.5  # seconds between polls for replies (see Transport.exchange)
+
 
 class RoundFailedError(RuntimeError):
     """Too few clients replied for a round to count; the last checkpoint is intact for resume."""
@@ -70,6 +72,25 @@ class Transport:
         record[wire.RUN_NONCE], record[wire.SERVER_ROUND] = self.run_nonce, server_round
         return Message(content=content, dst_node_id=node_id, message_type=message_type)
 
+    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push ``messages`` and collect their replies until all are in or ``timeout`` seconds have passed.
+
+        Flower's ``Grid.send_and_receive`` polls at a fixed interval (0.1 s in simulation, 3 s in a
+        deployment), which would dominate the short protocol steps of secure aggregation. This polls at a
+        tenth of the time waited so far, between 5 ms and 0.5 s: a reply is seen at most ~10% late, and a
+        long training step costs at most two polls a second.
+        """
+        pending = set(self.grid.push_messages(messages))
+        started, replies = time.monotonic(), []
+        while True:
+            for reply in self.grid.pull_messages(list(pending)):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            waited = time.monotonic() - started
+            if not pending or waited >= timeout:
+                return replies
+            time.sleep(min(_MAX_POLL, max(_MIN_POLL, waited / 10), timeout - waited))
+
     def send(
         self,
         targets: Iterable[Client],
@@ -87,7 +108,7 @@ class Transport:
             for client in by_node.values()
         ]
         timeout = self.experiment.federation.round_timeout
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self.exchange(messages, timeout)
         session = Session(self.run_nonce, server_round)
         accepted = []
         for reply in replies:
@@ -137,7 +158,7 @@ def connect(transport: Transport, run_dir: RunDir, resume: bool) -> list[Client]
     trusted = _trusted_keys(transport.experiment, run_dir, resume)
     clients = []
     queries = [transport.message(node_id, "query", RecordDict(), 0) for node_id in grid.get_node_ids()]
-    for reply in grid.send_and_receive(queries, timeout=federation.round_timeout):
+    for reply in transport.exchange(queries, federation.round_timeout):
         client = _introduce(transport, reply, trusted)
         if client is not None:
             clients.append(client)
