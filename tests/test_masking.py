@@ -197,8 +197,9 @@ def test_fixed_point_refuses_out_of_range_values_and_weights_instead_of_clipping
         code.encode({"w": torch.tensor([0.6])}, 1)
     with pytest.raises(ValueError, match="secure.max_examples"):
         code.encode({"w": torch.tensor([0.1])}, 101)
-    with pytest.raises(ValueError, match="NaN"):
-        code.encode({"w": torch.tensor([float("nan")])}, 1)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            code.encode({"w": torch.tensor([0.1, bad])}, 1)
     with pytest.raises(ValueError, match="lower secure.max_examples"):
         FixedPoint.for_round(value_range=1.0, max_weight=2**30, num_clients=4)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedtune import cli, client_state, config, wire
-from fedtune.client_app import client_key, make_client_app
+from fedtune.client_app import SECAGG_STATE, client_key, make_client_app
 from fedtune.experiment import get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
@@ -49,7 +50,8 @@ def runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     verify, decode = wire.verify, FixedPoint.decode
 
     def spy_verify(content, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - transparent wrapper
-        seen["replies"].append((args[2], [a.dtype for r in content.array_records.values() for a in r.values()]))
+        dtypes = [a.dtype for r in content.array_records.values() for a in r.values()]
+        seen["replies"].append((args[1].server_round, args[2], dtypes))
         return verify(content, *args, **kwargs)
 
     def spy_decode(self, total, template):  # noqa: ANN001, ANN202
@@ -78,13 +80,21 @@ def test_masked_aggregate_equals_the_plaintext_one_within_the_logged_bound(runs:
 
 def test_server_handles_only_masked_uploads_and_decodes_only_their_sum(runs: dict) -> None:
     replies = runs["seen"]["replies"]
-    train = [dtypes for step, dtypes in replies if step == "train"]
+    train = [dtypes for _, step, dtypes in replies if step == "train"]
     assert len(train) == 6 and all(dtypes == ["uint32"] for dtypes in train)  # 3 clients x 2 rounds, no float arrays
-    assert all(not dtypes for step, dtypes in replies if step != "train")
+    assert all(not dtypes for _, step, dtypes in replies if step != "train")
     assert len(runs["seen"]["decoded"]) == 2  # one decode per round: of the sum of the uploads
     plain_bytes = _train_metric(runs["plain"], "upload_bytes_per_client")[1]
     masked_bytes = _train_metric(runs["masked"], "upload_bytes_per_client")[1]
     assert masked_bytes < 1.3 * plain_bytes  # the tiny adapter makes the fixed key/share cost visible here
+
+
+def test_a_steady_round_takes_two_exchanges_with_keys_and_shares_pipelined(runs: dict) -> None:
+    replies = runs["seen"]["replies"]
+    steps = {r: Counter(step for rr, step, _ in replies if rr == r and step != "evaluate") for r in (1, 2)}
+    assert steps[1] == {wire.SECAGG_KEYS: 3, wire.SECAGG_SHARES: 3, "train": 3, wire.SECAGG_UNMASK: 3}
+    assert steps[2] == {"train": 3, wire.SECAGG_UNMASK: 3}  # round 1's train and unmask replies set round 2 up
+    assert _train_metric(runs["masked"], "exchanges") == {1: 4.0, 2: 2.0}
 
 
 def test_masked_nodes_do_not_announce_their_data_sizes(runs: dict) -> None:
@@ -150,9 +160,10 @@ class CoordinateMedian:
         self.server_lr = server_lr
 
 
-def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str]) -> ClientApp:
+def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: Path | None = None) -> ClientApp:
     """The real ClientApp, except that a node listed in ``failures`` under ``(name, round)`` raises at that step,
-    or, for ``"garbage:<step>"``, answers that step with a validly signed but meaningless reply."""
+    or, for ``"garbage:<step>"``, answers that step with a validly signed but meaningless reply. With ``observe``,
+    each handled message appends [node, round, step, rounds whose secrets the node's Context.state holds]."""
     real, flaky = make_client_app(run_config), ClientApp()
 
     def relay(step: str) -> Callable[[Message, Context], Message]:
@@ -168,7 +179,12 @@ def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str]) -> Client
                 signer = identity.load_or_create(client_state.identity_file(context.node_config, node))
                 junk = RecordDict({wire.CONFIG: ConfigRecord({"junk": "not a protocol message"})})
                 return Message(wire.sign(junk, signer, session, msg.metadata.message_type, node), reply_to=msg)
-            return real(msg, context)
+            answer = real(msg, context)
+            if observe is not None:
+                held = sorted(int(k.rsplit("/", 1)[1]) for k in context.state.config_records.get(SECAGG_STATE, {}))
+                with observe.open("a") as log:
+                    log.write(json.dumps([node, server_round, step, held]) + "\n")
+            return answer
 
         return handle
 
@@ -208,6 +224,7 @@ def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_pat
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
     assert _train_metric(run, "clients") == {1: 4.0, 2: 3.0}  # round 1 keeps the upload of the node lost later
+    assert _train_metric(run, "exchanges") == {1: 4.0, 2: 4.0}  # that node dealt no round-2 shares: all 4 steps
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     epsilons = [m for m in RunDir(run).read_metrics() if m["metric"] == "client_dp_epsilon"]
     assert [m["round"] for m in epsilons] == [1, 2]
@@ -233,22 +250,38 @@ def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Pat
 
 
 def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """SecAgg+ (secure.neighbours=2) over 5 nodes: a malformed (but signed) reply is rejected and the round goes
-    on; the masks of a node lost after sharing keys are removed."""
-    run = tmp_path / "run"
-    overrides = tiny_overrides(tiny_bert_dir, run, "federation.num_clients=5", "secure=masking", "secure.neighbours=2")
+    """SecAgg+ (secure.neighbours=2) over 5 nodes and 3 rounds. Round 2 is pipelined and a node lost after dealing
+    its shares (in round 1's unmask reply) has its masks removed; round 3 runs all four steps (that node prepared
+    nothing) and a malformed (but signed) reply is rejected. Round secrets never outlive their round."""
+    run, observed = tmp_path / "run", tmp_path / "secrets.jsonl"
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        run,
+        "federation.num_clients=5",
+        "federation.num_rounds=3",
+        "secure=masking",
+        "secure.neighbours=2",
+    )
     run_config = config.to_run_config(overrides, str(run))
+    failures = {("partition-4", 2): "train", ("partition-1", 3): "garbage:secagg_shares"}
     run_simulation(
         server_app=make_server_app(run_config),
-        client_app=_flaky_app(run_config, {("partition-4", 2): "train", ("partition-1", 1): "garbage:secagg_shares"}),
+        client_app=_flaky_app(run_config, failures, observed),
         num_supernodes=5,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    assert _train_metric(run, "clients") == {1: 4.0, 2: 4.0}  # round 1: a malformed share reply is left out
+    assert _train_metric(run, "clients") == {1: 5.0, 2: 4.0, 3: 4.0}
+    assert _train_metric(run, "exchanges") == {1: 4.0, 2: 2.0, 3: 4.0}
     assert audit(run) == []
-    before, after = _checkpoint(run, 1), _checkpoint(run, 2)
-    step = max((after[k] - before[k]).abs().max().item() for k in before)
-    assert 0 < step < 0.1  # a mask left in the sum would move the adapter by ~2^31 / scale, far beyond this
+    for earlier, later in ((1, 2), (2, 3)):
+        before, after = _checkpoint(run, earlier), _checkpoint(run, later)
+        step = max((after[k] - before[k]).abs().max().item() for k in before)
+        assert 0 < step < 0.1  # a mask left in the sum would move the adapter by ~2^31 / scale, far beyond this
+    held = [json.loads(line) for line in observed.read_text().splitlines()]
+    assert all(len(rounds) <= 2 for *_, rounds in held)  # this round's secrets and at most the next one's
+    unmasked = [(r, rounds) for _, r, step, rounds in held if step == "secagg_unmask"]
+    assert len(unmasked) == 5 + 4 + 4 and all(min(rounds, default=r + 1) > r for r, rounds in unmasked)
+    assert all(rounds == [] for _, r, step, rounds in held if step == "secagg_unmask" and r == 3)  # nothing left
 
 
 def test_a_malformed_reply_at_connect_leaves_that_node_out(tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -69,16 +69,19 @@ class FixedPoint:
                 f"secure.max_examples={self.max_weight}. Raise secure.max_examples (costs precision)."
             )
         values = flatten(update)
-        if not np.isfinite(values).all():
+        largest = float(np.abs(values).max(initial=0.0))  # NaN or inf propagate to here
+        if not math.isfinite(largest):
             raise ValueError("The update holds NaN or infinite values; it cannot be encoded.")
-        largest = float(np.abs(values).max(initial=0.0))
         if largest > self.value_range:
             raise ValueError(
                 f"An update value of magnitude {largest:.4g} lies outside secure.value_range={self.value_range}; "
                 "raise secure.value_range (costs precision) or lower train.learning_rate."
             )
-        integers = np.rint(values * (weight * self.scale)).astype(np.int64)
-        return _to_uint32(np.append(integers, weight))
+        values *= weight * self.scale  # |values| < 2^31 now (for_round's scale), so int32 holds them exactly
+        encoded = np.empty(len(values) + 1, dtype=np.int32)
+        encoded[:-1] = np.rint(values, out=values)
+        encoded[-1] = weight
+        return encoded.view(np.uint32)  # two's complement: negative values wrap mod 2^32
 
     def decode(self, total: np.ndarray, template: Mapping[str, torch.Tensor]) -> tuple[AdapterState, int]:
         """The weighted sum (float64 tensors shaped like ``template``) and the total weight in ``total``."""
@@ -107,7 +110,3 @@ def flatten(update: Mapping[str, torch.Tensor]) -> np.ndarray:
 def num_slots(template: Mapping[str, torch.Tensor]) -> int:
     """Length of an encoded update: every parameter plus the weight."""
     return sum(t.numel() for t in template.values()) + 1
-
-
-def _to_uint32(integers: np.ndarray) -> np.ndarray:
-    return (integers & 0xFFFFFFFF).astype(np.uint32)
