@@ -115,7 +115,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         visible = {k: v for k, v in metrics.items() if k != "num_examples"}  # the count travels masked
         content = RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
         if round_config.get(wire.PREPARE_NEXT):  # pipelined: the next round's keys ride on this upload
-            content.config_records[wire.CONFIG] = _new_round_keys(context, _session(msg, next_round=True))
+            next_keys = _new_round_keys(context, _session(msg, next_round=True), still_open=_session(msg))
+            content.config_records[wire.CONFIG] = next_keys
         return reply(msg, context, content)
 
     @app.train("secagg_keys")
@@ -162,10 +163,10 @@ def _session(msg: Message, next_round: bool = False) -> Session:
     return Session(str(received[wire.RUN_NONCE]), int(received[wire.SERVER_ROUND]) + next_round)
 
 
-def _new_round_keys(context: Context, session: Session) -> ConfigRecord:
+def _new_round_keys(context: Context, session: Session, still_open: Session | None = None) -> ConfigRecord:
     """Step 1: fresh keys for ``session`` kept in Context.state; returns the signed public halves to send."""
     state, bundle = masking.advertise_keys(session, client_key(context.node_config), _signer(context.node_config))
-    _save_round_state(context, state)
+    _save_round_state(context, state, still_open)
     return ConfigRecord({wire.BUNDLE: bundle.to_json()})
 
 
@@ -194,15 +195,11 @@ def _round_state_for(context: Context, session: Session) -> ClientRound:
     return ClientRound.from_json(str(text))
 
 
-def _save_round_state(context: Context, state: ClientRound) -> None:
-    """Keep ``state``, and the previous round's of the same run (its unmask step may still come); erase the rest."""
+def _save_round_state(context: Context, state: ClientRound, still_open: Session | None = None) -> None:
+    """Keep ``state`` (and the secrets of round ``still_open``); erase those of every other round, such as one
+    abandoned or left by this node midway."""
     record = context.state.config_records.get(SECAGG_STATE, ConfigRecord())
-    current = state.session.server_round
-    kept = {
-        key: value
-        for key, value in record.items()
-        if key.startswith(f"{state.session.run_nonce}/") and current - 1 <= int(key.rsplit("/", 1)[1]) < current
-    }
+    kept = {key: record[key] for key in record if still_open is not None and key == _state_key(still_open)}
     kept[_state_key(state.session)] = state.to_json()
     context.state.config_records[SECAGG_STATE] = ConfigRecord(kept)
 

@@ -17,12 +17,17 @@ them. One round, as driven by fedtune/secure_round.py (U1 ⊇ U2 ⊇ U3 are the 
    remove its pairwise masks. A client never reveals both for the same peer and refuses to unmask with
    fewer than t survivors; with t > |U1|/2 the server cannot collect t shares of both from a split set.
 
+Steps 1 and 2 do not depend on the round's model, so the server pipelines them (fedtune/secure_round.py):
+a client's keys for round r+1 travel in its round-r upload and its shares for r+1 in its round-r unmask
+reply, each still signed and bound to round r+1; the protocol itself is unchanged.
+
 "Peers" are all other clients, or with ``neighbours: k`` only k of them (SecAgg+, fedtune/secure/graph.py):
 masks, shares and the threshold then apply per neighbourhood, and a client's cost grows with k, not n.
 
 Trust: the server is honest-but-curious about contents; peers' identities come from the server's trusted
 key list unless a node holds its own (node config ``trusted-keys``). Secrets live only in the client's
-memory (Flower's Context.state) and are erased when the round's unmask step is answered.
+memory (Flower's Context.state) and are erased when the round's unmask step is answered, or when the node
+makes keys for a later round (a round it dropped out of).
 """
 
 from __future__ import annotations
