@@ -15,7 +15,8 @@ Part B, whole rounds (Flower simulations, Ray): a tiny random Llama (hidden 512,
 linear layers: r=32 gives 1.1M adapter parameters, r=128 4.5M), ICD-10 instructions, the same local
 training (fedtune.client.train_round) in four variants: (1) fedtune plaintext, (2) fedtune secure=masking,
 (3) Flower legacy FedAvg, (4) the same under Flower's SecAggPlusWorkflow (secaggplus_mod on the clients).
-Round time is the median of the rounds between the first (start-up) and the last (final evaluation).
+Round time is the median of the rounds between the first (start-up) and the last (final evaluation);
+with masking those rounds are pipelined (two exchanges: masked upload, unmask; round 1 takes four).
 
     python benchmarks/secure_overhead.py                                   # both parts, about 20 min on 2 cores
     python benchmarks/secure_overhead.py --part a --sizes 1m 4m --clients 4 10
