@@ -31,7 +31,7 @@ MODELS = {  # name -> (overrides, batch sizes, steps per timing, repeats)
     "minilm": (["model=minilm", "data=icd10"], [8, 32], 10, 3),
     "smollm2": (["model=smollm2", "data=icd10_instructions"], [8], 3, 2),
 }
-MODES = ("hooks", "functorch", "ew")
+MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 def seconds_per_step(

@@ -144,9 +144,9 @@ def local_train(
             if indices:  # Poisson sampling can draw an empty batch: the step still adds (and accounts) noise
                 batch = encode(dataset[indices], task, tokenizer, max_length)
                 labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
-                loss = sequence_loss(plan.module(input_ids, **batch).logits, labels, task).mean()
-                loss.backward()
-                losses.append(loss.item())
+                per_record = sequence_loss(plan.module(input_ids, **batch).logits, labels, task)
+                losses.append(per_record.mean().item())
+                plan.backward(per_record)
             plan.optimizer.step()
             plan.optimizer.zero_grad(set_to_none=True)
     finally:

@@ -48,7 +48,7 @@ def _one_step_gradient(
         if indices:
             batch = encode(ROWS[indices], "classification", tokenizer, 32)
             labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
-            sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification").mean().backward()
+            plan.backward(sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification"))
         plan.optimizer.pre_step()
         return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     finally:
@@ -57,12 +57,12 @@ def _one_step_gradient(
         model.eval()
 
 
-def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_and_tokenizer) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
+def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
     model, tokenizer = model_and_tokenizer
     clip, indices = 0.01, [0, 5, 11, 17, 23, 31]
-    dp = _one_step_gradient(
-        model, tokenizer, DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=clip), indices
-    )
+    mechanism = DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=clip, grad_sample_mode=mode)  # type: ignore[arg-type]
+    dp = _one_step_gradient(model, tokenizer, mechanism, indices)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     reference = {n: torch.zeros_like(p) for n, p in named}
     model.train()  # as during DP training (the tiny model has no dropout, so this is deterministic)
@@ -84,12 +84,12 @@ def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_an
         assert torch.allclose(dp[n], reference[n] / expected_batch, atol=1e-7, rtol=1e-4), n
 
 
-def test_noise_has_the_configured_standard_deviation(model_and_tokenizer) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])  # two optimizers: per-record gradients, or ghost's clipped sum
+def test_noise_has_the_configured_standard_deviation(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
     model, tokenizer = model_and_tokenizer
     sigma, clip = 1.3, 0.5
-    noise = _one_step_gradient(
-        model, tokenizer, DPSGD(target_epsilon=None, noise_multiplier=sigma, max_grad_norm=clip), []
-    )
+    mechanism = DPSGD(target_epsilon=None, noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode=mode)  # type: ignore[arg-type]
+    noise = _one_step_gradient(model, tokenizer, mechanism, [])
     values = torch.cat([g.flatten() for g in noise.values()]) * 8  # undo the division by the expected batch size
     expected = sigma * clip
     assert values.numel() > 1000
@@ -142,12 +142,13 @@ def test_poisson_batches_sample_each_record_independently() -> None:
     ) > 0  # empty draws happen
 
 
-def test_empty_batches_still_add_noise_and_are_accounted(model_and_tokenizer) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_batches_still_add_noise_and_are_accounted(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
     model, tokenizer = model_and_tokenizer
     tiny = ROWS.select(range(4))  # q = 1/4... with batch 1, many empty draws
     state: dict = {}
     local_train(model, tiny, "classification", tokenizer, 32, TrainConfig(local_steps=12, batch_size=1), torch.Generator().manual_seed(0),
-                DPSGD(target_epsilon=None, noise_multiplier=1.0), 12, state)  # fmt: skip
+                DPSGD(target_epsilon=None, noise_multiplier=1.0, grad_sample_mode=mode), 12, state)  # type: ignore[arg-type]  # fmt: skip
     assert sum(entry[2] for entry in json.loads(state[STATE_KEY])["history"]) == 12
 
 
@@ -170,6 +171,14 @@ def test_combinations_opacus_cannot_handle_are_refused(
         DPSGD(grad_sample_mode=mode).check_model(model)  # type: ignore[arg-type]
 
 
+def test_ghost_clipping_refuses_tied_trainable_weights() -> None:
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight  # one parameter, two layers: ghost would add two partial norms, not one
+    with pytest.raises(ValueError, match="grad_sample_mode=hooks"):
+        DPSGD(grad_sample_mode="ghost").check_model(tied)
+    DPSGD(grad_sample_mode="hooks").check_model(tied)  # hooks sum the per-record gradients of both uses first
+
+
 def test_refusal_happens_at_start_of_a_run(
     tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -188,7 +197,7 @@ def test_refusal_happens_at_start_of_a_run(
 
 
 @pytest.mark.parametrize(
-    "override", ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=-1", "privacy.grad_sample_mode=ghost"]
+    "override", ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=-1", "privacy.grad_sample_mode=fast"]
 )
 def test_bad_privacy_settings_fail_at_config_time(override: str) -> None:
     with pytest.raises(config.ConfigError, match="privacy"):

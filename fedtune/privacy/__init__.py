@@ -24,6 +24,7 @@ class LocalPlan:
         batches: Row indices of each step's batch; an empty list is a step on an empty batch.
         close: Called once after the last step (removes hooks from the cached model).
         report: Metrics the mechanism adds to the client's reply (epsilon spent, noise...).
+        backward: Leaves the step's gradient in the trainable parameters, given each record's loss (B,).
     """
 
     module: torch.nn.Module
@@ -31,6 +32,7 @@ class LocalPlan:
     batches: Iterator[list[int]]
     close: Callable[[], None] = lambda: None
     report: Callable[[], dict[str, float]] = dict
+    backward: Callable[[torch.Tensor], None] = lambda losses: losses.mean().backward()
 
 
 @dataclass

@@ -11,13 +11,15 @@ import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from fedtune.privacy import LocalPlan, PlanRequest
 from fedtune.seeding import noise_generator
@@ -25,7 +27,7 @@ from fedtune.seeding import noise_generator
 # Opacus's hooks on a model whose inputs need no gradient (frozen embeddings): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 STATE_KEY = "dp_sgd"  # where the accountant's history is kept in the client's state
-_MODES = ("hooks", "functorch", "ew")
+_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
@@ -43,7 +45,9 @@ class DPSGD:
         max_grad_norm: Per-record gradient L2 bound C; noise has standard deviation ``noise_multiplier * C``.
         delta: Target delta; null uses 1/(10 n) for a client with n training records. Must be below 1/n.
         accountant: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables, tighter).
-        grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch`` or ``ew``.
+        grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch``, ``ew``, or ``ghost``
+            (ghost clipping, Li et al. 2021: per-record gradient norms without materialising per-record
+            gradients, then a second backward pass over the clipped loss; least memory, two backward passes).
         reproducible_noise: Draw noise and Poisson batches from the run's seed (research simulations only:
             anyone with the config could recompute the noise). By default they come from a secret the client
             creates and keeps in its own privacy state.
@@ -57,7 +61,7 @@ class DPSGD:
     max_grad_norm: float = 1.0
     delta: float | None = None
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
     reproducible_noise: bool = False
     organisation = None  # record level only; see RecordAndClientDP for both
 
@@ -77,18 +81,27 @@ class DPSGD:
         if self.accountant not in ("rdp", "prv"):
             raise ValueError(f"privacy.accountant={self.accountant!r}: use 'rdp' or 'prv'.")
         if self.grad_sample_mode not in _MODES:
-            raise ValueError(
-                f"privacy.grad_sample_mode={self.grad_sample_mode!r}: use one of {', '.join(_MODES)} "
-                "(ghost clipping needs a different loss path and is not supported yet)."
-            )
+            raise ValueError(f"privacy.grad_sample_mode={self.grad_sample_mode!r}: use one of {', '.join(_MODES)}.")
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse trainable layers for which Opacus cannot compute correct per-record gradients.
 
         Raises:
-            ValueError: DoRA, LoRA on an embedding layer, or (``ew`` mode) any trainable non-Linear layer.
+            ValueError: DoRA, LoRA on an embedding layer, (``ew`` mode) any trainable non-Linear layer, or
+                (``ghost`` mode) a trainable parameter shared by several layers.
         """
+        owners: dict[int, str] = {}
         for name, module in model.named_modules():
+            for parameter in module.parameters(recurse=False):
+                if parameter.requires_grad and self.grad_sample_mode == "ghost":
+                    if id(parameter) in owners:
+                        raise ValueError(
+                            f"privacy.grad_sample_mode=ghost adds up per-layer gradient norms, which is wrong for a "
+                            f"parameter shared by {owners[id(parameter)]} and {name} (tied weights); untie them or "
+                            "use privacy.grad_sample_mode=hooks."
+                        )
+                    owners[id(parameter)] = name
+
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             kind = type(module).__name__
@@ -153,8 +166,9 @@ class DPSGD:
                 f"This client has spent epsilon={ledger.epsilon():.3f} of its target {self.target_epsilon}; "
                 f"{request.steps} more steps would exceed it, so it does not train again."
             )
-        module = _grad_sample_module(model, self.grad_sample_mode)
-        dp_optimizer = _EmptyBatchDPOptimizer(
+        ghost = self.grad_sample_mode == "ghost"
+        module = _grad_sample_module(model, self.grad_sample_mode, self.max_grad_norm)
+        dp_optimizer = (_GhostDPOptimizer if ghost else _PerRecordDPOptimizer)(
             optimizer,
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
@@ -174,6 +188,7 @@ class DPSGD:
             poisson_batches(num_examples, ledger.sample_rate, request.steps, generator),
             close,
             ledger.report,
+            *([partial(_ghost_backward, module, dp_optimizer)] if ghost else []),
         )
 
     def reproducible_seed(self, config_seed: int) -> int | None:
@@ -257,20 +272,67 @@ class Ledger:
         return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier}
 
 
-class _EmptyBatchDPOptimizer(DPOptimizer):
-    """A DPOptimizer that also steps on an empty Poisson batch: noise only, and the step is accounted."""
+class _StepsOnEmptyBatches:
+    """Mixin for Opacus's DP optimizers: also step on an empty Poisson batch (noise only; the step is accounted)."""
+
+    params: list[torch.Tensor]
 
     def pre_step(self, closure: Any = None) -> bool | None:
         for p in self.params:
-            if p.grad_sample is None:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        return super().pre_step(closure)
+            self._no_records(p)
+        return super().pre_step(closure)  # type: ignore[misc]
+
+    @staticmethod
+    def _no_records(p: torch.Tensor) -> None:
+        """Give ``p`` the gradient of a batch without records, where backward did not run."""
+        raise NotImplementedError
 
 
-def _grad_sample_module(model: torch.nn.Module, mode: str) -> Any:
-    """Wrap ``model`` so that backward leaves per-record gradients in ``p.grad_sample``."""
+class _PerRecordDPOptimizer(_StepsOnEmptyBatches, DPOptimizer):
+    """Clips the per-record gradients backward left in ``p.grad_sample``, sums and noises them."""
+
+    @staticmethod
+    def _no_records(p: torch.Tensor) -> None:
+        if p.grad_sample is None:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+class _GhostDPOptimizer(_StepsOnEmptyBatches, DPOptimizerFastGradientClipping):
+    """Noises the already clipped sum that the ghost backward left in ``p.grad``."""
+
+    @staticmethod
+    def _no_records(p: torch.Tensor) -> None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _ghost_backward(
+    module: GradSampleModuleFastGradientClipping, optimizer: _GhostDPOptimizer, losses: torch.Tensor
+) -> None:
+    """Ghost clipping's two passes: per-record gradient norms, then the gradient of the clipped loss.
+
+    The first pass only fills the norms (its parameter gradients are dropped); the second, with the hooks
+    off, backpropagates sum_i c_i * loss_i with c_i = min(1, C / ||g_i||), whose gradient is the sum of
+    the clipped per-record gradients.
+    """
+    losses.mean().backward(retain_graph=True)
+    optimizer.zero_grad()
+    coefficients = module.get_clipping_coef().to(losses.device)
+    module.disable_hooks()
+    try:
+        (coefficients * losses).sum().backward()
+    finally:
+        module.enable_hooks()
+
+
+def _grad_sample_module(model: torch.nn.Module, mode: str, max_grad_norm: float) -> Any:
+    """Wrap ``model`` so that backward leaves per-record gradients in ``p.grad_sample`` (ghost: their norms)."""
     if mode == "ew":
         from opacus.grad_sample import GradSampleModuleExpandedWeights
 
         return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+    if mode == "ghost":
+        return GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
+        )
     return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
