@@ -54,7 +54,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     """Build the ClientApp; ``bound_run_config`` stands in for Flower's run_config (in-process simulation)."""
     app = ClientApp()
 
-    def setup(msg: Message, context: Context) -> tuple[Experiment, ClientData]:
+    def experiment_of(msg: Message, context: Context) -> Experiment:
+        """The experiment, refused if it is not the one the server runs."""
         run_config = bound_run_config if bound_run_config is not None else context.run_config
         experiment = get_experiment(config.load_experiment(run_config))
         expected = msg.content.config_records[wire.CONFIG].get(wire.EXPERIMENT_HASH)
@@ -62,6 +63,11 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             raise RuntimeError(
                 "This node composed a different experiment config than the server (fedtune or conf/ versions differ)."
             )
+        return experiment
+
+    def setup(msg: Message, context: Context) -> tuple[Experiment, ClientData]:
+        """The experiment and this node's data (protocol steps that need no data use ``experiment_of``)."""
+        experiment = experiment_of(msg, context)
         if "data-path" in context.node_config:
             return experiment, experiment.node_data(str(context.node_config["data-path"]))
         partitions = int(context.node_config.get("num-partitions", experiment.federation.num_clients))
@@ -125,7 +131,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
 
     @app.train("secagg_shares")
     def share_keys(msg: Message, context: Context) -> Message:
-        experiment, _ = setup(msg, context)
+        experiment = experiment_of(msg, context)
         return reply(
             msg, context, _deal_shares(context, experiment, _session(msg), msg.content.config_records[wire.CONFIG])
         )
@@ -140,7 +146,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         )
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:  # pipelined: deal the next round's shares in the same reply
-            experiment, _ = setup(msg, context)
+            experiment = experiment_of(msg, context)
             dealt = _deal_shares(context, experiment, _session(msg, next_round=True), received)
             content.config_records[wire.SEALED] = dealt.config_records[wire.SEALED]
             content.config_records[wire.CONFIG][wire.COMMITMENT] = dealt.config_records[wire.CONFIG][wire.COMMITMENT]

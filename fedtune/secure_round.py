@@ -147,18 +147,8 @@ class SecureRounds:
         unmask_replies = step([r.client for r in uploads], wire.SECAGG_UNMASK, unmask_request)
         revealed = list(_accepted(unmask_replies, _read_revealed, server_round).values())
         if preparing:
-            next_shares = _accepted(
-                [r for r in unmask_replies if r.client.key in next_clients],
-                _shares_reader(self.secure.peers(next_session, next_keys)),
-                server_round,
-                "next-round shares",
-            )
-            self._prepared = _Setup(
-                next_session,
-                next_keys,
-                {name: shares for name, (shares, _) in next_shares.items()},
-                {name: commitment for name, (_, commitment) in next_shares.items()},
-            )
+            dealers = [r for r in unmask_replies if r.client.key in next_clients]
+            self._prepared = self._dealt(dealers, next_session, next_keys, server_round, "next-round shares")
         _require(len(revealed), threshold, server_round, "revealed their shares")
         try:
             total = unmask(session, masked, setup.bundles, setup.commitments, revealed, self.secure)
@@ -194,11 +184,14 @@ class SecureRounds:
         _require(len(bundles), self.secure.round_minimum(len(bundles)), session.server_round, "sent round keys")
         round_clients = [c for c in sampled if c.key in bundles]
         config = ConfigRecord(_keys_message({c.key: c.public_key for c in round_clients}, bundles))
-        shared = _accepted(
-            step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: config})),
-            _shares_reader(self.secure.peers(session, bundles)),
-            session.server_round,
-        )
+        replies = step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: config}))
+        return self._dealt(replies, session, bundles, session.server_round, "reply")
+
+    def _dealt(
+        self, replies: list[Reply], session: Session, bundles: dict[str, KeyBundle], server_round: int, what: str
+    ) -> _Setup:
+        """The set-up of ``session`` from replies that carry encrypted shares (malformed ones logged, left out)."""
+        shared = _accepted(replies, _shares_reader(self.secure.peers(session, bundles)), server_round, what)
         return _Setup(
             session,
             bundles,
