@@ -10,6 +10,7 @@ peers' identity keys this node accepts in secure aggregation (otherwise it takes
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,8 @@ from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
 from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
+
+logger = logging.getLogger("fedtune")
 
 PRIVACY_STATE = "privacy"  # Context.state record holding the client's privacy accounting
 SECAGG_STATE = "secagg"  # Context.state record holding this round's secure-aggregation secrets
@@ -147,9 +150,15 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:  # pipelined: deal the next round's shares in the same reply
             experiment = experiment_of(msg, context)
-            dealt = _deal_shares(context, experiment, _session(msg, next_round=True), received)
-            content.config_records[wire.SEALED] = dealt.config_records[wire.SEALED]
-            content.config_records[wire.CONFIG][wire.COMMITMENT] = dealt.config_records[wire.CONFIG][wire.COMMITMENT]
+            try:
+                dealt = _deal_shares(context, experiment, _session(msg, next_round=True), received)
+            except (KeyError, ValueError) as error:  # ProtocolError included
+                # This round's answer stands; the server sets the next round up in steps of their own.
+                logger.warning("Round %s: not dealing the next round's shares: %s", state.session.server_round, error)
+            else:
+                content.config_records[wire.SEALED] = dealt.config_records[wire.SEALED]
+                config_record = content.config_records[wire.CONFIG]
+                config_record[wire.COMMITMENT] = dealt.config_records[wire.CONFIG][wire.COMMITMENT]
         return reply(msg, context, content)
 
     @app.evaluate()

@@ -162,7 +162,8 @@ class CoordinateMedian:
 
 def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: Path | None = None) -> ClientApp:
     """The real ClientApp, except that a node listed in ``failures`` under ``(name, round)`` raises at that step,
-    or, for ``"garbage:<step>"``, answers that step with a validly signed but meaningless reply. With ``observe``,
+    or, for ``"garbage:<step>"``, answers that step with a validly signed but meaningless reply, or, for
+    ``"forged-next-keys"``, gets an unmask request whose next-round keys fail their signature check. With ``observe``,
     each handled message appends [node, round, step, rounds whose secrets the node's Context.state holds]."""
     real, flaky = make_client_app(run_config), ClientApp()
 
@@ -173,6 +174,16 @@ def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: 
             failure = failures.get((node, server_round))
             if failure == step:
                 raise RuntimeError(f"node lost during {step}")
+            if (
+                failure == "forged-next-keys"
+                and step == "secagg_unmask"
+                and wire.BUNDLES in msg.content.config_records[wire.CONFIG]
+            ):
+                received = msg.content.config_records[wire.CONFIG]
+                bundles = json.loads(str(received[wire.BUNDLES]))
+                first = json.loads(bundles[0])
+                first["signature"] = "00" * 64
+                received[wire.BUNDLES] = json.dumps([json.dumps(first), *bundles[1:]])
             if failure == f"garbage:{step}":
                 received = msg.content.config_records[wire.CONFIG]
                 session = Session(str(received[wire.RUN_NONCE]), server_round)
@@ -198,7 +209,8 @@ def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: 
 
 def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_path: Path) -> None:
     """4 nodes, t = 3: one loss after uploading (round 1) or before (round 2) is recovered; two losses in
-    round 3 leave 2 < t, so the round is abandoned and the last checkpoint and ledger stay intact."""
+    round 3 leave 2 < t, so the round is abandoned and the last checkpoint and ledger stay intact. In round 1
+    another node refuses the next round's keys it is sent (bad signature): it still reveals for round 1."""
     run = tmp_path / "run"
     overrides = tiny_overrides(
         tiny_bert_dir,
@@ -211,6 +223,7 @@ def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_pat
     )
     failures = {
         ("partition-3", 1): "secagg_unmask",
+        ("partition-1", 1): "forged-next-keys",  # without its reveal round 1 would have 2 < t: it must still come
         ("partition-3", 2): "train",
         ("partition-2", 3): "secagg_unmask",
         ("partition-3", 3): "secagg_unmask",
