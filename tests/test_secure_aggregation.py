@@ -97,6 +97,31 @@ def test_a_steady_round_takes_two_exchanges_with_keys_and_shares_pipelined(runs:
     assert _train_metric(runs["masked"], "exchanges") == {1: 4.0, 2: 2.0}
 
 
+def test_with_client_sampling_only_rounds_of_already_prepared_clients_are_pipelined(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """4 nodes, 3 sampled a round: a round is pipelined exactly when all its clients were in the round before."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        run,
+        "federation.num_clients=4",
+        "federation.num_rounds=4",
+        "federation.fraction_train=0.75",
+        "federation.fraction_evaluate=0",
+        "secure=masking",
+        "seed=6",  # samples {0,1,2}, {1,2,3}, {1,2,3}, {0,2,3}: a new client in rounds 2 and 4, none in round 3
+    )
+    assert cli.main(["run", *overrides]) == 0
+    rounds = [e for e in Ledger(run).entries() if e["kind"] == "round"]
+    participants = {e["round"]: set(e["participants"]) for e in rounds}
+    assert all(len(names) == 3 for names in participants.values())
+    expected = {1: 4.0, **{r: 2.0 if participants[r] <= participants[r - 1] else 4.0 for r in (2, 3, 4)}}
+    assert _train_metric(run, "exchanges") == expected
+    assert set(list(expected.values())[1:]) == {2.0, 4.0}  # this seed's draws exercise both kinds of round
+    assert audit(run) == []
+
+
 def test_masked_nodes_do_not_announce_their_data_sizes(runs: dict) -> None:
     assert not (runs["masked"] / "partitions.json").exists()
     assert (runs["plain"] / "partitions.json").is_file()
