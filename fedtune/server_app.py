@@ -166,12 +166,9 @@ def _train_step(
 
     organisation = experiment.privacy.organisation
     if secure_rounds is not None:  # the server sees only the sum of the weighted updates and of the weights
-        last = server_round == experiment.federation.num_rounds
-        next_sampled = (
-            None
-            if last
-            else _sample(clients, experiment.federation.fraction_train, experiment, server_round + 1, "train")
-        )
+        next_sampled = None  # the next round's clients make its keys and shares during this one
+        if server_round < experiment.federation.num_rounds:
+            next_sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round + 1, "train")
         masked = secure_rounds.collect(
             sampled, train_content, global_adapter, server_round, organisation is not None, next_sampled
         )

@@ -90,18 +90,9 @@ class DPSGD:
             ValueError: DoRA, LoRA on an embedding layer, (``ew`` mode) any trainable non-Linear layer, or
                 (``ghost`` mode) a trainable parameter shared by several layers.
         """
-        owners: dict[int, str] = {}
+        if self.grad_sample_mode == "ghost":
+            _refuse_tied_trainable(model)
         for name, module in model.named_modules():
-            for parameter in module.parameters(recurse=False):
-                if parameter.requires_grad and self.grad_sample_mode == "ghost":
-                    if id(parameter) in owners:
-                        raise ValueError(
-                            f"privacy.grad_sample_mode=ghost adds up per-layer gradient norms, which is wrong for a "
-                            f"parameter shared by {owners[id(parameter)]} and {name} (tied weights); untie them or "
-                            "use privacy.grad_sample_mode=hooks."
-                        )
-                    owners[id(parameter)] = name
-
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             kind = type(module).__name__
@@ -188,7 +179,7 @@ class DPSGD:
             poisson_batches(num_examples, ledger.sample_rate, request.steps, generator),
             close,
             ledger.report,
-            *([partial(_ghost_backward, module, dp_optimizer)] if ghost else []),
+            **({"backward": partial(_ghost_backward, module, dp_optimizer)} if ghost else {}),
         )
 
     def reproducible_seed(self, config_seed: int) -> int | None:
@@ -207,6 +198,22 @@ class DPSGD:
             f"DP-SGD per record (Opacus, {self.grad_sample_mode}): {budget} per client over the whole run, {delta}, "
             f"per-record clip {self.max_grad_norm}, Poisson sampling, {self.accountant.upper()} accountant."
         )
+
+
+def _refuse_tied_trainable(model: torch.nn.Module) -> None:
+    """Ghost clipping adds up per-layer gradient norms, which is wrong for a parameter used by two layers."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            if id(parameter) in owners:
+                raise ValueError(
+                    f"privacy.grad_sample_mode=ghost adds up per-layer gradient norms, which is wrong for a "
+                    f"parameter shared by {owners[id(parameter)]} and {name} (tied weights); untie them or "
+                    "use privacy.grad_sample_mode=hooks."
+                )
+            owners[id(parameter)] = name
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
