@@ -17,13 +17,13 @@ AdapterState = dict[str, torch.Tensor]
 
 
 def get_adapter(model: PeftModel) -> AdapterState:
-    """A detached copy of the model's trainable adapter tensors, in a fixed key order."""
+    """A detached CPU copy of the model's trainable adapter tensors, in a fixed key order (whatever the model's device)."""
     state = get_peft_model_state_dict(model)
-    return {key: state[key].detach().clone().contiguous() for key in sorted(state)}
+    return {key: state[key].detach().to("cpu", copy=True).contiguous() for key in sorted(state)}
 
 
 def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
-    """Overwrite the model's adapter tensors with ``adapter``.
+    """Overwrite the model's adapter tensors with ``adapter`` (copied to the model's device).
 
     Raises:
         ValueError: If ``adapter`` lacks a tensor the model has, has one it does not, or a shape differs:

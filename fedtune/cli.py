@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -150,11 +151,12 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
         return 0
     from fedtune.experiment import get_experiment  # deferred: heavy imports only when something runs
     from fedtune.run_dir import RunDir
-    from fedtune.simulation import simulate
+    from fedtune.simulation import client_resources, simulate
 
     for cfg in configs:
         try:
             RunDir(cfg.run_dir).check(resume=bool(cfg.resume))
+            client_resources(get_experiment(cfg), os.cpu_count() or 1)
             get_experiment(cfg).preflight()
         except (ValueError, FileNotFoundError, FileExistsError) as error:
             raise config.ConfigError(str(error)) from error

@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.data import Task
+from fedtune import devices
+from fedtune.tasks import Task
 from fedtune.training import IGNORE_INDEX, TrainConfig, encode, format_prompt, sequence_loss
+
+if TYPE_CHECKING:  # a type only, as in training.py
+    import datasets
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -43,7 +47,7 @@ def evaluate(
     max_length: int,
     config: TrainConfig,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on (the first ``config.eval_max_examples`` rows of) ``dataset``.
+    """Metrics of ``model`` on (the first ``config.eval_max_examples`` rows of) ``dataset``, on the model's device.
 
     Returns:
         Classification: ``loss``, ``accuracy``, ``macro_f1``. Causal LM: ``loss`` (mean per answer token),
@@ -52,12 +56,14 @@ def evaluate(
     if config.eval_max_examples and len(dataset) > config.eval_max_examples:
         dataset = dataset.select(range(config.eval_max_examples))
     model.eval()
+    device = devices.of(model)
     loss_sum, loss_count, y_true, y_pred = 0.0, 0, [], []
     for start in range(0, len(dataset), config.eval_batch_size):
-        batch = encode(dataset[start : start + config.eval_batch_size], task, tokenizer, max_length)
+        batch = encode(dataset[start : start + config.eval_batch_size], task, tokenizer, max_length, device)
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        losses = sequence_loss(logits, labels, task)
+        with devices.autocast(device, config.precision):
+            logits = model(**batch).logits
+            losses = sequence_loss(logits, labels, task)
         if task == "classification":
             loss_sum, loss_count = loss_sum + losses.sum().item(), loss_count + len(losses)
             y_true += labels.tolist()
@@ -71,9 +77,10 @@ def evaluate(
         return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred)}
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if config.generation_examples:
-        metrics["exact_match"] = exact_match(
-            model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer
-        )
+        with devices.autocast(device, config.precision):
+            metrics["exact_match"] = exact_match(
+                model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer
+            )
     return metrics
 
 
@@ -87,7 +94,7 @@ def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: Pr
             add_special_tokens=False,
             return_token_type_ids=False,
             return_tensors="pt",
-        )
+        ).to(devices.of(model))
         budget = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 4
         output = model.generate(
             **prompt,

@@ -11,11 +11,13 @@ from functools import cached_property
 from typing import Any
 
 import datasets
+import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune import config as fedtune_config
+from fedtune import devices
 from fedtune.adapters import AdapterState, set_adapter
 from fedtune.data import Corpus, DataSpec
 from fedtune.data.local import local_file
@@ -63,6 +65,11 @@ class Experiment:
     def train_config(self) -> TrainConfig:
         """Local training settings."""
         return fedtune_config.instantiate(self.cfg.train)
+
+    @cached_property
+    def device(self) -> torch.device:
+        """Where this process trains and evaluates (``train.device`` resolved on this machine's hardware)."""
+        return devices.resolve(self.train_config.device, self.train_config.deterministic)
 
     @cached_property
     def privacy(self) -> PrivacyMechanism:
@@ -206,7 +213,8 @@ class Experiment:
 
     def _model_and_initial_adapter(self) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)
-        return build_model(self.model_spec, lora, self.num_labels, self.cfg.seed)
+        precision = self.train_config.precision
+        return build_model(self.model_spec, lora, self.num_labels, self.cfg.seed, self.device, precision)
 
 
 def get_experiment(cfg: DictConfig) -> Experiment:

@@ -18,6 +18,8 @@ class Federation:
         min_evaluate_clients: Federated evaluation is skipped for a round with fewer replies.
         round_timeout: Seconds the server waits for replies in each step of a round.
         cpus_per_client: CPU cores reserved per simulated client (Ray resources).
+        gpus_per_client: Share of a GPU reserved per simulated client (Ray resources; 0.25 runs four clients
+            on one GPU at a time). With 0, simulated clients see no GPU and train on the CPU.
         evaluate_every: Evaluate (federated and central) every this many rounds, and after the last round.
         connect_timeout: Seconds the server waits at start for all ``num_clients`` nodes to connect.
         trusted_keys: JSON file of node name -> Ed25519 public key (``fedtune identity`` writes it). Only
@@ -36,6 +38,7 @@ class Federation:
     min_evaluate_clients: int = 1
     round_timeout: float = 3600.0
     cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
     evaluate_every: int = 1
     connect_timeout: float = 600.0
     trusted_keys: str | None = None
@@ -50,6 +53,7 @@ class Federation:
             "min_evaluate_clients": 0 <= self.min_evaluate_clients <= self.num_clients,
             "round_timeout": self.round_timeout > 0,
             "cpus_per_client": self.cpus_per_client > 0,
+            "gpus_per_client": self.gpus_per_client >= 0,
             "evaluate_every": self.evaluate_every >= 1,
             "connect_timeout": self.connect_timeout >= 0,
         }

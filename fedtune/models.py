@@ -23,9 +23,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedtune import devices
 from fedtune.adapters import AdapterState, get_adapter
 from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS
-from fedtune.data import Task
+from fedtune.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -94,25 +95,36 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return _TOKENIZER_CACHE[key]
 
 
-def build_model(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int) -> tuple[PeftModel, AdapterState]:
-    """The base model with a LoRA adapter, and that adapter's initial values.
+def build_model(
+    spec: ModelSpec,
+    lora: LoraConfig,
+    num_labels: int | None,
+    seed: int,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> tuple[PeftModel, AdapterState]:
+    """The base model with a LoRA adapter, on ``device``, and that adapter's initial values (on the CPU).
 
     Built once per process for the same arguments and reused: the model's adapter tensors are whatever
     its last user set, so callers load an adapter (:func:`fedtune.adapters.set_adapter`) before use.
-    The initial adapter (and a new classifier head) depends on ``seed`` only, so the server's first
-    global adapter is reproducible.
+    The initial adapter (and a new classifier head) depends on ``seed`` (and ``precision``) only: it is
+    drawn on the CPU before the model moves, so the server's first global adapter is the same on any device.
 
     Args:
         spec: The base model.
         lora: PEFT LoRA settings; ``task_type`` is set from ``spec.task``.
         num_labels: Classes of the classification head (``None`` for a causal LM).
         seed: Seeds the adapter and head initialisation.
+        device: Where the model runs.
+        precision: ``fp32``, or ``bf16`` to store the frozen base weights in bfloat16. Trainable tensors
+            (LoRA matrices, a classifier head) are float32 either way.
     """
     lora = _with_task_type(lora, spec.task)
-    key = json.dumps([spec.path, spec.task, num_labels, seed, _lora_key(lora)], sort_keys=True)
+    key = json.dumps([spec.path, spec.task, num_labels, seed, _lora_key(lora), str(device), precision], sort_keys=True)
     if key not in _MODEL_CACHE:
-        model = _build(spec, lora, num_labels, seed)
-        _MODEL_CACHE[key] = (model, get_adapter(model))
+        model = _build(spec, lora, num_labels, seed, devices.weights_dtype(precision))
+        initial = get_adapter(model)
+        _MODEL_CACHE[key] = (model.to(device), initial)
     return _MODEL_CACHE[key]
 
 
@@ -122,19 +134,22 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _build(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int) -> PeftModel:
+def _build(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int, dtype: torch.dtype) -> PeftModel:
     path = spec.resolve()
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     torch.manual_seed(seed)
     if spec.task == "classification":
         if not num_labels or num_labels < 2:
             raise ValueError(f"A classification model needs at least 2 labels, got {num_labels}.")
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
         base.config.pad_token_id = load_tokenizer(spec).pad_token_id
     else:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     base.eval()
     model = get_peft_model(base, lora)
+    for parameter in model.parameters():
+        if parameter.requires_grad:  # what trains and travels is float32 (a bfloat16 base's copied head too)
+            parameter.data = parameter.data.float()
     trainable, total = count_parameters(model)
     logger.info("Built %s + LoRA: %d trainable of %d parameters", path.name, trainable, total)
     return model

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.data import Task
-from fedtune.privacy import NoPrivacy, PlanRequest, PrivacyMechanism
+from fedtune import devices
+from fedtune.privacy import LocalPlan, NoPrivacy, PlanRequest, PrivacyMechanism
+from fedtune.tasks import Task
+
+if TYPE_CHECKING:  # a type only: training needs no dataset library (GPU machines run it without one)
+    import datasets
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
 
@@ -28,6 +31,12 @@ class TrainConfig:
         eval_max_examples: Evaluate on at most this many examples of a split (the first ones; 0 = all).
         generation_examples: Causal LM only: examples of the exact-match generation check.
         torch_threads: CPU threads each client uses (simulated clients run side by side).
+        device: Where each node trains and evaluates: ``auto`` (its CUDA GPU if it has one, else its CPU),
+            ``cpu``, ``cuda`` or ``cuda:N``. Resolved on each node's own hardware (fedtune/devices.py).
+        precision: ``fp32``, or ``bf16``: base weights stored in bfloat16 and the forward pass autocast to it
+            (the adapter, its gradients and the optimizer stay float32).
+        deterministic: On CUDA, use only deterministic kernels so that a run repeats bit for bit; an
+            operation without one then raises. False allows it, and gives up exact repeats on the GPU.
 
     Raises:
         ValueError: If a value is out of range; the message names the key.
@@ -41,6 +50,9 @@ class TrainConfig:
     eval_max_examples: int = 500
     generation_examples: int = 32
     torch_threads: int = 1
+    device: str = "auto"
+    precision: str = "fp32"
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         positive = ("local_steps", "batch_size", "lr", "eval_batch_size", "torch_threads")
@@ -50,17 +62,32 @@ class TrainConfig:
         for key in ("weight_decay", "eval_max_examples", "generation_examples"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must not be negative.")
+        devices.check_device_name(self.device)
+        if self.precision not in devices.PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}: use one of {', '.join(devices.PRECISIONS)}.")
 
 
 def encode(
-    rows: dict[str, list[Any]], task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int
+    rows: dict[str, list[Any]],
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenise a batch of rows into model inputs, right-padded.
 
     Classification: ``input_ids``, ``attention_mask`` of shape (B, T) and ``labels`` of shape (B,).
     Causal LM: the prompt (chat-formatted when the tokenizer has a template) followed by the response;
     ``labels`` (B, T) copy the response tokens and hold IGNORE_INDEX elsewhere, so only the answer is learned.
+    The tensors are moved to ``device`` when one is given.
     """
+    batch = _encode(rows, task, tokenizer, max_length)
+    return batch if device is None else {key: value.to(device) for key, value in batch.items()}
+
+
+def _encode(
+    rows: dict[str, list[Any]], task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, torch.Tensor]:
     if task == "classification":
         batch = tokenizer(rows["text"], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         batch["labels"] = torch.tensor(rows["label"], dtype=torch.long)
@@ -119,7 +146,7 @@ def local_train(
     total_steps: int | None = None,
     privacy_state: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Train the model's trainable (adapter) parameters for ``config.local_steps`` steps.
+    """Train the model's trainable (adapter) parameters for ``config.local_steps`` steps, on the model's device.
 
     Args:
         privacy: The privacy mechanism that plans batches, optimizer and per-record gradients (none if None).
@@ -137,20 +164,38 @@ def local_train(
         generator, {} if privacy_state is None else privacy_state,
     )  # fmt: skip
     plan = (privacy or NoPrivacy()).plan(request)
+    device = devices.of(model)
     model.train()
     losses = []
     try:
         for indices in plan.batches:
-            if indices:  # Poisson sampling can draw an empty batch: the step still adds (and accounts) noise
-                batch = encode(dataset[indices], task, tokenizer, max_length)
-                labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
-                per_record = sequence_loss(plan.module(input_ids, **batch).logits, labels, task)
-                losses.append(per_record.mean().item())
-                plan.backward(per_record)
-            plan.optimizer.step()
-            plan.optimizer.zero_grad(set_to_none=True)
+            # Poisson sampling can draw an empty batch: the step still adds (and accounts) noise
+            batch = encode(dataset[indices], task, tokenizer, max_length, device) if indices else None
+            loss = train_step(plan, batch, task, config.precision)
+            if loss is not None:
+                losses.append(loss)
     finally:
         plan.close()
         model.eval()
-    mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    return {"train_loss": mean_loss, "train_loss_last": losses[-1] if losses else float("nan"), **plan.report()}
+    values = torch.stack(losses).tolist() if losses else [float("nan")]
+    return {"train_loss": sum(values) / len(values), "train_loss_last": values[-1], **plan.report()}
+
+
+def train_step(
+    plan: LocalPlan, batch: dict[str, torch.Tensor] | None, task: Task, precision: str
+) -> torch.Tensor | None:
+    """One optimizer step of ``plan`` on an encoded ``batch`` (None: an empty batch); returns its mean loss.
+
+    The loss stays a tensor on the device: reading it here would make the CPU wait for the GPU every step.
+    """
+    loss = None
+    if batch is not None:
+        inputs = dict(batch)
+        labels, input_ids = inputs.pop("labels"), inputs.pop("input_ids")
+        with devices.autocast(input_ids.device, precision):
+            per_record = sequence_loss(plan.module(input_ids, **inputs).logits, labels, task)
+        loss = per_record.detach().mean()
+        plan.backward(per_record)
+    plan.optimizer.step()
+    plan.optimizer.zero_grad(set_to_none=True)
+    return loss

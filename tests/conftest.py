@@ -19,11 +19,8 @@ def _save_tokenizer(target: Path) -> int:
     return len(tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT encoder (random weights, seeded) saved like a user's local model."""
-    target = tmp_path_factory.mktemp("tiny-bert")
-    vocab = _save_tokenizer(target)
+def save_tiny_bert(target: Path, vocab: int) -> None:
+    """A 2-layer BERT encoder (random weights, seeded), saved like a user's local model."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=vocab,
@@ -36,14 +33,10 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         attention_probs_dropout_prob=0.0,
     )
     BertModel(config).save_pretrained(target)
-    return target
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama causal LM (random weights, seeded) saved like a user's local model."""
-    target = tmp_path_factory.mktemp("tiny-llama")
-    vocab = _save_tokenizer(target)
+def save_tiny_llama(target: Path, vocab: int) -> None:
+    """A 2-layer Llama causal LM (random weights, seeded), saved like a user's local model."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -56,6 +49,21 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with the packaged MiniLM tokenizer."""
+    target = tmp_path_factory.mktemp("tiny-bert")
+    save_tiny_bert(target, _save_tokenizer(target))
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with the packaged MiniLM tokenizer."""
+    target = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(target, _save_tokenizer(target))
     return target
 
 

@@ -57,7 +57,7 @@ def _one_step_gradient(
         model.eval()
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
+@pytest.mark.parametrize("mode", ["flat", "hooks", "functorch", "ew", "ghost"])
 def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
     model, tokenizer = model_and_tokenizer
     clip, indices = 0.01, [0, 5, 11, 17, 23, 31]
@@ -84,7 +84,9 @@ def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_an
         assert torch.allclose(dp[n], reference[n] / expected_batch, atol=1e-7, rtol=1e-4), n
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])  # two optimizers: per-record gradients, or ghost's clipped sum
+@pytest.mark.parametrize(
+    "mode", ["flat", "hooks", "ghost"]
+)  # three optimizers: flat buffer, per-record gradients, ghost
 def test_noise_has_the_configured_standard_deviation(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
     model, tokenizer = model_and_tokenizer
     sigma, clip = 1.3, 0.5
@@ -161,7 +163,7 @@ def test_delta_defaults_below_one_over_n_and_a_larger_one_is_refused() -> None:
 @pytest.mark.parametrize("lora, mode, setting", [
     (LoraConfig(r=4, use_dora=True), "hooks", "lora.use_dora"),
     (LoraConfig(r=4, target_modules=["query", "word_embeddings"]), "hooks", "lora.target_modules"),
-    (LoraConfig(r=4, modules_to_save=["LayerNorm"]), "ew", "grad_sample_mode=hooks"),
+    (LoraConfig(r=4, modules_to_save=["LayerNorm"]), "ew", "grad_sample_mode=flat"),
 ])  # fmt: skip
 def test_combinations_opacus_cannot_handle_are_refused(
     tiny_bert_dir: Path, lora: LoraConfig, mode: str, setting: str

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import datasets
 
-Task = Literal["classification", "causal_lm"]
+from fedtune.tasks import Task
 
 
 @dataclass(frozen=True)

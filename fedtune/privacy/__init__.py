@@ -14,6 +14,23 @@ from typing import Any, Protocol
 import torch
 
 
+def mean_backward(losses: torch.Tensor) -> None:
+    """Backpropagate the batch's mean loss (gradients of every record at once)."""
+    losses.mean().backward()
+
+
+class StepOptimizer(Protocol):
+    """What the training loop steps: a torch optimizer, or a DP wrapper around one."""
+
+    def step(self) -> Any:
+        """Apply this step's gradient."""
+        ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients for the next step."""
+        ...
+
+
 @dataclass
 class LocalPlan:
     """How one client trains for one round.
@@ -28,11 +45,11 @@ class LocalPlan:
     """
 
     module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: StepOptimizer
     batches: Iterator[list[int]]
     close: Callable[[], None] = lambda: None
     report: Callable[[], dict[str, float]] = dict
-    backward: Callable[[torch.Tensor], None] = lambda losses: losses.mean().backward()
+    backward: Callable[[torch.Tensor], None] = mean_backward
 
 
 @dataclass

@@ -11,23 +11,20 @@ import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-from fedtune.privacy import LocalPlan, PlanRequest
+from fedtune import devices
+from fedtune.privacy import LocalPlan, PlanRequest, flat
+from fedtune.privacy.engines import MODES, private_step
 from fedtune.seeding import noise_generator
 
 # Opacus's hooks on a model whose inputs need no gradient (frozen embeddings): expected, and harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 STATE_KEY = "dp_sgd"  # where the accountant's history is kept in the client's state
-_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
@@ -45,9 +42,9 @@ class DPSGD:
         max_grad_norm: Per-record gradient L2 bound C; noise has standard deviation ``noise_multiplier * C``.
         delta: Target delta; null uses 1/(10 n) for a client with n training records. Must be below 1/n.
         accountant: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables, tighter).
-        grad_sample_mode: Opacus per-sample gradient engine: ``hooks``, ``functorch``, ``ew``, or ``ghost``
-            (ghost clipping, Li et al. 2021: per-record gradient norms without materialising per-record
-            gradients, then a second backward pass over the clipped loss; least memory, two backward passes).
+        grad_sample_mode: How per-record gradients are computed: ``flat`` (fedtune's engine on Opacus's
+            per-layer samplers, fastest for LoRA), or Opacus's ``hooks``, ``functorch``, ``ew`` or ``ghost``
+            (least memory, two backward passes); see fedtune/privacy/engines.py.
         reproducible_noise: Draw noise and Poisson batches from the run's seed (research simulations only:
             anyone with the config could recompute the noise). By default they come from a secret the client
             creates and keeps in its own privacy state.
@@ -61,7 +58,7 @@ class DPSGD:
     max_grad_norm: float = 1.0
     delta: float | None = None
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    grad_sample_mode: Literal["flat", "hooks", "functorch", "ew", "ghost"] = "flat"
     reproducible_noise: bool = False
     organisation = None  # record level only; see RecordAndClientDP for both
 
@@ -80,34 +77,26 @@ class DPSGD:
             raise ValueError(f"privacy.delta={self.delta}: must lie in (0, 1) and below 1/(records per client).")
         if self.accountant not in ("rdp", "prv"):
             raise ValueError(f"privacy.accountant={self.accountant!r}: use 'rdp' or 'prv'.")
-        if self.grad_sample_mode not in _MODES:
-            raise ValueError(f"privacy.grad_sample_mode={self.grad_sample_mode!r}: use one of {', '.join(_MODES)}.")
+        if self.grad_sample_mode not in MODES:
+            raise ValueError(f"privacy.grad_sample_mode={self.grad_sample_mode!r}: use one of {', '.join(MODES)}.")
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Refuse trainable layers for which Opacus cannot compute correct per-record gradients.
+        """Refuse trainable layers for which the chosen engine cannot compute correct per-record gradients.
 
         Raises:
-            ValueError: DoRA, LoRA on an embedding layer, (``ew`` mode) any trainable non-Linear layer, or
-                (``ghost`` mode) a trainable parameter shared by several layers.
+            ValueError: DoRA or LoRA on an embedding layer (any engine); for ``flat``, a trainable layer
+                without a per-record sampler in Opacus's registry; for ``ew``, a trainable non-Linear layer
+                or a bfloat16 base; for ``ghost``, a trainable parameter shared by several layers.
         """
-        if self.grad_sample_mode == "ghost":
-            _refuse_tied_trainable(model)
-        for name, module in model.named_modules():
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                continue
-            kind = type(module).__name__
-            if "lora_magnitude_vector" in name or "Dora" in kind:
+        for name, module in flat.trainable_layers(model):
+            if "lora_magnitude_vector" in name or "Dora" in type(module).__name__:
                 raise ValueError(f"DP-SGD cannot clip DoRA's per-record gradients ({name}); set lora.use_dora=false.")
             if isinstance(module, torch.nn.Embedding) or "lora_embedding" in name:
                 raise ValueError(
                     f"DP-SGD cannot train the embedding layer {name} correctly with Opacus; remove it from "
                     "lora.target_modules and lora.modules_to_save."
                 )
-            if self.grad_sample_mode == "ew" and not isinstance(module, torch.nn.Linear):
-                raise ValueError(
-                    f"privacy.grad_sample_mode=ew handles only Linear layers but {name} ({kind}) is trainable; "
-                    "use privacy.grad_sample_mode=hooks."
-                )
+        _MODE_CHECKS.get(self.grad_sample_mode, lambda _: None)(model)
 
     def delta_for(self, num_examples: int) -> float:
         """The delta for a client with ``num_examples`` records; refuses one that does not protect each record.
@@ -157,29 +146,28 @@ class DPSGD:
                 f"This client has spent epsilon={ledger.epsilon():.3f} of its target {self.target_epsilon}; "
                 f"{request.steps} more steps would exceed it, so it does not train again."
             )
-        ghost = self.grad_sample_mode == "ghost"
-        module = _grad_sample_module(model, self.grad_sample_mode, self.max_grad_norm)
-        dp_optimizer = (_GhostDPOptimizer if ghost else _PerRecordDPOptimizer)(
+        step = private_step(
+            self.grad_sample_mode,
+            model,
             optimizer,
-            noise_multiplier=ledger.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=max(1, round(ledger.sample_rate * num_examples)),
-            loss_reduction="mean",
-            generator=generator,
+            ledger.noise_multiplier,
+            self.max_grad_norm,
+            max(1, round(ledger.sample_rate * num_examples)),
+            devices.generator_on(generator, devices.of(model)),  # Poisson batches stay on the CPU stream
+            ledger.step,
         )
-        dp_optimizer.attach_step_hook(lambda _: ledger.step())
 
         def close() -> None:
-            module.cleanup()  # the model is cached for later rounds: remove Opacus's hooks and attributes
+            step.cleanup()  # the model is cached for later rounds: remove the engine's hooks
             ledger.save(state)
 
         return LocalPlan(
-            module,
-            dp_optimizer,
+            step.module,
+            step.optimizer,
             poisson_batches(num_examples, ledger.sample_rate, request.steps, generator),
             close,
             ledger.report,
-            **({"backward": partial(_ghost_backward, module, dp_optimizer)} if ghost else {}),
+            step.backward,
         )
 
     def reproducible_seed(self, config_seed: int) -> int | None:
@@ -200,6 +188,32 @@ class DPSGD:
         )
 
 
+def _refuse_without_sampler(model: torch.nn.Module) -> None:
+    """The flat engine takes every layer's per-record gradients from Opacus's registered samplers."""
+    unsupported = flat.unsupported_layer(model)
+    if unsupported is not None:
+        raise ValueError(
+            f"privacy.grad_sample_mode=flat needs a per-record gradient sampler registered with Opacus for every "
+            f"trainable layer, and {unsupported} has none; use privacy.grad_sample_mode=hooks (it falls back to "
+            "functorch for such layers)."
+        )
+
+
+def _refuse_for_expanded_weights(model: torch.nn.Module) -> None:
+    """PyTorch's expanded weights handle Linear layers only, in one dtype."""
+    for name, module in flat.trainable_layers(model):
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(
+                f"privacy.grad_sample_mode=ew handles only Linear layers but {name} ({type(module).__name__}) is "
+                "trainable; use privacy.grad_sample_mode=flat (or hooks)."
+            )
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        raise ValueError(
+            "privacy.grad_sample_mode=ew cannot run with train.precision=bf16 (expanded weights mix float32 and "
+            "bfloat16 in one product); use privacy.grad_sample_mode=flat."
+        )
+
+
 def _refuse_tied_trainable(model: torch.nn.Module) -> None:
     """Ghost clipping adds up per-layer gradient norms, which is wrong for a parameter used by two layers."""
     owners: dict[int, str] = {}
@@ -214,6 +228,9 @@ def _refuse_tied_trainable(model: torch.nn.Module) -> None:
                     "use privacy.grad_sample_mode=hooks."
                 )
             owners[id(parameter)] = name
+
+
+_MODE_CHECKS = {"flat": _refuse_without_sampler, "ew": _refuse_for_expanded_weights, "ghost": _refuse_tied_trainable}
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
@@ -277,69 +294,3 @@ class Ledger:
     def report(self) -> dict[str, float]:
         """Metrics for the client's reply."""
         return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier}
-
-
-class _StepsOnEmptyBatches:
-    """Mixin for Opacus's DP optimizers: also step on an empty Poisson batch (noise only; the step is accounted)."""
-
-    params: list[torch.Tensor]
-
-    def pre_step(self, closure: Any = None) -> bool | None:
-        for p in self.params:
-            self._no_records(p)
-        return super().pre_step(closure)  # type: ignore[misc]
-
-    @staticmethod
-    def _no_records(p: torch.Tensor) -> None:
-        """Give ``p`` the gradient of a batch without records, where backward did not run."""
-        raise NotImplementedError
-
-
-class _PerRecordDPOptimizer(_StepsOnEmptyBatches, DPOptimizer):
-    """Clips the per-record gradients backward left in ``p.grad_sample``, sums and noises them."""
-
-    @staticmethod
-    def _no_records(p: torch.Tensor) -> None:
-        if p.grad_sample is None:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-
-
-class _GhostDPOptimizer(_StepsOnEmptyBatches, DPOptimizerFastGradientClipping):
-    """Noises the already clipped sum that the ghost backward left in ``p.grad``."""
-
-    @staticmethod
-    def _no_records(p: torch.Tensor) -> None:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
-def _ghost_backward(
-    module: GradSampleModuleFastGradientClipping, optimizer: _GhostDPOptimizer, losses: torch.Tensor
-) -> None:
-    """Ghost clipping's two passes: per-record gradient norms, then the gradient of the clipped loss.
-
-    The first pass only fills the norms (its parameter gradients are dropped); the second, with the hooks
-    off, backpropagates sum_i c_i * loss_i with c_i = min(1, C / ||g_i||), whose gradient is the sum of
-    the clipped per-record gradients.
-    """
-    losses.mean().backward(retain_graph=True)
-    optimizer.zero_grad()
-    coefficients = module.get_clipping_coef().to(losses.device)
-    module.disable_hooks()
-    try:
-        (coefficients * losses).sum().backward()
-    finally:
-        module.enable_hooks()
-
-
-def _grad_sample_module(model: torch.nn.Module, mode: str, max_grad_norm: float) -> Any:
-    """Wrap ``model`` so that backward leaves per-record gradients in ``p.grad_sample`` (ghost: their norms)."""
-    if mode == "ew":
-        from opacus.grad_sample import GradSampleModuleExpandedWeights
-
-        return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
-    if mode == "ghost":
-        return GradSampleModuleFastGradientClipping(
-            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
-        )
-    return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")

@@ -1,0 +1,157 @@
+"""How a DP-SGD step gets each record's clipped gradient: fedtune's flat engine or one of Opacus's.
+
+``privacy.grad_sample_mode`` picks one:
+
+- ``flat`` (default): per-record gradients from Opacus's per-layer samplers, written into one flat buffer
+  and clipped and noised in a few whole-adapter operations (fedtune/privacy/flat.py). Fastest where the
+  adapter has many small tensors (LoRA on every linear layer); layers need a sampler in Opacus's registry.
+- ``hooks``: Opacus's GradSampleModule (module hooks; functorch for layers without a registered sampler).
+- ``functorch``: the same, with functorch's vmap for every layer.
+- ``ew``: PyTorch's expanded weights (Linear layers only).
+- ``ghost``: ghost clipping (Li et al. 2021, https://arxiv.org/abs/2110.05679): per-record gradient norms
+  without per-record gradients, then a second backward pass over the clipped loss; least memory.
+
+Every engine clips each record's gradient to ``max_grad_norm``, adds N(0, (sigma C)^2) to the sum, divides
+by the expected batch size, and also steps (adding noise, and accounted) on an empty Poisson batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+from fedtune.privacy import StepOptimizer, mean_backward
+from fedtune.privacy.flat import FlatDPOptimizer, FlatPerRecordGradients
+
+MODES = ("flat", "hooks", "functorch", "ew", "ghost")
+
+
+@dataclass
+class PrivateStep:
+    """What one engine gives the training loop.
+
+    Attributes:
+        module: What to run forward (the model itself, or Opacus's wrapper of it).
+        optimizer: Clips, noises and steps.
+        backward: Leaves the step's gradient, given each record's loss.
+        cleanup: Removes the engine's hooks from the (cached) model.
+    """
+
+    module: torch.nn.Module
+    optimizer: StepOptimizer
+    backward: Callable[[torch.Tensor], None]
+    cleanup: Callable[[], None]
+
+
+def private_step(
+    mode: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+    on_step: Callable[[], None],
+) -> PrivateStep:
+    """Set ``model`` and ``optimizer`` up for DP-SGD with the engine ``mode``; ``on_step`` accounts each step.
+
+    ``generator`` draws the noise and must live on the parameters' device.
+    """
+    if mode == "flat":
+        gradients = FlatPerRecordGradients(model)
+        flat = FlatDPOptimizer(
+            optimizer, gradients, noise_multiplier, max_grad_norm, expected_batch_size, generator, on_step
+        )
+        return PrivateStep(model, flat, mean_backward, gradients.close)
+    module = _grad_sample_module(model, mode, max_grad_norm)
+    optimizer_class = _GhostDPOptimizer if mode == "ghost" else _PerRecordDPOptimizer
+    dp_optimizer = optimizer_class(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    dp_optimizer.attach_step_hook(lambda _: on_step())
+    backward = partial(_ghost_backward, module, dp_optimizer) if mode == "ghost" else mean_backward
+    return PrivateStep(module, dp_optimizer, backward, module.cleanup)
+
+
+class _StepsOnEmptyBatches:
+    """Mixin for Opacus's DP optimizers: also step on an empty Poisson batch (noise only; the step is accounted)."""
+
+    params: list[torch.Tensor]
+
+    def pre_step(self, closure: Any = None) -> bool | None:
+        for p in self.params:
+            self._no_records(p)
+        return super().pre_step(closure)  # type: ignore[misc]
+
+    @staticmethod
+    def _no_records(p: torch.Tensor) -> None:
+        """Give ``p`` the gradient of a batch without records, where backward did not run."""
+        raise NotImplementedError
+
+
+class _PerRecordDPOptimizer(_StepsOnEmptyBatches, DPOptimizer):
+    """Clips the per-record gradients backward left in ``p.grad_sample``, sums and noises them."""
+
+    @staticmethod
+    def _no_records(p: torch.Tensor) -> None:
+        if p.grad_sample is None:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+    def scale_grad(self) -> None:
+        """Divide by the expected batch size; Opacus recounts the accumulated batches for every tensor (O(n^2))."""
+        divisor = self.expected_batch_size * self.accumulated_iterations
+        for p in self.params:
+            p.grad /= divisor
+
+
+class _GhostDPOptimizer(_StepsOnEmptyBatches, DPOptimizerFastGradientClipping):
+    """Noises the already clipped sum that the ghost backward left in ``p.grad``."""
+
+    @staticmethod
+    def _no_records(p: torch.Tensor) -> None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _ghost_backward(
+    module: GradSampleModuleFastGradientClipping, optimizer: _GhostDPOptimizer, losses: torch.Tensor
+) -> None:
+    """Ghost clipping's two passes: per-record gradient norms, then the gradient of the clipped loss.
+
+    The first pass only fills the norms (its parameter gradients are dropped); the second, with the hooks
+    off, backpropagates sum_i c_i * loss_i with c_i = min(1, C / ||g_i||), whose gradient is the sum of
+    the clipped per-record gradients.
+    """
+    losses.mean().backward(retain_graph=True)
+    optimizer.zero_grad()
+    coefficients = module.get_clipping_coef().to(losses.device)
+    module.disable_hooks()
+    try:
+        (coefficients * losses).sum().backward()
+    finally:
+        module.enable_hooks()
+
+
+def _grad_sample_module(model: torch.nn.Module, mode: str, max_grad_norm: float) -> Any:
+    """Wrap ``model`` so that backward leaves per-record gradients in ``p.grad_sample`` (ghost: their norms)."""
+    if mode == "ew":
+        from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+        return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+    if mode == "ghost":
+        return GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
+        )
+    return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
