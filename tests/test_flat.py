@@ -29,11 +29,12 @@ class _Net(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.norm(self.embed(x)))
         h = torch.tanh(self.middle(torch.tanh(self.middle(h))))
-        return (self.head(h) + 0.5 * self.tied(h)).mean(dim=1)  # (records, tokens, 3) -> (records, 3)
+        return self.head(h) + 0.5 * self.tied(h)
 
 
 def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    """Each record's loss on its tokens' mean output: (records, tokens, 3) -> (records,)."""
+    return torch.nn.functional.cross_entropy(model(x).mean(dim=1), y, reduction="none")
 
 
 def _clipped_sum_by_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> torch.Tensor:
@@ -47,16 +48,21 @@ def _clipped_sum_by_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     return total
 
 
+def _clipped_sum_by_engine(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> torch.Tensor:
+    """The same from one backward of the batch's mean loss through FlatPerRecordGradients."""
+    gradients = FlatPerRecordGradients(model)
+    try:
+        _losses(model, x, y).mean().backward()
+        return gradients.take_clipped_sum(clip)
+    finally:
+        gradients.close()
+
+
 @pytest.mark.parametrize("clip", [1e-3, 1e3])  # every record clipped / none clipped
 def test_clipped_sum_equals_a_per_record_loop(clip: float) -> None:
     torch.manual_seed(0)
     model, x, y = _Net(), torch.randn(5, 4, 6), torch.tensor([0, 2, 1, 1, 0])
-    gradients = FlatPerRecordGradients(model)
-    try:
-        _losses(model, x, y).mean().backward()
-        flat = gradients.take_clipped_sum(clip)
-    finally:
-        gradients.close()
+    flat = _clipped_sum_by_engine(model, x, y, clip)
     expected = _clipped_sum_by_loop(model, x, y, clip)
     assert flat.shape == expected.shape
     assert torch.allclose(flat.double(), expected, rtol=1e-4, atol=1e-9)
@@ -108,3 +114,26 @@ def test_a_layer_without_a_sampler_is_refused_with_the_mode_to_use() -> None:
     with pytest.raises(ValueError, match="grad_sample_mode=hooks"):
         DPSGD(grad_sample_mode="flat").check_model(model)
     DPSGD(grad_sample_mode="hooks").check_model(model)  # hooks falls back to functorch for such layers
+
+
+def test_a_sampler_registered_with_opacus_extends_the_flat_engine() -> None:
+    from opacus.grad_sample import register_grad_sampler
+
+    class Gate(torch.nn.Module):  # a layer type fedtune and Opacus know nothing about
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    @register_grad_sampler(Gate)
+    def gate_per_record(layer: Gate, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+        return {layer.weight: torch.einsum("n...d,n...d->nd", backprops, activations[0])}
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), Gate(), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+    x, y = torch.randn(4, 3, 6), torch.tensor([0, 1, 2, 1])
+    flat = _clipped_sum_by_engine(model, x, y, 0.05)
+    assert torch.allclose(flat.double(), _clipped_sum_by_loop(model, x, y, 0.05), rtol=1e-4, atol=1e-9)

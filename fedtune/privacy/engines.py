@@ -4,7 +4,8 @@
 
 - ``flat`` (default): per-record gradients from Opacus's per-layer samplers, written into one flat buffer
   and clipped and noised in a few whole-adapter operations (fedtune/privacy/flat.py). Fastest where the
-  adapter has many small tensors (LoRA on every linear layer); layers need a sampler in Opacus's registry.
+  adapter has many small tensors (LoRA on every linear layer); every trainable layer needs a sampler in
+  Opacus's registry (``opacus.grad_sample.register_grad_sampler`` adds one for a new layer type).
 - ``hooks``: Opacus's GradSampleModule (module hooks; functorch for layers without a registered sampler).
 - ``functorch``: the same, with functorch's vmap for every layer.
 - ``ew``: PyTorch's expanded weights (Linear layers only).
