@@ -19,7 +19,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedtune import devices
 from fedtune.privacy import LocalPlan, PlanRequest, flat
-from fedtune.privacy.engines import MODES, private_step
+from fedtune.privacy.engines import MODES, private_step, refuse_unsupported
 from fedtune.seeding import noise_generator
 
 # Opacus's hooks on a model whose inputs need no gradient (frozen embeddings): expected, and harmless.
@@ -96,7 +96,7 @@ class DPSGD:
                     f"DP-SGD cannot train the embedding layer {name} correctly with Opacus; remove it from "
                     "lora.target_modules and lora.modules_to_save."
                 )
-        _MODE_CHECKS.get(self.grad_sample_mode, lambda _: None)(model)
+        refuse_unsupported(self.grad_sample_mode, model)
 
     def delta_for(self, num_examples: int) -> float:
         """The delta for a client with ``num_examples`` records; refuses one that does not protect each record.
@@ -186,51 +186,6 @@ class DPSGD:
             f"DP-SGD per record (Opacus, {self.grad_sample_mode}): {budget} per client over the whole run, {delta}, "
             f"per-record clip {self.max_grad_norm}, Poisson sampling, {self.accountant.upper()} accountant."
         )
-
-
-def _refuse_without_sampler(model: torch.nn.Module) -> None:
-    """The flat engine takes every layer's per-record gradients from Opacus's registered samplers."""
-    unsupported = flat.unsupported_layer(model)
-    if unsupported is not None:
-        raise ValueError(
-            f"privacy.grad_sample_mode=flat needs a per-record gradient sampler registered with Opacus for every "
-            f"trainable layer, and {unsupported} has none; use privacy.grad_sample_mode=hooks (it falls back to "
-            "functorch for such layers)."
-        )
-
-
-def _refuse_for_expanded_weights(model: torch.nn.Module) -> None:
-    """PyTorch's expanded weights handle Linear layers only, in one dtype."""
-    for name, module in flat.trainable_layers(model):
-        if not isinstance(module, torch.nn.Linear):
-            raise ValueError(
-                f"privacy.grad_sample_mode=ew handles only Linear layers but {name} ({type(module).__name__}) is "
-                "trainable; use privacy.grad_sample_mode=flat (or hooks)."
-            )
-    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
-        raise ValueError(
-            "privacy.grad_sample_mode=ew cannot run with train.precision=bf16 (expanded weights mix float32 and "
-            "bfloat16 in one product); use privacy.grad_sample_mode=flat."
-        )
-
-
-def _refuse_tied_trainable(model: torch.nn.Module) -> None:
-    """Ghost clipping adds up per-layer gradient norms, which is wrong for a parameter used by two layers."""
-    owners: dict[int, str] = {}
-    for name, module in model.named_modules():
-        for parameter in module.parameters(recurse=False):
-            if not parameter.requires_grad:
-                continue
-            if id(parameter) in owners:
-                raise ValueError(
-                    f"privacy.grad_sample_mode=ghost adds up per-layer gradient norms, which is wrong for a "
-                    f"parameter shared by {owners[id(parameter)]} and {name} (tied weights); untie them or "
-                    "use privacy.grad_sample_mode=hooks."
-                )
-            owners[id(parameter)] = name
-
-
-_MODE_CHECKS = {"flat": _refuse_without_sampler, "ew": _refuse_for_expanded_weights, "ghost": _refuse_tied_trainable}
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:

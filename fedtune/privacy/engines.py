@@ -29,7 +29,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from fedtune.privacy import StepOptimizer, mean_backward
-from fedtune.privacy.flat import FlatDPOptimizer, FlatPerRecordGradients
+from fedtune.privacy.flat import FlatDPOptimizer, FlatPerRecordGradients, trainable_layers, unsupported_layer
 
 MODES = ("flat", "hooks", "functorch", "ew", "ghost")
 
@@ -84,6 +84,64 @@ def private_step(
     dp_optimizer.attach_step_hook(lambda _: on_step())
     backward = partial(_ghost_backward, module, dp_optimizer) if mode == "ghost" else mean_backward
     return PrivateStep(module, dp_optimizer, backward, module.cleanup)
+
+
+def refuse_unsupported(mode: str, model: torch.nn.Module) -> None:
+    """Refuse a model whose trainable layers the engine ``mode`` cannot give correct per-record gradients.
+
+    Raises:
+        ValueError: For ``flat``, a trainable layer without a sampler in Opacus's registry; for ``ew``, a
+            trainable non-Linear layer or a bfloat16 base; for ``ghost``, a trainable parameter shared by
+            several layers. The message names the engine to use instead.
+    """
+    refusal = _REFUSALS.get(mode)
+    if refusal is not None:
+        refusal(model)
+
+
+def _refuse_without_sampler(model: torch.nn.Module) -> None:
+    """The flat engine takes every layer's per-record gradients from Opacus's registered samplers."""
+    unsupported = unsupported_layer(model)
+    if unsupported is not None:
+        raise ValueError(
+            f"privacy.grad_sample_mode=flat needs a per-record gradient sampler registered with Opacus for every "
+            f"trainable layer, and {unsupported} has none; use privacy.grad_sample_mode=hooks (it falls back to "
+            "functorch for such layers)."
+        )
+
+
+def _refuse_for_expanded_weights(model: torch.nn.Module) -> None:
+    """PyTorch's expanded weights handle Linear layers only, in one dtype."""
+    for name, module in trainable_layers(model):
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(
+                f"privacy.grad_sample_mode=ew handles only Linear layers but {name} ({type(module).__name__}) is "
+                "trainable; use privacy.grad_sample_mode=flat (or hooks)."
+            )
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        raise ValueError(
+            "privacy.grad_sample_mode=ew cannot run with train.precision=bf16 (expanded weights mix float32 and "
+            "bfloat16 in one product); use privacy.grad_sample_mode=flat."
+        )
+
+
+def _refuse_tied_trainable(model: torch.nn.Module) -> None:
+    """Ghost clipping adds up per-layer gradient norms, which is wrong for a parameter used by two layers."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            if id(parameter) in owners:
+                raise ValueError(
+                    f"privacy.grad_sample_mode=ghost adds up per-layer gradient norms, which is wrong for a "
+                    f"parameter shared by {owners[id(parameter)]} and {name} (tied weights); untie them or "
+                    "use privacy.grad_sample_mode=hooks."
+                )
+            owners[id(parameter)] = name
+
+
+_REFUSALS = {"flat": _refuse_without_sampler, "ew": _refuse_for_expanded_weights, "ghost": _refuse_tied_trainable}
 
 
 class _StepsOnEmptyBatches:
