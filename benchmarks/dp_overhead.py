@@ -8,7 +8,7 @@ of them alike. Writes median seconds per step, the ratio DP / no DP, and (CUDA) 
 Models: ``minilm`` and ``smollm2`` are the built-ins on real data (ICD-10 chapters / instructions);
 ``smollm2-all`` puts LoRA on all its linear layers; ``deep`` is a random 22-layer Llama only 64 wide with
 LoRA on all linear layers (hundreds of tiny adapter tensors, so it shows the per-tensor cost an engine
-pays, as a 1B model on a GPU does); ``llama1b`` is a random Llama with TinyLlama-1.1B's shape, LoRA r=16
+pays, which we expect to dominate for a 1B model on a GPU too); ``llama1b`` is a random Llama with TinyLlama-1.1B's shape, LoRA r=16
 on all linear layers, 512-token sequences (GPU).
 
     python benchmarks/dp_overhead.py                                    # CPU: minilm, smollm2, smollm2-all, deep

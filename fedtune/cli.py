@@ -156,8 +156,9 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
     for cfg in configs:
         try:
             RunDir(cfg.run_dir).check(resume=bool(cfg.resume))
-            client_resources(get_experiment(cfg), os.cpu_count() or 1)
-            get_experiment(cfg).preflight()
+            experiment = get_experiment(cfg)
+            client_resources(experiment, os.cpu_count() or 1)
+            experiment.preflight()
         except (ValueError, FileNotFoundError, FileExistsError) as error:
             raise config.ConfigError(str(error)) from error
     for job, cfg in zip(jobs, configs, strict=True):
