@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,20 +52,28 @@ def save_tiny_llama(target: Path, vocab: int) -> None:
     LlamaForCausalLM(config).save_pretrained(target)
 
 
+def tiny_model_dir(
+    factory: pytest.TempPathFactory,
+    name: str,
+    save_model: Callable[[Path, int], None],
+    save_tokenizer: Callable[[Path], int],
+) -> Path:
+    """A directory holding a tokenizer and a tiny model sized to its vocabulary, like a user's local model."""
+    target = factory.mktemp(name)
+    save_model(target, save_tokenizer(target))
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT with the packaged MiniLM tokenizer."""
-    target = tmp_path_factory.mktemp("tiny-bert")
-    save_tiny_bert(target, _save_tokenizer(target))
-    return target
+    return tiny_model_dir(tmp_path_factory, "tiny-bert", save_tiny_bert, _save_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with the packaged MiniLM tokenizer."""
-    target = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_llama(target, _save_tokenizer(target))
-    return target
+    return tiny_model_dir(tmp_path_factory, "tiny-llama", save_tiny_llama, _save_tokenizer)
 
 
 def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -23,7 +23,7 @@ from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import PlanRequest
 from fedtune.privacy.dp_sgd import DPSGD
 from fedtune.training import TrainConfig, encode, local_train, sequence_loss
-from tests.conftest import save_tiny_bert, save_tiny_llama
+from tests.conftest import save_tiny_bert, save_tiny_llama, tiny_model_dir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -52,16 +52,12 @@ def _word_tokenizer(target: Path) -> int:
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("gpu-bert")
-    save_tiny_bert(target, _word_tokenizer(target))
-    return target
+    return tiny_model_dir(tmp_path_factory, "gpu-bert", save_tiny_bert, _word_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("gpu-llama")
-    save_tiny_llama(target, _word_tokenizer(target))
-    return target
+    return tiny_model_dir(tmp_path_factory, "gpu-llama", save_tiny_llama, _word_tokenizer)
 
 
 def test_auto_picks_the_gpu(cuda: torch.device) -> None:
