@@ -40,8 +40,8 @@ def _one_step_gradient(
     model, tokenizer, mechanism: DPSGD, indices: list[int], seed: int = 0
 ) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # flat turns requires_grad off
+    optimizer = torch.optim.SGD([p for _, p in named], lr=0.0)
     plan = mechanism.plan(PlanRequest(model, optimizer, len(ROWS), 8, 1, 1, torch.Generator().manual_seed(seed), {}))
     model.train()  # Opacus records activations in training mode only
     try:
@@ -50,7 +50,7 @@ def _one_step_gradient(
             labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
             plan.backward(sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification"))
         plan.optimizer.pre_step()
-        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.grad.detach().clone() for n, p in named}
     finally:
         plan.optimizer.zero_grad(set_to_none=True)
         plan.close()

@@ -2,7 +2,8 @@
 
 Whole-model DP-SGD with ``flat`` is also checked in test_dp_sgd.py (clipping, noise, empty batches);
 these tests cover what a LoRA adapter alone does not exercise: a non-Linear layer taken from Opacus's
-sampler registry, a layer called twice, a weight shared by two layers, sequence inputs, and clean-up.
+sampler registry, a layer called twice, a weight shared by two layers, sequence inputs, a trainable first
+layer fed token ids, and clean-up.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ class _Net(torch.nn.Module):
         return self.head(h) + 0.5 * self.tied(h)
 
 
+class _TokenNet(torch.nn.Module):
+    """A trainable embedding fed token ids (nothing below it needs a gradient), then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 5)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids)))
+
+
 def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each record's loss on its tokens' mean output: (records, tokens, 3) -> (records,)."""
     return torch.nn.functional.cross_entropy(model(x).mean(dim=1), y, reduction="none")
@@ -59,9 +72,11 @@ def _clipped_sum_by_engine(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 
 
 @pytest.mark.parametrize("clip", [1e-3, 1e3])  # every record clipped / none clipped
-def test_clipped_sum_equals_a_per_record_loop(clip: float) -> None:
+@pytest.mark.parametrize("net", ["features", "token ids"])
+def test_clipped_sum_equals_a_per_record_loop(clip: float, net: str) -> None:
     torch.manual_seed(0)
-    model, x, y = _Net(), torch.randn(5, 4, 6), torch.tensor([0, 2, 1, 1, 0])
+    model, x = (_Net(), torch.randn(5, 4, 6)) if net == "features" else (_TokenNet(), torch.randint(0, 10, (5, 4)))
+    y = torch.tensor([0, 2, 1, 1, 0])
     flat = _clipped_sum_by_engine(model, x, y, clip)
     expected = _clipped_sum_by_loop(model, x, y, clip)
     assert flat.shape == expected.shape
@@ -79,6 +94,19 @@ def test_no_batch_gives_a_zero_sum_and_close_removes_every_hook() -> None:
     assert all(not module._forward_hooks for module in model.modules())
     _losses(model, torch.randn(2, 4, 6), torch.tensor([0, 1])).mean().backward()  # a plain step is unaffected
     assert gradients.take_clipped_sum(1.0).abs().sum() == 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_backward_computes_no_batch_gradient_and_close_makes_the_adapter_trainable_again() -> None:
+    torch.manual_seed(0)
+    model = _Net()
+    trainable = list(model.parameters())
+    gradients = FlatPerRecordGradients(model)
+    _losses(model, torch.randn(3, 4, 6), torch.tensor([0, 1, 2])).mean().backward()
+    assert all(p.grad is None for p in trainable)  # none of the batch gradients DP-SGD would discard
+    assert gradients.take_clipped_sum(1.0).abs().sum() > 0  # the per-record gradients arrived all the same
+    gradients.close()
+    assert all(p.requires_grad for p in trainable)
 
 
 def test_optimizer_noises_averages_and_accounts_every_step() -> None:

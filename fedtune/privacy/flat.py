@@ -6,10 +6,14 @@ walks every tensor once per tensor). LoRA on every linear layer of a Llama makes
 so that bookkeeping, not the arithmetic, is most of what DP costs a step (``benchmarks/dp_overhead.py``).
 
 Here each trainable layer gets a forward hook and one hook on its output tensor. Backward hands that hook
-the gradient of the layer's output; the sampler Opacus registers for the layer type
-(``GradSampleModule.GRAD_SAMPLERS``, the same per-record formulas ``hooks`` uses) turns it into per-record
-gradients, which go straight into the layer's columns of one (records x parameters) float32 buffer. Clipping
-and noising the whole adapter are then a handful of operations on that buffer.
+the gradient of the layer's output, which becomes per-record gradients straight in the layer's columns of
+one (records x parameters) float32 buffer: one batched product for a Linear layer (every LoRA matrix), the
+sampler Opacus registers for the layer type (``GradSampleModule.GRAD_SAMPLERS``, the formulas ``hooks``
+uses) for any other. Clipping and noising the whole adapter are then a handful of operations on that buffer.
+
+While the engine is attached, the trainable parameters have ``requires_grad`` off: autograd would otherwise
+also compute and accumulate each one's batch gradient, which DP-SGD discards. A trainable layer whose output
+then needs no gradient (nothing below it trains) gets its output made a leaf that does.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class FlatPerRecordGradients:
 
     A step's first hooked forward call allocates the buffer for its batch; :meth:`take_clipped_sum` consumes
     it. A parameter used by several layers, or a layer called twice, adds its contributions up, as the
-    gradient of the summed loss does.
+    gradient of the summed loss does. Until :meth:`close`, the trainable parameters have ``requires_grad``
+    off and receive no gradient from backward (see the module docstring).
 
     Raises:
         ValueError: A trainable layer has no per-record sampler in Opacus's registry.
@@ -53,6 +58,7 @@ class FlatPerRecordGradients:
         unsupported = unsupported_layer(model)
         if unsupported is not None:
             raise ValueError(f"No per-record gradient sampler for the trainable layer {unsupported}.")
+        layers = [module for _, module in trainable_layers(model)]
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self._columns: dict[int, tuple[int, int]] = {}
         start = 0
@@ -61,7 +67,9 @@ class FlatPerRecordGradients:
             start += p.numel()
         self.num_values = start
         self._buffer: torch.Tensor | None = None
-        self._handles = [module.register_forward_hook(self._on_forward) for _, module in trainable_layers(model)]
+        self._handles = [module.register_forward_hook(self._on_forward) for module in layers]
+        for p in self.parameters:
+            p.requires_grad_(False)
 
     def take_clipped_sum(self, max_grad_norm: float) -> torch.Tensor:
         """The sum over records of each record's gradient scaled to L2 norm at most ``max_grad_norm``, flat.
@@ -76,22 +84,27 @@ class FlatPerRecordGradients:
         return factors @ buffer
 
     def close(self) -> None:
-        """Remove the hooks (the model is cached and reused by later rounds)."""
+        """Remove the hooks and make the parameters trainable again (the model is cached for later rounds)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for p in self.parameters:
+            p.requires_grad_(True)
         self._buffer = None
 
-    def _on_forward(self, module: torch.nn.Module, inputs: tuple, output: object) -> None:
+    def _on_forward(self, module: torch.nn.Module, inputs: tuple, output: object) -> torch.Tensor | None:
         if not (module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
-            return
-        if not output.requires_grad:
-            return
+            return None
+        if not output.is_floating_point():
+            return None
         activations = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
         if self._buffer is None:
             records = activations[0].shape[0]
             self._buffer = torch.zeros(records, self.num_values, device=output.device)
+        if not output.requires_grad:  # nothing trainable below: backward starts its gradient here
+            output = output.detach().requires_grad_(True)
         output.register_hook(partial(self._on_output_gradient, module, activations))
+        return output
 
     def _on_output_gradient(
         self, module: torch.nn.Module, activations: list[torch.Tensor], output_gradient: torch.Tensor
@@ -99,11 +112,39 @@ class FlatPerRecordGradients:
         buffer = self._buffer
         assert buffer is not None, "backward ran after the step consumed its batch"
         records = buffer.shape[0]
-        sampler: Callable = _SAMPLERS[type(module)]
+        sampler = self._linear_per_record if type(module) is torch.nn.Linear else self._registered_per_record
         for parameter, per_record in sampler(module, activations, output_gradient).items():
             start, end = self._columns[id(parameter)]
             # The loss is the batch mean, so each record's gradient arrives divided by the batch size.
             buffer[:, start:end].view(records, *parameter.shape).add_(per_record, alpha=records)
+
+    def _linear_per_record(
+        self, layer: torch.nn.Linear, activations: list[torch.Tensor], output_gradient: torch.Tensor
+    ) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Opacus's Linear formulas as one batched product (its einsum costs a LoRA step several times more)."""
+        records, features = activations[0].shape[0], activations[0].shape[-1]
+        dtype = torch.promote_types(activations[0].dtype, output_gradient.dtype)  # autocast mixes them
+        inputs = activations[0].reshape(records, -1, features).to(dtype)
+        gradients = output_gradient.reshape(records, -1, output_gradient.shape[-1]).to(dtype)
+        per_record = {}
+        if id(layer.weight) in self._columns:
+            per_record[layer.weight] = torch.bmm(gradients.transpose(1, 2), inputs)
+        if layer.bias is not None and id(layer.bias) in self._columns:
+            per_record[layer.bias] = gradients.sum(dim=1)
+        return per_record
+
+    def _registered_per_record(
+        self, module: torch.nn.Module, activations: list[torch.Tensor], output_gradient: torch.Tensor
+    ) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Opacus's registered sampler, which computes only for the parameters that require grad when called."""
+        own = [p for p in module.parameters(recurse=False) if id(p) in self._columns]
+        for p in own:
+            p.requires_grad_(True)
+        try:
+            return _SAMPLERS[type(module)](module, activations, output_gradient)
+        finally:
+            for p in own:
+                p.requires_grad_(False)
 
 
 class FlatDPOptimizer:
