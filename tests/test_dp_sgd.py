@@ -17,7 +17,7 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from peft import LoraConfig
 
-from fedtune import adapters, config
+from fedtune import adapters, config, devices
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import PlanRequest
 from fedtune.privacy.dp_sgd import DPSGD, STATE_KEY, PrivacyBudgetExhaustedError, poisson_batches
@@ -37,7 +37,7 @@ def model_and_tokenizer(tiny_bert_dir: Path):  # noqa: ANN201
 
 
 def _one_step_gradient(
-    model, tokenizer, mechanism: DPSGD, indices: list[int], seed: int = 0
+    model, tokenizer, mechanism: DPSGD, indices: list[int], seed: int = 0, precision: str = "fp32"
 ) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # flat turns requires_grad off
@@ -48,7 +48,9 @@ def _one_step_gradient(
         if indices:
             batch = encode(ROWS[indices], "classification", tokenizer, 32)
             labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
-            plan.backward(sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification"))
+            with devices.autocast(input_ids.device, precision):
+                losses = sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification")
+            plan.backward(losses)
         plan.optimizer.pre_step()
         return {n: p.grad.detach().clone() for n, p in named}
     finally:
@@ -82,6 +84,18 @@ def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_an
     expected_batch = 8 / len(ROWS) * len(ROWS)  # the optimizer divides by the expected Poisson batch size
     for n, _ in named:
         assert torch.allclose(dp[n], reference[n] / expected_batch, atol=1e-7, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("mode", ["flat", "hooks"])
+def test_under_bf16_autocast_each_record_is_clipped_as_in_float32(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
+    """Autocast hands a LoRA layer float32 inputs (LayerNorm's output) and bfloat16 output gradients."""
+    model, tokenizer = model_and_tokenizer
+    mechanism = DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=0.01, grad_sample_mode=mode)  # type: ignore[arg-type]
+    indices = [0, 5, 11, 17, 23, 31]
+    full = _one_step_gradient(model, tokenizer, mechanism, indices)
+    half = _one_step_gradient(model, tokenizer, mechanism, indices, precision="bf16")
+    for name, gradient in full.items():  # bfloat16 keeps 8 bits of mantissa: agreement to a few per cent
+        assert torch.allclose(half[name], gradient, rtol=0.05, atol=0.05 * float(gradient.abs().max())), name
 
 
 @pytest.mark.parametrize(
