@@ -122,10 +122,13 @@ class FlatPerRecordGradients:
         self, layer: torch.nn.Linear, activations: list[torch.Tensor], output_gradient: torch.Tensor
     ) -> dict[torch.nn.Parameter, torch.Tensor]:
         """Opacus's Linear formulas as one batched product (its einsum costs a LoRA step several times more)."""
-        records, features = activations[0].shape[0], activations[0].shape[-1]
-        dtype = torch.promote_types(activations[0].dtype, output_gradient.dtype)  # autocast mixes them
-        inputs = activations[0].reshape(records, -1, features).to(dtype)
-        gradients = output_gradient.reshape(records, -1, output_gradient.shape[-1]).to(dtype)
+        inputs, gradients = activations[0], output_gradient
+        if inputs.dtype != gradients.dtype:  # autocast hands float32 inputs and bfloat16 output gradients
+            dtype = torch.promote_types(inputs.dtype, gradients.dtype)
+            inputs, gradients = inputs.to(dtype), gradients.to(dtype)
+        records = inputs.shape[0]
+        inputs = inputs.reshape(records, -1, inputs.shape[-1])
+        gradients = gradients.reshape(records, -1, gradients.shape[-1])
         per_record = {}
         if id(layer.weight) in self._columns:
             per_record[layer.weight] = torch.bmm(gradients.transpose(1, 2), inputs)
