@@ -198,5 +198,5 @@ class FlatDPOptimizer:
         self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients (autograd's own sums, which DP discards, included)."""
+        """Clear the gradients :meth:`pre_step` left (backward leaves none while the engine is attached)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
