@@ -25,6 +25,7 @@ from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
 from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
+from fedtune.secure.uploads import UploadRecord
 
 logger = logging.getLogger("fedtune")
 
@@ -81,6 +82,12 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             )
         return experiment, experiment.client_data(int(context.node_config["partition-id"]))
 
+    def upload_scope(experiment: Experiment) -> str:
+        """What "the same experiment" means for the once-per-round upload rule (fedtune/secure/uploads.py): the
+        config hash for a deployed node, whatever run dir the server names; one run in fedtune's in-process
+        simulation, where one operator runs every node and reruns are routine."""
+        return experiment.hash if bound_run_config is None else f"{experiment.hash}|{experiment.cfg.run_dir}"
+
     def reply(msg: Message, context: Context, content: RecordDict) -> Message:
         key = client_key(context.node_config)
         wire.sign(content, _signer(context.node_config), _session(msg), msg.metadata.message_type, key)
@@ -101,7 +108,11 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         round_config = msg.content.config_records[wire.CONFIG]
         server_round = int(round_config[wire.SERVER_ROUND])
         key = client_key(context.node_config)
-        secagg = _round_state(msg, context) if experiment.secure.masked else None  # before training: fail fast
+        secagg, uploads = None, None
+        if experiment.secure.masked:  # before training: fail fast
+            secagg = _round_state(msg, context)
+            uploads = UploadRecord(client_state.uploads_file(context.node_config, upload_scope(experiment), key))
+            uploads.check(server_round)
         durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         client_state.begin_round(privacy_state, server_round, adapters.fingerprint(global_adapter))
@@ -121,6 +132,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         survivors = json.loads(str(round_config[wire.SURVIVORS]))
         masked = masking.mask_update(secagg, sealed, survivors, code.encode(update, weight))
         _save_round_state(context, secagg)
+        uploads.record(server_round, secagg.session.run_nonce)  # on disk before the upload leaves
         visible = {k: v for k, v in metrics.items() if k != "num_examples"}  # the count travels masked
         content = RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
         if round_config.get(wire.PREPARE_NEXT):  # pipelined: the next round's keys ride on this upload

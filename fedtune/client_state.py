@@ -29,6 +29,11 @@ def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) ->
     return _state_dir(node_config) / f"{_hashed(f'{run_key}|{client_key}')}.json"
 
 
+def uploads_file(node_config: Mapping[str, Any], experiment_key: str, client_key: str) -> Path:
+    """Where this client records the rounds of one experiment it uploaded a masked update in."""
+    return _state_dir(node_config) / "uploads" / f"{_hashed(f'{experiment_key}|{client_key}')}.json"
+
+
 def identity_file(node_config: Mapping[str, Any], client_key: str) -> Path:
     """This node's identity key: node config ``identity-key``, else one kept beside its privacy state."""
     if "identity-key" in node_config:

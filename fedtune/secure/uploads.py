@@ -1,0 +1,52 @@
+"""A node's durable record of the rounds it has uploaded a masked update in: at most one per round.
+
+Masking the same update twice in one round with the same seeds is a two-time pad: the difference of two
+uploads for different survivor lists is a pairwise mask, and the server, which gets the self-mask seed in
+the honest unmask step, recovers the update without any colluder. Uploading in the same round again in a
+later run (a resume, or a rerun of the same experiment) is no safer: training is deterministic, so two
+sums of that round over different client sets differ by one client's update. So a node uploads at most
+once per round of an experiment, whatever the run, and writes that down (fsynced) before the upload
+leaves the node.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedtune.files import atomic_write
+from fedtune.secure.session import ProtocolError
+
+
+class UploadRecord:
+    """The rounds one node uploaded a masked update in, for one experiment.
+
+    Args:
+        path: The record's file, on the node's own disk (inside its ``state-dir``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _rounds(self) -> dict[str, str]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def check(self, server_round: int) -> None:
+        """Refuse a round this node already uploaded in.
+
+        Raises:
+            ProtocolError: It did; the message names the run it uploaded in.
+        """
+        run = self._rounds().get(str(server_round))
+        if run is not None:
+            raise ProtocolError(
+                f"This node already uploaded a masked update for round {server_round} of this experiment (run {run}); "
+                "a second one would let the server subtract two results and read this node's update. Refused."
+            )
+
+    def record(self, server_round: int, run_nonce: str) -> None:
+        """Write down, before the upload is sent, that this node uploads in ``server_round`` (run ``run_nonce``)."""
+        self.check(server_round)
+        rounds = self._rounds()
+        rounds[str(server_round)] = run_nonce
+        atomic_write(self.path, json.dumps(rounds, sort_keys=True).encode())

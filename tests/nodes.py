@@ -1,0 +1,229 @@
+"""In-process Flower nodes: the real ClientApp driven message by message, without Ray or a SuperLink.
+
+:class:`Node` holds one node's Flower ``Context`` and hands it each message the way a SuperNode would.
+:class:`InProcessGrid` is a Flower ``Grid`` over such nodes, so the real server loop
+(``fedtune.server_app.run_federation``) runs against them in one process, in milliseconds per step.
+Tests that play a hostile server skip the grid and send their own messages with :meth:`Node.receive`:
+what those tests do is written in the wire format (``fedtune.wire``), the contract between server and node.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import config, wire
+from fedtune.client_app import make_client_app
+from fedtune.secure import identity
+from fedtune.secure.session import Session
+
+
+def act_as_server() -> None:
+    """Stamp messages built in this process as the server's (what Flower's ServerApp runtime sets up)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 0
+
+
+class Node:
+    """One node: the ClientApp with its own Context (node config, state) for one run.
+
+    Args:
+        node_id: Flower's node id.
+        node_config: The node's own settings (``--node-config`` of a SuperNode).
+        run_config: The run config (overrides and run dir) the server's run carries.
+        simulated: Bind the run config as fedtune's in-process simulation does (True), or read it from the
+            Context as a deployed ClientApp does (False).
+        failures: ``(round, message type)`` pairs at which this node fails (raises), as a crashed node would.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        node_config: dict[str, Any],
+        run_config: dict[str, str],
+        simulated: bool = True,
+        failures: Iterable[tuple[int, str]] = (),
+    ) -> None:
+        self.node_id = node_id
+        self.name = str(node_config["name"])
+        self.app = make_client_app(run_config if simulated else None)
+        self.context = Context(1, node_id, node_config, RecordDict(), run_config)
+        self.failures = set(failures)
+        self.handled: list[tuple[int, str]] = []  # (round, message type) of every message this node answered
+
+    def receive(self, message: Message) -> Message:
+        """The ClientApp's reply to ``message``; raises whatever the ClientApp raised."""
+        server_round = int(message.content.config_records[wire.CONFIG].get(wire.SERVER_ROUND, 0))
+        step = message.metadata.message_type
+        if (server_round, step) in self.failures:
+            raise RuntimeError(f"{self.name} is lost during {step} of round {server_round}")
+        if not message.metadata.message_id:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a SuperLink stamps on push
+        reply = self.app(message, self.context)
+        self.handled.append((server_round, step))
+        return reply
+
+    def new_run(self) -> None:
+        """Forget what Flower keeps for a run (Context.state), as when the node joins a new run."""
+        context = self.context
+        self.context = Context(context.run_id + 1, self.node_id, context.node_config, RecordDict(), context.run_config)
+
+
+class InProcessGrid(Grid):
+    """A Flower Grid whose nodes answer in this process: a failing node answers with an error reply."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        act_as_server()
+        self.nodes = {node.node_id: node for node in nodes}
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Any) -> None:
+        """Not needed in-process."""
+
+    @property
+    def run(self) -> Any:
+        """Not needed in-process."""
+        raise NotImplementedError
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        """As Flower's Grid."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Every node of the grid."""
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message to its node now and keep the reply for :meth:`pull_messages`."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            try:
+                reply = self.nodes[message.metadata.dst_node_id].receive(message)
+            except Exception as error:  # noqa: BLE001 - a SuperNode turns any ClientApp exception into an error reply
+                reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+            self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to ``message_ids`` (all of them are in: nodes answer on push)."""
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push and pull at once."""
+        return list(self.pull_messages(self.push_messages(messages)))
+
+
+def make_nodes(
+    root: Path,
+    overrides: list[str],
+    count: int,
+    simulated: bool = True,
+    failures: dict[str, Iterable[tuple[int, str]]] | None = None,
+    node_config: dict[str, Any] | None = None,
+) -> list[Node]:
+    """``count`` nodes named hospital-0.. on partitions 0.., with their own state dirs and identity keys, all of
+    whom trust each other's keys (``trusted-keys``); the run's config is ``overrides`` with run dir ``root/run``."""
+    run_config = config.to_run_config(overrides, str(root / "run"))
+    trusted = root / "trusted_keys.json"
+    names = [f"hospital-{i}" for i in range(count)]
+    for name in names:
+        identity.add_trusted_key(trusted, name, identity.load_or_create(root / "keys" / f"{name}.pem").public_hex)
+    return [
+        Node(
+            i + 1,
+            {
+                "name": name,
+                "partition-id": i,
+                "num-partitions": count,
+                "state-dir": str(root / "state" / name),
+                "identity-key": str(root / "keys" / f"{name}.pem"),
+                "trusted-keys": str(trusted),
+                **(node_config or {}),
+            },
+            run_config,
+            simulated,
+            (failures or {}).get(name, ()),
+        )
+        for i, name in enumerate(names)
+    ]
+
+
+class HostileServer:
+    """A server that sends nodes whatever messages it likes, stamped like the real server's (wire format).
+
+    Args:
+        nodes: The nodes it talks to.
+        experiment_hash: The hash the nodes must see to accept the experiment.
+        run_nonce: The run it claims (a fresh one per server start).
+    """
+
+    def __init__(self, nodes: list[Node], experiment_hash: str, run_nonce: str = "hostile-run") -> None:
+        act_as_server()
+        self.nodes = {node.name: node for node in nodes}
+        self.experiment_hash, self.run_nonce = experiment_hash, run_nonce
+
+    def send(self, name: str, message_type: str, server_round: int, content: RecordDict | None = None) -> RecordDict:
+        """Send one message to node ``name`` and return its reply's content (raises what the node raised)."""
+        content = content if content is not None else RecordDict()
+        record = content.config_records.setdefault(wire.CONFIG, ConfigRecord())
+        record[wire.EXPERIMENT_HASH], record[wire.RUN_NONCE] = self.experiment_hash, self.run_nonce
+        record[wire.SERVER_ROUND] = server_round
+        node = self.nodes[name]
+        return node.receive(Message(content, node.node_id, message_type)).content
+
+    def session(self, server_round: int) -> Session:
+        """The protocol session of ``server_round`` in this server's run."""
+        return Session(self.run_nonce, server_round)
+
+    def set_up(self, names: list[str], server_round: int) -> dict[str, Any]:
+        """Steps 1 and 2 with ``names``: their round keys, then their encrypted shares and commitments."""
+        bundles = {
+            name: str(self.send(name, wire.SECAGG_KEYS, server_round).config_records[wire.CONFIG][wire.BUNDLE])
+            for name in names
+        }
+        sealed, commitments = {}, {}
+        for name in names:  # the identities the server forwards are empty: nodes hold their own trusted keys
+            listed = json.dumps([bundles[n] for n in sorted(bundles)])
+            config_record = ConfigRecord({wire.BUNDLES: listed, wire.IDENTITIES: "{}"})
+            reply = self.send(name, wire.SECAGG_SHARES, server_round, RecordDict({wire.CONFIG: config_record}))
+            sealed[name] = {k: bytes(v) for k, v in reply.config_records[wire.SEALED].items()}
+            commitments[name] = bytes(reply.config_records[wire.CONFIG][wire.COMMITMENT])
+        return {"bundles": bundles, "sealed": sealed, "commitments": commitments}
+
+    def train(
+        self,
+        name: str,
+        server_round: int,
+        adapter: dict,
+        survivors: list[str],
+        sealed: dict[str, dict[str, bytes]],
+        **fields: Any,
+    ) -> RecordDict:
+        """A masked ``train`` message: the global adapter, the survivors list and the shares dealt to ``name``."""
+        content = RecordDict({wire.ARRAYS: ArrayRecord(adapter)})
+        content.config_records[wire.CONFIG] = ConfigRecord(
+            {wire.SURVIVORS: json.dumps(survivors), wire.NUM_SAMPLED: len(survivors), **fields}
+        )
+        content.config_records[wire.SEALED] = ConfigRecord(
+            {dealer: shares[name] for dealer, shares in sealed.items() if dealer in survivors and name in shares}
+        )
+        return self.send(name, "train", server_round, content)
+
+    def unmask(
+        self, name: str, server_round: int, survivors: list[str], dropped: list[str]
+    ) -> dict[str, dict[str, str]]:
+        """An unmask request; returns the shares ``name`` reveals."""
+        request = ConfigRecord({wire.SURVIVORS: json.dumps(survivors), wire.DROPPED: json.dumps(dropped)})
+        reply = self.send(name, wire.SECAGG_UNMASK, server_round, RecordDict({wire.CONFIG: request}))
+        return json.loads(str(reply.config_records[wire.CONFIG][wire.REVEALED]))

@@ -1,0 +1,66 @@
+"""What a curious or hostile aggregation server cannot do: each test is an attack on secure aggregation.
+
+The server here is the test itself: it sends real nodes (the real ClientApp, in process) the messages it
+likes, in the wire format, and tries to learn one hospital's individual update. Each attack recovered the
+victim's update exactly, or corrupted the result, against the code before its fix; each test now shows the
+nodes (or the real server) refusing. Read a test as the specification of what the server cannot do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune import client, config
+from fedtune.experiment import Experiment, get_experiment
+from fedtune.secure import primitives, shamir
+from fedtune.secure.session import ProtocolError
+from tests.conftest import tiny_overrides
+from tests.nodes import HostileServer, make_nodes
+
+VICTIM, A, B = "hospital-0", "hospital-1", "hospital-2"
+
+
+def _experiment(overrides: list[str]) -> Experiment:
+    return get_experiment(config.compose(overrides))
+
+
+def _honest_encoding(experiment: Experiment, partition: int, name: str, server_round: int, clients: int) -> np.ndarray:
+    """The victim's encoded update as it computes it itself: what the server must never learn (the reference)."""
+    data = experiment.client_data(partition)
+    update, metrics = client.train_round(experiment, data, experiment.initial_adapter(), server_round, name, {})
+    code = experiment.secure.fixed_point(clients, unit_weights=False)
+    return code.encode(update, int(metrics["num_examples"]))
+
+
+def test_a_node_masks_only_once_per_round_so_the_server_cannot_cancel_its_pairwise_masks(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The two-time pad. The server sends the victim `train` once with every peer among the survivors and once
+    more per peer P with P left out. Each difference of two uploads is exactly the pairwise mask shared with P;
+    the honest unmask step then gives the victim's self-mask seed, and its update falls out with no colluder.
+    The victim must refuse the second masked upload of a round, whatever survivors list comes with it."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=3", "secure=masking")
+    experiment = _experiment(overrides)
+    nodes = make_nodes(tmp_path, overrides, 3)
+    server = HostileServer(nodes, experiment.hash)
+    names = [VICTIM, A, B]
+    setup = server.set_up(names, 1)
+    adapter = experiment.initial_adapter()
+
+    def upload(name: str, survivors: list[str]) -> np.ndarray:
+        reply = server.train(name, 1, adapter, survivors, setup["sealed"])
+        return reply.array_records["masked"]["0"].numpy()
+
+    full = upload(VICTIM, names)
+    with pytest.raises(ProtocolError, match="already uploaded"):
+        without = {peer: upload(VICTIM, [n for n in names if n != peer]) for peer in (A, B)}
+        pairwise = {peer: full - without[peer] for peer in (A, B)}  # ±PRG(s_victim,peer), exactly
+        for peer in (A, B):
+            upload(peer, names)
+        revealed = [server.unmask(peer, 1, names, []) for peer in (A, B)]
+        seed = shamir.combine([bytes.fromhex(r["seed"][VICTIM]) for r in revealed], 2)
+        recovered = full - primitives.keystream(seed, len(full)) - pairwise[A] - pairwise[B]
+        assert not np.array_equal(recovered, _honest_encoding(experiment, 0, VICTIM, 1, 3))  # what the attack won
