@@ -127,7 +127,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             )
         unit_weights = experiment.privacy.organisation is not None  # organisation-level DP: every update counts once
         weight = 1 if unit_weights else int(metrics["num_examples"])
-        code = experiment.secure.fixed_point(len(secagg.peers), unit_weights)
+        code = experiment.secure.fixed_point(secagg.round_size, unit_weights)
         sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
         survivors = json.loads(str(round_config[wire.SURVIVORS]))
         masked = masking.mask_update(secagg, sealed, survivors, code.encode(update, weight))

@@ -12,15 +12,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedtune import client, config
 from fedtune.experiment import Experiment, get_experiment
+from fedtune.run_dir import RunDir
 from fedtune.secure import primitives, shamir
 from fedtune.secure.session import ProtocolError
+from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
-from tests.nodes import HostileServer, make_nodes
+from tests.nodes import HostileServer, InProcessGrid, make_nodes
 
 VICTIM, A, B = "hospital-0", "hospital-1", "hospital-2"
+
+
+def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / f"round-{server_round:04d}.pt", weights_only=True)["adapter"]
+
+
+def _train_metric(run_dir: Path, name: str) -> dict[int, float]:
+    return {
+        m["round"]: m["value"] for m in RunDir(run_dir).read_metrics() if m["scope"] == "train" and m["metric"] == name
+    }
 
 
 def _experiment(overrides: list[str]) -> Experiment:
@@ -64,3 +77,30 @@ def test_a_node_masks_only_once_per_round_so_the_server_cannot_cancel_its_pairwi
         seed = shamir.combine([bytes.fromhex(r["seed"][VICTIM]) for r in revealed], 2)
         recovered = full - primitives.keystream(seed, len(full)) - pairwise[A] - pairwise[B]
         assert not np.array_equal(recovered, _honest_encoding(experiment, 0, VICTIM, 1, 3))  # what the attack won
+
+
+def _run(root: Path, overrides: list[str], count: int, failures: dict | None = None) -> Path:
+    """The real server loop over ``count`` in-process nodes; returns the run directory."""
+    nodes = make_nodes(root, overrides, count, failures=failures)
+    run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
+    return root / "run"
+
+
+@pytest.mark.parametrize("neighbours", ["null", "2"])
+def test_the_masked_mean_equals_the_plaintext_mean_within_the_logged_bound(
+    tiny_bert_dir: Path, tmp_path: Path, neighbours: str
+) -> None:
+    """Clients and server must decode with one fixed-point scale. With SecAgg+ rings the clients used their
+    neighbourhood's size and the server the round's: with 5 clients and 2 neighbours the mean came out 1.67x
+    too large. Here 5 hospitals, one lost after sharing its keys, on a complete graph and on a ring."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=5", "federation.num_rounds=1")
+    lost = {"hospital-4": [(1, "train")]}
+    plain = _run(tmp_path / "plain", overrides, 5, lost)
+    masked = _run(tmp_path / "masked", [*overrides, "secure=masking", f"secure.neighbours={neighbours}"], 5, lost)
+    bound = _train_metric(masked, "aggregation_error_bound")[1]
+    assert 0 < bound < 1e-5 and _train_metric(masked, "clients") == {1: 4.0} == _train_metric(plain, "clients")
+    initial, expected, got = _experiment(overrides).initial_adapter(), _checkpoint(plain, 1), _checkpoint(masked, 1)
+    for key in expected:
+        float32_rounding = 2 * torch.finfo(torch.float32).eps * expected[key].abs().max()
+        assert (expected[key] - got[key]).abs().max() <= bound + float32_rounding
+        assert (expected[key] - initial[key]).abs().max() > 100 * bound  # the round moved the adapter

@@ -98,9 +98,11 @@ class SecureAggregation:
         """Each client's peers in this round (all others, or its ring neighbours)."""
         return graph.neighbourhoods(names, self.neighbours, session.context("graph"))
 
-    def fixed_point(self, num_clients: int, unit_weights: bool) -> FixedPoint:
-        """The round's code; ``unit_weights`` when every update counts once (organisation-level DP)."""
-        return FixedPoint.for_round(self.value_range, 1 if unit_weights else self.max_examples, num_clients)
+    def fixed_point(self, round_size: int, unit_weights: bool) -> FixedPoint:
+        """The round's code, the same for every client and the server: its scale keeps the sum of all
+        ``round_size`` clients of the round (U1, not one neighbourhood) from overflowing. ``unit_weights``
+        when every update counts once (organisation-level DP)."""
+        return FixedPoint.for_round(self.value_range, 1 if unit_weights else self.max_examples, round_size)
 
     def describe(self) -> str:
         """One line for the model card."""
@@ -142,6 +144,7 @@ def share_keys(
     if len(names) < state.threshold:
         raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
     state.peers = {name: peers[name] for name in names}
+    state.round_size = len(peers)
     state.self_seed = secrets.token_bytes(shamir.SECRET_BYTES)
     seed_shares = shamir.split(state.self_seed, state.threshold, len(names))
     key_shares = shamir.split(state.mask_private, state.threshold, len(names))

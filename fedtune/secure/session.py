@@ -74,6 +74,7 @@ class ClientRound:
     peers: dict[str, KeyBundle] = field(default_factory=dict)  # this client's neighbourhood in U1, self included
     shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (share of b, share of mask key)
     uploaders: list[str] = field(default_factory=list)  # U2 as announced at the upload step
+    round_size: int = 0  # |U1|: every client whose keys were verified, neighbours or not (fixes the code's scale)
 
     def to_json(self) -> str:
         """Serialised for Flower's Context.state (the client's memory between messages)."""
@@ -88,6 +89,7 @@ class ClientRound:
                 "peers": {k: b.to_json() for k, b in self.peers.items()},
                 "shares": {k: [b.hex(), s.hex()] for k, (b, s) in self.shares.items()},
                 "uploaders": self.uploaders,
+                "round_size": self.round_size,
             }
         )
 
@@ -105,4 +107,5 @@ class ClientRound:
             {k: KeyBundle.from_json(v) for k, v in data["peers"].items()},
             {k: (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in data["shares"].items()},
             data["uploaders"],
+            data["round_size"],
         )
