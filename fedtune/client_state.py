@@ -7,7 +7,9 @@ else with its own accounting.
 
 A round that is replayed after a crash, with the same global adapter as input, reproduces the same update
 bit for bit (all randomness is seeded), so publishing it again reveals nothing new: the client restores
-the state it had before that round instead of spending the budget twice.
+the state it had before that round instead of spending the budget twice. The same round with another
+input is refused: its DP noise would be the same, and two updates with equal noise give a noise-free
+difference.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from fedtune.assets import cache_dir
 from fedtune.files import atomic_write
+from fedtune.secure.session import ProtocolError
 
 _ROUNDS = "rounds"  # round -> fingerprint of the global adapter received, and the state before training
 
@@ -54,10 +57,21 @@ def save(state: Mapping[str, Any], path: Path) -> None:
 
 
 def begin_round(state: dict[str, Any], server_round: int, input_fingerprint: str) -> None:
-    """Record the state before ``server_round``; for a replay of that round with the same input, restore it."""
+    """Record the state before ``server_round``; for a replay of that round with the same input, restore it.
+
+    Raises:
+        ProtocolError: This client already trained ``server_round`` on another global adapter. Its DP noise is
+            drawn from its secret and the round, so a second input would carry the same noise, and the
+            difference of the two updates would be noise-free.
+    """
     rounds = json.loads(state.get(_ROUNDS, "{}"))
     entry = rounds.get(str(server_round))
-    if entry is not None and entry["input"] == input_fingerprint:
+    if entry is not None and entry["input"] != input_fingerprint:
+        raise ProtocolError(
+            f"This client already trained round {server_round} on a different global adapter; training it again "
+            "would reuse its DP noise on another input. Refused."
+        )
+    if entry is not None:
         state.clear()
         state.update(entry["before"])
     else:

@@ -262,8 +262,9 @@ def test_privacy_state_survives_resume_and_a_replayed_round_is_not_charged_twice
     assert after == before  # round 1 from the clients' durable ledgers, round 2 replayed at the same cost
 
 
-def test_replay_with_another_input_is_charged_again() -> None:
+def test_a_replay_with_the_same_input_is_not_charged_again_and_another_input_is_refused() -> None:
     from fedtune import client_state
+    from fedtune.secure.session import ProtocolError
 
     state: dict = {}
     client_state.begin_round(state, 1, "adapter-a")
@@ -271,10 +272,9 @@ def test_replay_with_another_input_is_charged_again() -> None:
     client_state.begin_round(state, 1, "adapter-a")  # same round, same input: a deterministic replay
     assert "dp_sgd" not in state
     state["dp_sgd"] = "after round 1"
-    client_state.begin_round(state, 2, "adapter-b")
-    state["dp_sgd"] = "after round 2"
-    client_state.begin_round(state, 2, "adapter-c")  # a different input is a new release: nothing is restored
-    assert state["dp_sgd"] == "after round 2"
+    with pytest.raises(ProtocolError, match="already trained round 1"):  # the same noise on another input
+        client_state.begin_round(state, 1, "adapter-b")
+    assert state["dp_sgd"] == "after round 1"  # nothing was restored or spent
 
 
 @pytest.mark.parametrize("reproducible", [False, True])

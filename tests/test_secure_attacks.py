@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune import client, config
+from fedtune import adapters, client, config, wire
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.run_dir import RunDir
 from fedtune.secure import primitives, shamir
@@ -104,3 +104,34 @@ def test_the_masked_mean_equals_the_plaintext_mean_within_the_logged_bound(
         float32_rounding = 2 * torch.finfo(torch.float32).eps * expected[key].abs().max()
         assert (expected[key] - got[key]).abs().max() <= bound + float32_rounding
         assert (expected[key] - initial[key]).abs().max() > 100 * bound  # the round moved the adapter
+
+
+def test_a_node_trains_each_round_on_one_global_adapter_so_its_dp_noise_is_never_reused(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """DP noise is drawn from the node's secret and the round. The server sends `train` for round 1 twice, with
+    two different global adapters: two updates carrying the same noise, whose difference is noise-free (within
+    twice the clip norm here, where fresh noise would be hundreds of times larger). The node must refuse."""
+    clip = 0.01
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        tmp_path / "run",
+        "federation.num_clients=3",
+        "privacy=client_dp",
+        "privacy.noise_at=clients",
+        "privacy.noise_multiplier=50",
+        f"privacy.clip_norm={clip}",
+    )
+    experiment = _experiment(overrides)
+    server = HostileServer(make_nodes(tmp_path, overrides, 3), experiment.hash)
+    first = experiment.initial_adapter()
+    second = {key: value + 0.01 for key, value in first.items()}
+
+    def update(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        reply = server.train(VICTIM, 1, adapter, [VICTIM], {}, **{wire.NUM_SAMPLED: 3})
+        return reply.array_records[wire.ARRAYS].to_torch_state_dict()
+
+    one = update(first)
+    with pytest.raises(ProtocolError, match="already trained round 1"):
+        two = update(second)
+        assert adapters.l2_norm(adapters.subtract(one, two)) > 100 * clip  # the noise did not cancel
