@@ -17,8 +17,8 @@ import torch
 from fedtune import adapters, client, config, wire
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.run_dir import RunDir
-from fedtune.secure import primitives, shamir
-from fedtune.secure.session import ProtocolError
+from fedtune.secure import fixed_point, masking, primitives, shamir
+from fedtune.secure.session import KeyBundle, ProtocolError
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
 from tests.nodes import HostileServer, InProcessGrid, make_nodes
@@ -135,3 +135,39 @@ def test_a_node_trains_each_round_on_one_global_adapter_so_its_dp_noise_is_never
     with pytest.raises(ProtocolError, match="already trained round 1"):
         two = update(second)
         assert adapters.l2_norm(adapters.subtract(one, two)) > 100 * clip  # the noise did not cancel
+
+
+def _masked_round(server: HostileServer, names: list[str], adapter: dict, experiment: Experiment) -> np.ndarray:
+    """One honest masked round 1 over ``names``: the weighted sum an honest-but-curious server unmasks."""
+    setup = server.set_up(names, 1)
+    uploads = {
+        name: server.train(name, 1, adapter, names, setup["sealed"]).array_records[wire.MASKED]["0"].numpy()
+        for name in names
+    }
+    revealed = [server.unmask(name, 1, names, []) for name in names]
+    bundles = {name: KeyBundle.from_json(text) for name, text in setup["bundles"].items()}
+    total = masking.unmask(server.session(1), uploads, bundles, setup["commitments"], revealed, experiment.secure)
+    summed, _ = experiment.secure.fixed_point(len(names), unit_weights=False).decode(total, adapter)
+    return fixed_point.flatten(summed)
+
+
+def test_a_round_is_never_summed_twice_over_different_clients(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Two sums of one round. Training is deterministic, so if round 1 is unmasked over S and later (a resume, a
+    rerun of the same experiment with a new run) over S minus the victim, the difference is the victim's
+    update, and an honest-but-curious server gets it without breaking any rule of one protocol run. A node
+    that has uploaded in round 1 of this experiment never uploads in it again, whatever the run."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=4", "secure=masking")
+    experiment = _experiment(overrides)
+    nodes = make_nodes(tmp_path, overrides, 4, simulated=False)
+    adapter = experiment.initial_adapter()
+    everyone = [node.name for node in nodes]
+    first = _masked_round(HostileServer(nodes, experiment.hash, "first-run"), everyone, adapter, experiment)
+    for node in nodes:
+        node.new_run()  # a resumed or repeated run: Flower's Context.state starts empty, the node's disk does not
+    with pytest.raises(ProtocolError, match="already uploaded"):
+        second = _masked_round(HostileServer(nodes, experiment.hash, "second-run"), everyone[1:], adapter, experiment)
+        data = experiment.client_data(0)
+        update, metrics = client.train_round(experiment, data, adapter, 1, VICTIM, {})
+        victim = fixed_point.flatten(update) * metrics["num_examples"]
+        rounding = sum(n / (2 * experiment.secure.fixed_point(n, unit_weights=False).scale) for n in (4, 3))
+        assert np.abs((first - second) - victim).max() > rounding  # the difference is the victim's update
