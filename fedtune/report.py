@@ -39,6 +39,8 @@ def progress_line(
 ) -> str:
     """``round 3/5 | clients 4/4 | train loss 1.234 | val ... | test ... | 12.3 s``."""
     latest = {(m["scope"], m["metric"]): m["value"] for m in metrics if m["round"] == server_round}
+    if latest.get(("train", "abandoned")):
+        return f"round {server_round}/{num_rounds} | abandoned, the global adapter is unchanged | {seconds:.1f} s"
     parts = [
         f"round {server_round}/{num_rounds}",
         f"clients {latest.get(('train', 'clients'), 0):.0f}/{latest.get(('train', 'sampled'), 0):.0f}",

@@ -26,7 +26,7 @@ from fedtune.adapters import AdapterState
 from fedtune.secure import fixed_point, primitives
 from fedtune.secure.masking import SecureAggregation, unmask
 from fedtune.secure.session import KeyBundle, ProtocolError, Session
-from fedtune.transport import Client, Reply, RoundFailedError, Transport
+from fedtune.transport import Client, Reply, RoundAbandoned, RoundFailedError, Transport
 
 logger = logging.getLogger("fedtune")
 
@@ -82,7 +82,10 @@ class SecureRounds:
         keys and shares during this one.
 
         Raises:
-            RoundFailedError: Fewer than t clients are left at some step, or unmasking fails.
+            RoundFailedError: Before any upload, fewer clients shared keys than the round needs (t, and
+                ``federation.min_train_clients``); nothing was revealed and the round can be run again.
+            RoundAbandoned: After uploads, too few uploaded (checked before anything is unmasked), too few
+                revealed their shares, or unmasking failed. The uploads are spent: the round is not retried.
         """
         session = Session(self.transport.run_nonce, server_round)
         sent: Counter[str] = Counter()
@@ -96,7 +99,8 @@ class SecureRounds:
         pipelined = prepared is not None and prepared.session == session and set(prepared.sealed) == _keys(sampled)
         setup = prepared if pipelined else self._set_up(step, sampled, session)
         threshold = self.secure.round_minimum(len(setup.bundles))
-        _require(len(setup.sealed), threshold, server_round, "shared their keys")
+        needed = max(threshold, self.transport.experiment.federation.min_train_clients)  # t, and the run's minimum
+        _require(len(setup.sealed), needed, server_round, "shared their keys")
         survivors = sorted(setup.sealed)
         next_session = Session(self.transport.run_nonce, server_round + 1)
         # Pipelining needs every next-round client in this round; otherwise the next round runs all four steps.
@@ -125,7 +129,9 @@ class SecureRounds:
         accepted = _accepted(train_replies, read_upload, server_round)
         uploads = [reply for reply, _ in accepted.values()]
         masked = {name: array for name, (_, array) in accepted.items()}
-        _require(len(uploads), threshold, server_round, "uploaded a masked update")
+        # Every condition for using the sum is checked before anything is unmasked: a sum revealed and then
+        # discarded could be subtracted from another one.
+        _require(len(uploads), needed, server_round, "uploaded a masked update", RoundAbandoned)
         uploaders = sorted(masked)
         dropped = sorted(set(survivors) - set(uploaders))
         next_keys = _accepted(
@@ -149,13 +155,11 @@ class SecureRounds:
         if preparing:
             dealers = [r for r in unmask_replies if r.client.key in next_clients]
             self._prepared = self._dealt(dealers, next_session, next_keys, server_round, "next-round shares")
-        _require(len(revealed), threshold, server_round, "revealed their shares")
+        _require(len(revealed), threshold, server_round, "revealed their shares", RoundAbandoned)
         try:
             total = unmask(session, masked, setup.bundles, setup.commitments, revealed, self.secure)
         except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
-            raise RoundFailedError(
-                f"Round {server_round}: unmasking failed ({error}) Resume with resume=true."
-            ) from error
+            raise RoundAbandoned(f"Round {server_round}: unmasking failed ({error})") from error
         if dropped:
             logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
         code = self.secure.fixed_point(len(setup.bundles), unit_weights)
@@ -251,9 +255,13 @@ def _read_revealed(reply: Reply) -> dict[str, dict[str, str]]:
     return revealed
 
 
-def _require(count: int, threshold: int, server_round: int, what: str) -> None:
-    if count < threshold:
-        raise RoundFailedError(
-            f"Round {server_round}: {count} clients {what}, fewer than the secure-aggregation threshold t={threshold}; "
-            "the round is abandoned without revealing anything. Resume with resume=true once nodes are back."
-        )
+def _require(
+    count: int, needed: int, server_round: int, what: str, error: type[RuntimeError] = RoundFailedError
+) -> None:
+    if count >= needed:
+        return
+    if error is RoundFailedError:
+        then = "nothing was uploaded or revealed. Resume with resume=true once nodes are back."
+    else:
+        then = "the round is abandoned and the run goes on (its uploads are spent: nodes upload once per round)."
+    raise error(f"Round {server_round}: {count} clients {what}, {needed} are needed; {then}")

@@ -26,7 +26,7 @@ from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, file_hash, metrics_hash
 from fedtune.run_dir import Checkpoint, RunDir
 from fedtune.seeding import derive_seed, noise_generator
-from fedtune.transport import Client, RoundFailedError, Transport, connect
+from fedtune.transport import Client, RoundAbandoned, RoundFailedError, Transport, connect
 from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, payload_bytes
 
 logger = logging.getLogger("fedtune")
@@ -169,9 +169,14 @@ def _train_step(
         next_sampled = None  # the next round's clients make its keys and shares during this one
         if server_round < experiment.federation.num_rounds:
             next_sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round + 1, "train")
-        masked = secure_rounds.collect(
-            sampled, train_content, global_adapter, server_round, organisation is not None, next_sampled
-        )
+        try:
+            masked = secure_rounds.collect(
+                sampled, train_content, global_adapter, server_round, organisation is not None, next_sampled
+            )
+        except RoundAbandoned as error:  # clients uploaded, so the round is recorded, never retried
+            logger.warning("%s", error)
+            run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
+            return global_adapter, {"abandoned": str(error), "participants": [], "received": {}, "privacy": {}}
         replies, upload_bytes = masked.uploads, masked.upload_bytes
         train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
         weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally

@@ -34,6 +34,11 @@ class RoundFailedError(RuntimeError):
     """Too few clients replied for a round to count; the last checkpoint is intact for resume."""
 
 
+class RoundAbandoned(RuntimeError):
+    """A round that cannot be applied after clients uploaded to it: it is recorded, never retried, and the run
+    goes on (a node uploads at most once per round, fedtune/secure/uploads.py)."""
+
+
 @dataclass(frozen=True)
 class Client:
     """A connected node as the server knows it."""

@@ -16,6 +16,7 @@ import torch
 
 from fedtune import adapters, client, config, wire
 from fedtune.experiment import Experiment, get_experiment
+from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
 from fedtune.secure import fixed_point, masking, primitives, shamir
 from fedtune.secure.session import KeyBundle, ProtocolError
@@ -171,3 +172,23 @@ def test_a_round_is_never_summed_twice_over_different_clients(tiny_bert_dir: Pat
         victim = fixed_point.flatten(update) * metrics["num_examples"]
         rounding = sum(n / (2 * experiment.secure.fixed_point(n, unit_weights=False).scale) for n in (4, 3))
         assert np.abs((first - second) - victim).max() > rounding  # the difference is the victim's update
+
+
+def test_a_round_too_small_to_use_is_abandoned_before_anything_is_unmasked(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The server used to unmask a round and only then find fewer uploads than federation.min_train_clients,
+    fail the round, and redo it after a resume with whoever was online: two sums of one round. Now every
+    condition is checked first: 3 of 4 clients upload (t = 3, the run needs 4), so nobody is asked to unmask,
+    the round is recorded as abandoned with the adapter unchanged, and the next round goes on."""
+    overrides = tiny_overrides(
+        tiny_bert_dir, tmp_path, "federation.num_clients=4", "federation.min_train_clients=4", "secure=masking"
+    )
+    nodes = make_nodes(tmp_path, overrides, 4, failures={"hospital-3": [(1, "train")]})
+    run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
+    run = tmp_path / "run"
+    assert not [node.name for node in nodes if (1, wire.SECAGG_UNMASK) in node.handled]
+    initial = _experiment(overrides).initial_adapter()
+    assert adapters.fingerprint(_checkpoint(run, 1)) == adapters.fingerprint(initial)
+    assert _train_metric(run, "abandoned") == {1: 1.0} and _train_metric(run, "clients") == {2: 4.0}
+    rounds = [entry for entry in Ledger(run).entries() if entry["kind"] == "round"]
+    assert "3 clients uploaded a masked update, 4 are needed" in rounds[0]["abandoned"]
+    assert "abandoned" not in rounds[1] and audit(run) == []
