@@ -3,8 +3,10 @@
 Node config keys (``flower-supernode --node-config``): ``partition-id`` / ``num-partitions`` pick a
 partition of the configured dataset (simulation, demos); ``data-path`` points at the node's own file
 and ``name`` labels the node in logs and reports (deployments); ``identity-key`` is the node's Ed25519
-key file (created on first use; default beside ``state-dir``); ``trusted-keys`` optionally lists the
-peers' identity keys this node accepts in secure aggregation (otherwise it takes the server's list).
+key file (created on first use; default beside ``state-dir``); ``state-dir`` holds its privacy state and
+its record of the rounds it uploaded in. Under ``secure=masking``: ``trusted-keys`` lists the peers'
+identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
+cannot invent peers), and ``min-round-clients`` (default 3) is the smallest round it takes part in.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ logger = logging.getLogger("fedtune")
 
 PRIVACY_STATE = "privacy"  # Context.state record holding the client's privacy accounting
 SECAGG_STATE = "secagg"  # Context.state record holding this round's secure-aggregation secrets
+# A masked round of two is a victim and, possibly, the server's accomplice; a node's own node config can raise it.
+MIN_ROUND_CLIENTS = 3
 
 
 def client_key(node_config: Mapping[str, Any]) -> str:
@@ -82,6 +86,18 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             )
         return experiment, experiment.client_data(int(context.node_config["partition-id"]))
 
+    def peer_identities(context: Context, received: ConfigRecord) -> dict[str, str]:
+        """Peers' identity keys: the node's own trusted list; only fedtune's in-process simulation, where one
+        operator runs every node, may take the server's (a deployed node would let the server invent peers)."""
+        if "trusted-keys" in context.node_config:
+            return identity.load_trusted_keys(str(context.node_config["trusted-keys"]))
+        if bound_run_config is None:
+            raise ProtocolError(
+                "secure=masking needs this node's own list of its peers' identity keys, or the server could invent "
+                "them: start the SuperNode with --node-config \"... trusted-keys='/etc/fedtune/trusted_keys.json'\"."
+            )
+        return json.loads(str(received[wire.IDENTITIES]))
+
     def upload_scope(experiment: Experiment) -> str:
         """What "the same experiment" means for the once-per-round upload rule (fedtune/secure/uploads.py): the
         config hash for a deployed node, whatever run dir the server names; one run in fedtune's in-process
@@ -96,6 +112,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     @app.query()
     def describe(msg: Message, context: Context) -> Message:
         experiment, data = setup(msg, context)
+        if experiment.secure.masked:
+            peer_identities(context, ConfigRecord({wire.IDENTITIES: "{}"}))  # refuses to join without trusted keys
         # With masking the server learns only totals, so the node does not announce its data sizes.
         description = {} if experiment.secure.masked else client.describe(experiment, data)
         info = {wire.CLIENT_KEY: client_key(context.node_config), wire.DESCRIPTION: json.dumps(description)}
@@ -113,11 +131,17 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             secagg = _round_state(msg, context)
             uploads = UploadRecord(client_state.uploads_file(context.node_config, upload_scope(experiment), key))
             uploads.check(server_round)
+        num_sampled = int(round_config[wire.NUM_SAMPLED])  # sizes this client's share of the DP noise
+        if secagg is not None and num_sampled != secagg.round_size:
+            raise ProtocolError(
+                f"The server says {num_sampled} clients take part in round {server_round}, but this node verified the "
+                f"keys of {secagg.round_size}; a larger count would shrink its DP noise. Refused."
+            )
         durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         client_state.begin_round(privacy_state, server_round, adapters.fingerprint(global_adapter))
         update, metrics = client.train_round(
-            experiment, data, global_adapter, server_round, key, privacy_state, int(round_config[wire.NUM_SAMPLED])
+            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         client_state.save(privacy_state, durable)  # and across a resumed run
@@ -130,6 +154,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         code = experiment.secure.fixed_point(secagg.round_size, unit_weights)
         sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
         survivors = json.loads(str(round_config[wire.SURVIVORS]))
+        _require_group(survivors, context.node_config, "shared keys in this round")
         masked = masking.mask_update(secagg, sealed, survivors, code.encode(update, weight))
         _save_round_state(context, secagg)
         uploads.record(server_round, secagg.session.run_nonce)  # on disk before the upload leaves
@@ -140,6 +165,16 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             content.config_records[wire.CONFIG] = next_keys
         return reply(msg, context, content)
 
+    def deal_shares(context: Context, experiment: Experiment, session: Session, received: ConfigRecord) -> RecordDict:
+        """Step 2 for ``session``: the encrypted shares for each peer and the commitment, as a reply's records."""
+        state = _round_state_for(context, session)
+        bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
+        _require_group([b.client for b in bundles], context.node_config, "sent round keys")
+        sealed, commitment = masking.share_keys(state, bundles, peer_identities(context, received), experiment.secure)
+        _save_round_state(context, state)
+        records = {wire.SEALED: ConfigRecord(sealed), wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment})}
+        return RecordDict(records)
+
     @app.train("secagg_keys")
     def advertise_keys(msg: Message, context: Context) -> Message:
         return reply(msg, context, RecordDict({wire.CONFIG: _new_round_keys(context, _session(msg))}))
@@ -148,7 +183,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def share_keys(msg: Message, context: Context) -> Message:
         experiment = experiment_of(msg, context)
         return reply(
-            msg, context, _deal_shares(context, experiment, _session(msg), msg.content.config_records[wire.CONFIG])
+            msg, context, deal_shares(context, experiment, _session(msg), msg.content.config_records[wire.CONFIG])
         )
 
     @app.train("secagg_unmask")
@@ -156,14 +191,14 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         state = _round_state(msg, context)
         received = msg.content.config_records[wire.CONFIG]
         _erase_round_state(context, state.session)  # one answer per round, then the secrets are gone
-        revealed = masking.reveal_shares(
-            state, json.loads(str(received[wire.SURVIVORS])), json.loads(str(received[wire.DROPPED]))
-        )
+        survivors = json.loads(str(received[wire.SURVIVORS]))
+        _require_group(survivors, context.node_config, "would be summed")
+        revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])))
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:  # pipelined: deal the next round's shares in the same reply
             experiment = experiment_of(msg, context)
             try:
-                dealt = _deal_shares(context, experiment, _session(msg, next_round=True), received)
+                dealt = deal_shares(context, experiment, _session(msg, next_round=True), received)
             except (KeyError, ValueError) as error:  # ProtocolError included
                 # This round's answer stands; the server sets the next round up in steps of their own.
                 logger.warning("Round %s: not dealing the next round's shares: %s", state.session.server_round, error)
@@ -195,15 +230,6 @@ def _new_round_keys(context: Context, session: Session, still_open: Session | No
     state, bundle = masking.advertise_keys(session, client_key(context.node_config), _signer(context.node_config))
     _save_round_state(context, state, still_open)
     return ConfigRecord({wire.BUNDLE: bundle.to_json()})
-
-
-def _deal_shares(context: Context, experiment: Experiment, session: Session, received: ConfigRecord) -> RecordDict:
-    """Step 2 for ``session``: the encrypted shares for each peer and the commitment, as a reply's records."""
-    state = _round_state_for(context, session)
-    bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
-    sealed, commitment = masking.share_keys(state, bundles, _peer_identities(context, received), experiment.secure)
-    _save_round_state(context, state)
-    return RecordDict({wire.SEALED: ConfigRecord(sealed), wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment})})
 
 
 def _round_state(msg: Message, context: Context) -> ClientRound:
@@ -240,11 +266,14 @@ def _state_key(session: Session) -> str:
     return f"{session.run_nonce}/{session.server_round}"
 
 
-def _peer_identities(context: Context, received: ConfigRecord) -> dict[str, str]:
-    """Peers' identity keys: the node's own trusted list if it has one, else the list the server forwards."""
-    if "trusted-keys" in context.node_config:
-        return identity.load_trusted_keys(str(context.node_config["trusted-keys"]))
-    return json.loads(str(received[wire.IDENTITIES]))
+def _require_group(names: list[str], node_config: Mapping[str, Any], what: str) -> None:
+    """Refuse a round of fewer clients than this node's own minimum (node config ``min-round-clients``)."""
+    minimum = int(node_config.get("min-round-clients", MIN_ROUND_CLIENTS))
+    if len(set(names)) < minimum:
+        raise ProtocolError(
+            f"{len(set(names))} clients {what}, fewer than this node's minimum of {minimum} (node config "
+            "min-round-clients): in so small a round the server and a colluding client could isolate its update."
+        )
 
 
 app = make_client_app()

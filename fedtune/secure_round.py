@@ -41,6 +41,7 @@ class MaskedSum:
     total_weight: int
     error_bound: float  # per coordinate, of weighted_sum / total_weight against the plaintext mean
     uploads: list[Reply]  # the contributors' masked uploads (metrics in the clear, update masked)
+    round_size: int  # |U1|: the clients whose round keys were verified (each client's DP noise share is for them)
     upload_bytes: float  # mean bytes a contributor sent in this round's messages
     exchanges: int  # message exchanges the round took (2 when its keys and shares came pipelined)
 
@@ -111,6 +112,7 @@ class SecureRounds:
             content = train_content(client)
             config = content.config_records[wire.CONFIG]
             config[wire.SURVIVORS], config[wire.PREPARE_NEXT] = json.dumps(survivors), client.key in next_clients
+            config[wire.NUM_SAMPLED] = len(setup.bundles)  # the round's size as every client verified it
             content.config_records[wire.SEALED] = ConfigRecord(
                 {v: setup.sealed[v][client.key] for v in survivors if client.key in setup.sealed[v]}
             )
@@ -169,6 +171,7 @@ class SecureRounds:
             total_weight,
             code.error_bound(len(uploads), total_weight),
             uploads,
+            len(setup.bundles),
             sum(sent[key] for key in uploaders) / len(uploaders),
             2 if pipelined else 4,
         )

@@ -180,10 +180,12 @@ def _train_step(
         replies, upload_bytes = masked.uploads, masked.upload_bytes
         train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
         weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally
-        denominator = len(sampled) if organisation is not None else masked.total_weight
-        mean = {k: (v / denominator).to(global_adapter[k].dtype) for k, v in masked.weighted_sum.items()}
+        expected = masked.round_size  # the clients whose keys were verified: each client's noise share is for them
+        divisor = expected if organisation is not None else masked.total_weight
+        mean = {k: (v / divisor).to(global_adapter[k].dtype) for k, v in masked.weighted_sum.items()}
         extra = {"aggregation_error_bound": masked.error_bound, "exchanges": float(masked.exchanges)}
     else:
+        expected = len(sampled)
         replies, updates, weights, train_metrics = [], [], [], []
         for reply in transport.send(sampled, "train", train_content, server_round):
             try:
@@ -199,7 +201,7 @@ def _train_step(
             mean = strategy.aggregate(updates, weights)
         elif updates:  # organisation-level DP: equal weights over a fixed denominator (the sampled count)
             mean = strategy.aggregate(updates, [1.0] * len(updates))
-            mean = {k: v * (len(updates) / len(sampled)) for k, v in mean.items()}
+            mean = {k: v * (len(updates) / expected) for k, v in mean.items()}
         upload_bytes = sum(payload_bytes(r.content) for r in replies) / max(len(replies), 1)
         extra = {}
     if len(replies) < experiment.federation.min_train_clients:
@@ -214,8 +216,13 @@ def _train_step(
         noise = noise_generator(
             privacy_state, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
         )
-        mean = organisation.privatize_aggregate(mean, len(sampled), noise)
-        privacy["client_dp_epsilon"] = organisation.account(privacy_state, len(sampled) / len(clients), len(clients))
+        mean = organisation.privatize_aggregate(mean, expected, noise)
+        released = organisation.noise_multiplier_of(
+            len(replies), expected
+        )  # fewer uploads, less noise (noise_at=clients)
+        privacy["client_dp_epsilon"] = organisation.account(
+            privacy_state, len(sampled) / len(clients), len(clients), released
+        )
         run_dir.log_metrics(server_round, "server", privacy)
     summary = {
         **_weighted_mean([{k: v for k, v in m.items() if k not in _WORST_CASE} for m in train_metrics], weights),

@@ -53,7 +53,7 @@ def test_noise_on_the_average_has_the_calibrated_standard_deviation(noise_at: st
 
 def test_epsilon_over_rounds_matches_opacus_rdp_analysis() -> None:
     mechanism, state = ClientDP(noise_multiplier=1.2, delta=1e-3), {}
-    epsilons = [mechanism.account(state, sample_rate=0.5, num_clients=10) for _ in range(5)]
+    epsilons = [mechanism.account(state, sample_rate=0.5, num_clients=10, noise_multiplier=1.2) for _ in range(5)]
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     reference, _ = get_privacy_spent(
         orders=orders, rdp=compute_rdp(q=0.5, noise_multiplier=1.2, steps=5, orders=orders), delta=1e-3
@@ -62,9 +62,14 @@ def test_epsilon_over_rounds_matches_opacus_rdp_analysis() -> None:
     assert epsilons == sorted(epsilons)
 
 
+def test_the_noise_multiplier_charged_is_the_one_the_uploads_carry() -> None:
+    assert ClientDP(noise_multiplier=2.0, noise_at="server").noise_multiplier_of(6, 10) == 2.0  # added after the sum
+    assert math.isclose(ClientDP(noise_multiplier=2.0, noise_at="clients").noise_multiplier_of(6, 10), 2.0 * 0.6**0.5)
+
+
 def test_delta_must_be_below_one_over_the_number_of_organisations() -> None:
     with pytest.raises(ValueError, match="not below 1/4"):
-        ClientDP(delta=0.3).account({}, 1.0, 4)
+        ClientDP(delta=0.3).account({}, 1.0, 4, 1.0)
 
 
 def test_both_guarantees_in_one_federated_run(tiny_bert_dir: Path, tmp_path: Path) -> None:

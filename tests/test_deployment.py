@@ -242,7 +242,8 @@ def test_flwr_run_on_real_superlink_and_supernodes(
                 "--port",
                 str(port),
                 "--node-config",
-                f"partition-id={partition} num-partitions=2 identity-key='{tmp_path}/keys/partition-{partition}.pem'",
+                f"partition-id={partition} num-partitions=2 identity-key='{tmp_path}/keys/partition-{partition}.pem' "
+                f"trusted-keys='{trusted_keys}' min-round-clients=2",  # a masked node needs its own trusted list
             ],
         )
 

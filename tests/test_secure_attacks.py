@@ -8,17 +8,20 @@ nodes (or the real server) refusing. Read a test as the specification of what th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import adapters, client, config, wire
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
 from fedtune.secure import fixed_point, masking, primitives, shamir
+from fedtune.secure.identity import Identity
 from fedtune.secure.session import KeyBundle, ProtocolError
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
@@ -192,3 +195,94 @@ def test_a_round_too_small_to_use_is_abandoned_before_anything_is_unmasked(tiny_
     rounds = [entry for entry in Ledger(run).entries() if entry["kind"] == "round"]
     assert "3 clients uploaded a masked update, 4 are needed" in rounds[0]["abandoned"]
     assert "abandoned" not in rounds[1] and audit(run) == []
+
+
+def _gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` Gaussian releases without subsampling, from the closed-form RDP alpha / (2 sigma^2)
+    and the RDP-to-DP conversion of Balle et al. 2020, over Opacus's default orders (an independent reference)."""
+    orders = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
+    rdp = rounds * orders / (2 * noise_multiplier**2)
+    epsilons = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    return float(np.nanmin(epsilons))
+
+
+def test_organisation_epsilon_counts_the_noise_of_the_clients_who_actually_uploaded(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """With noise_at=clients each of the n round clients adds 1/n of the noise variance. When only k of them
+    upload, the sum carries noise multiplier z * sqrt(k / n), but the accountant used to charge z. Here 10
+    hospitals are sampled and 6 upload: the logged epsilon must be the one at z * sqrt(0.6)."""
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        tmp_path,
+        "federation.num_clients=10",
+        "federation.num_rounds=1",
+        "federation.fraction_evaluate=0",
+        "secure=masking",
+        "privacy=client_dp",
+        "privacy.noise_at=clients",
+        "privacy.noise_multiplier=1.0",
+    )
+    lost = {f"hospital-{i}": [(1, "train")] for i in range(6, 10)}
+    run = _run(tmp_path, overrides, 10, lost)
+    assert _train_metric(run, "clients") == {1: 6.0}
+    logged = [m["value"] for m in RunDir(run).read_metrics() if m["metric"] == "client_dp_epsilon"]
+    assert logged == [pytest.approx(_gaussian_epsilon(1.0 * np.sqrt(0.6), 1, 1e-3), rel=1e-9)]
+    assert logged[0] > _gaussian_epsilon(1.0, 1, 1e-3) * 1.3  # what was charged before: far too little
+
+
+def _masked_nodes(tiny_bert_dir: Path, tmp_path: Path, count: int, *extra: str, **node_config: object) -> tuple:
+    overrides = tiny_overrides(
+        tiny_bert_dir, tmp_path / "run", f"federation.num_clients={count}", "secure=masking", *extra
+    )
+    experiment = _experiment(overrides)
+    nodes = make_nodes(tmp_path, overrides, count, simulated=False, node_config=node_config)
+    return experiment, nodes, HostileServer(nodes, experiment.hash)
+
+
+def test_a_node_refuses_a_round_smaller_than_its_own_minimum(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The threshold is a fraction of whatever client list the server forwards, at least 2: a round of the
+    victim and one accomplice of the server has t = 2 and its sum, minus the accomplice's update, is the
+    victim's. A node takes part only in rounds of at least its own node config's min-round-clients (3)."""
+    _, _, server = _masked_nodes(tiny_bert_dir, tmp_path, 3)
+    with pytest.raises(ProtocolError, match="2 clients sent round keys, fewer than this node's minimum of 3"):
+        server.set_up([VICTIM, A], 1)
+
+
+def test_a_deployed_node_takes_its_peers_identity_keys_only_from_its_own_list(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """By default a node took its peers' identity keys from the server, which could then invent every peer of
+    the victim (keys it holds itself) and unmask the victim alone. A node with its own trusted-keys list
+    refuses such peers; a deployed node without one refuses to join a masked run at all."""
+    experiment, nodes, server = _masked_nodes(tiny_bert_dir, tmp_path, 3)
+    victim_bundle = str(server.send(VICTIM, wire.SECAGG_KEYS, 1).config_records[wire.CONFIG][wire.BUNDLE])
+    sybils = {f"sybil-{i}": Identity.generate() for i in range(2)}
+    forged = [masking.advertise_keys(server.session(1), name, key)[1].to_json() for name, key in sybils.items()]
+    request = ConfigRecord(
+        {
+            wire.BUNDLES: json.dumps([victim_bundle, *forged]),
+            wire.IDENTITIES: json.dumps({name: key.public_hex for name, key in sybils.items()}),
+        }
+    )
+    with pytest.raises(ProtocolError, match="not signed by its known identity key"):
+        server.send(VICTIM, wire.SECAGG_SHARES, 1, RecordDict({wire.CONFIG: request}))
+    del nodes[0].context.node_config["trusted-keys"]
+    with pytest.raises(ProtocolError, match="needs this node's own list of its peers' identity keys"):
+        server.send(VICTIM, "query", 0)
+    assert experiment.secure.masked
+
+
+def test_a_node_sizes_its_noise_share_by_the_round_it_verified(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """With noise_at=clients each client adds the noise share for n clients, and n came from the server
+    unchecked: n = 10^6 would cut every client's noise a thousandfold. A masked node refuses any n other
+    than the number of clients whose round keys it verified."""
+    extra = ("privacy=client_dp", "privacy.noise_at=clients")
+    experiment, _, server = _masked_nodes(tiny_bert_dir, tmp_path, 3, *extra)
+    setup = server.set_up([VICTIM, A, B], 1)
+    with pytest.raises(
+        ProtocolError, match="says 1000000 clients take part in round 1, but this node verified the keys of 3"
+    ):
+        server.train(
+            VICTIM, 1, experiment.initial_adapter(), [VICTIM, A, B], setup["sealed"], **{wire.NUM_SAMPLED: 10**6}
+        )

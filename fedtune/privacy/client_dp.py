@@ -10,8 +10,8 @@ hospitals must trust:
   one hospital's update).
 - ``noise_at: clients``: each sampled client adds an n-th of the noise variance to its clipped update
   before it leaves the hospital, so the sum carries the full noise and the server never holds a
-  noise-free aggregate. Trust: the other sampled clients add their share; if only k of n clients do,
-  the guarantee is that of noise multiplier z·sqrt(k/n).
+  noise-free aggregate. Trust: the other sampled clients add their share; when only k of the n upload,
+  the sum carries noise multiplier z·sqrt(k/n), and that is what the accountant charges for the round.
 """
 
 from __future__ import annotations
@@ -86,8 +86,17 @@ class ClientDP:
             return _add_noise(mean, self.noise_multiplier * self.clip_norm / num_sampled, generator)
         return mean
 
-    def account(self, state: dict[str, Any], sample_rate: float, num_clients: int) -> float:
-        """Record one round in ``state`` (the server's checkpointed privacy state) and return epsilon so far.
+    def noise_multiplier_of(self, contributors: int, expected: int) -> float:
+        """The noise multiplier a sum of ``contributors`` clipped updates really carries when ``expected``
+        clients were to contribute: z, or with ``noise_at=clients`` (each client adds an ``expected``-th of
+        the variance) z·sqrt(contributors / expected)."""
+        if self.noise_at == "clients":
+            return self.noise_multiplier * math.sqrt(contributors / expected)
+        return self.noise_multiplier
+
+    def account(self, state: dict[str, Any], sample_rate: float, num_clients: int, noise_multiplier: float) -> float:
+        """Record one round released with ``noise_multiplier`` in ``state`` (the server's checkpointed privacy
+        state) and return epsilon so far.
 
         Raises:
             ValueError: delta is not below 1/num_clients.
@@ -99,7 +108,7 @@ class ClientDP:
             )
         accountant = create_accountant("rdp")
         accountant.history = [tuple(entry) for entry in json.loads(state.get(STATE_KEY, "[]"))]
-        accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         state[STATE_KEY] = json.dumps([list(entry) for entry in accountant.history])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" for large epsilons
