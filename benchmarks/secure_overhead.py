@@ -119,9 +119,10 @@ def ours(protocol: SecureAggregation, num_params: int, num_clients: int) -> dict
         (states[name], bundle), seconds = _timed(masking.advertise_keys, session, name, identities[name])
         bundles.append(bundle)
         steps["keys"].append(seconds)
-    sealed, commitments = {}, {}
+    sealed, commitments, committed = {}, {}, {}
     for name in names:
-        (sealed[name], commitments[name]), seconds = _timed(masking.share_keys, states[name], bundles, public, protocol)
+        dealt, seconds = _timed(masking.share_keys, states[name], bundles, public, protocol)
+        sealed[name], commitments[name], committed[name] = dealt
         steps["shares"].append(seconds)
     code = protocol.fixed_point(num_clients, unit_weights=False)
     uploads, reference = {}, np.zeros(num_params)
@@ -131,23 +132,27 @@ def ours(protocol: SecureAggregation, num_params: int, num_clients: int) -> dict
         encoded, seconds = _timed(code.encode, update, weight(index))
         steps["encode"].append(seconds)
         for_me = {peer: sealed[peer][name] for peer in names if peer != name}
-        uploads[name], seconds = _timed(masking.mask_update, states[name], for_me, names, encoded)
+        commitments_for_me = {peer: committed[peer][name] for peer in for_me}
+        (uploads[name], _), seconds = _timed(
+            masking.mask_update, states[name], for_me, commitments_for_me, names, encoded
+        )
         steps["mask"].append(seconds)
-    revealed = []
+    revealed = {}
     for name in names:
         shares, seconds = _timed(masking.reveal_shares, states[name], names, [])
-        revealed.append(shares)
+        revealed[name] = shares
         steps["reveal"].append(seconds)
     template = synthetic_update(num_params, 0)
     by_name = {bundle.client: bundle for bundle in bundles}
     threshold = states[names[0]].threshold
 
-    def server(survivors: list[str], shares: list[dict[str, dict[str, str]]], expected: np.ndarray) -> dict[str, float]:
+    def server(
+        survivors: list[str], shares: dict[str, dict[str, dict[str, str]]], expected: np.ndarray
+    ) -> dict[str, float]:
         started = time.perf_counter()
         masked = {name: uploads[name] for name in survivors}
-        summed, total_weight = code.decode(
-            masking.unmask(session, masked, by_name, commitments, shares, protocol), template
-        )
+        total, _ = masking.unmask(session, masked, by_name, commitments, shares, protocol, committed, {})
+        summed, total_weight = code.decode(total, template)
         seconds = time.perf_counter() - started
         error = float(np.abs(flatten(summed) / total_weight - expected / total_weight).max())
         bound = code.error_bound(len(survivors), total_weight)
@@ -158,7 +163,7 @@ def ours(protocol: SecureAggregation, num_params: int, num_clients: int) -> dict
     no_dropout = server(names, revealed, reference)
     gone = names[-1]  # shared keys, then never uploaded: the survivors reveal its mask key instead of its seed
     survivors = names[:-1]
-    after_dropout = [masking.reveal_shares(states[name], survivors, [gone]) for name in survivors]
+    after_dropout = {name: masking.reveal_shares(states[name], survivors, [gone]) for name in survivors}
     dropout_reference = reference - weight(num_clients - 1) * flatten(synthetic_update(num_params, num_clients - 1))
     one_dropout = server(survivors, after_dropout, dropout_reference)
     first = names[0]
@@ -166,7 +171,8 @@ def ours(protocol: SecureAggregation, num_params: int, num_clients: int) -> dict
         "key_bundle": len(bundles[0].to_json()),
         "sealed_shares": sum(len(peer) + len(ciphertext) for peer, ciphertext in sealed[first].items()),
         "commitment": len(commitments[first]),
-        "revealed_shares": len(json.dumps(revealed[0])),
+        "share_commitments": sum(len(peer) + len(c) for peer, c in committed[first].items()),
+        "revealed_shares": len(json.dumps(revealed[first])),
     }
     vector = uploads[first].nbytes
     return {

@@ -153,16 +153,20 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         weight = 1 if unit_weights else int(metrics["num_examples"])
         code = experiment.secure.fixed_point(secagg.round_size, unit_weights)
         sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
+        committed = {k: str(v) for k, v in msg.content.config_records.get(wire.SHARE_COMMITMENTS, {}).items()}
         survivors = json.loads(str(round_config[wire.SURVIVORS]))
         _require_group(survivors, context.node_config, "shared keys in this round")
-        masked = masking.mask_update(secagg, sealed, survivors, code.encode(update, weight))
+        masked, excluded = masking.mask_update(secagg, sealed, committed, survivors, code.encode(update, weight))
         _save_round_state(context, secagg)
         uploads.record(server_round, secagg.session.run_nonce)  # on disk before the upload leaves
         visible = {k: v for k, v in metrics.items() if k != "num_examples"}  # the count travels masked
         content = RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
+        content.config_records[wire.CONFIG] = ConfigRecord({wire.EXCLUDED: json.dumps(excluded)})
+        if excluded:
+            logger.warning("Round %d: left out %s, whose shares for this node were bad", server_round, excluded)
         if round_config.get(wire.PREPARE_NEXT):  # pipelined: the next round's keys ride on this upload
             next_keys = _new_round_keys(context, _session(msg, next_round=True), still_open=_session(msg))
-            content.config_records[wire.CONFIG] = next_keys
+            content.config_records[wire.CONFIG][wire.BUNDLE] = next_keys[wire.BUNDLE]
         return reply(msg, context, content)
 
     def deal_shares(context: Context, experiment: Experiment, session: Session, received: ConfigRecord) -> RecordDict:
@@ -170,10 +174,16 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         state = _round_state_for(context, session)
         bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
         _require_group([b.client for b in bundles], context.node_config, "sent round keys")
-        sealed, commitment = masking.share_keys(state, bundles, peer_identities(context, received), experiment.secure)
+        identities = peer_identities(context, received)
+        sealed, commitment, committed = masking.share_keys(state, bundles, identities, experiment.secure)
         _save_round_state(context, state)
-        records = {wire.SEALED: ConfigRecord(sealed), wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment})}
-        return RecordDict(records)
+        return RecordDict(
+            {
+                wire.SEALED: ConfigRecord(sealed),
+                wire.SHARE_COMMITMENTS: ConfigRecord(committed),
+                wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment}),
+            }
+        )
 
     @app.train("secagg_keys")
     def advertise_keys(msg: Message, context: Context) -> Message:
@@ -203,7 +213,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
                 # This round's answer stands; the server sets the next round up in steps of their own.
                 logger.warning("Round %s: not dealing the next round's shares: %s", state.session.server_round, error)
             else:
-                content.config_records[wire.SEALED] = dealt.config_records[wire.SEALED]
+                for name in (wire.SEALED, wire.SHARE_COMMITMENTS):
+                    content.config_records[name] = dealt.config_records[name]
                 config_record = content.config_records[wire.CONFIG]
                 config_record[wire.COMMITMENT] = dealt.config_records[wire.CONFIG][wire.COMMITMENT]
         return reply(msg, context, content)

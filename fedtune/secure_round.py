@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import wire
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, l2_norm
 from fedtune.secure import fixed_point, primitives
 from fedtune.secure.masking import SecureAggregation, unmask
 from fedtune.secure.session import KeyBundle, ProtocolError, Session
@@ -53,7 +53,8 @@ class _Setup:
     session: Session
     bundles: dict[str, KeyBundle]
     sealed: dict[str, dict[str, bytes]]  # sender -> receiver -> encrypted share
-    commitments: dict[str, bytes]
+    commitments: dict[str, bytes]  # sender -> commitment to its self-mask seed
+    share_commitments: dict[str, dict[str, str]]  # sender -> receiver -> commitments to the two shares it dealt
 
 
 class SecureRounds:
@@ -113,24 +114,36 @@ class SecureRounds:
             config = content.config_records[wire.CONFIG]
             config[wire.SURVIVORS], config[wire.PREPARE_NEXT] = json.dumps(survivors), client.key in next_clients
             config[wire.NUM_SAMPLED] = len(setup.bundles)  # the round's size as every client verified it
-            content.config_records[wire.SEALED] = ConfigRecord(
-                {v: setup.sealed[v][client.key] for v in survivors if client.key in setup.sealed[v]}
+            dealers = [v for v in survivors if client.key in setup.sealed[v]]
+            content.config_records[wire.SEALED] = ConfigRecord({v: setup.sealed[v][client.key] for v in dealers})
+            content.config_records[wire.SHARE_COMMITMENTS] = ConfigRecord(
+                {v: setup.share_commitments[v][client.key] for v in dealers}
             )
             return content
 
         length = fixed_point.num_slots(global_adapter)
 
-        def read_upload(reply: Reply) -> tuple[Reply, np.ndarray]:
+        def read_upload(reply: Reply) -> tuple[Reply, np.ndarray, set[str]]:
             array = reply.content.array_records[wire.MASKED]["0"].numpy()
             if array.dtype != np.uint32 or array.shape != (length,):
                 raise ProtocolError(f"a masked upload must be {length} uint32 values, got {array.dtype} {array.shape}")
             dict(reply.content.metric_records[wire.METRICS])  # present, or the reply is malformed
-            return reply, array
+            excluded = set(json.loads(str(reply.content.config_records[wire.CONFIG][wire.EXCLUDED])))
+            if not excluded <= set(survivors) - {reply.client.key}:
+                raise ProtocolError("it left out clients that are not its peers in this round")
+            return reply, array, excluded
 
         train_replies = step([c for c in sampled if c.key in setup.sealed], "train", masked_train)
         accepted = _accepted(train_replies, read_upload, server_round)
-        uploads = [reply for reply, _ in accepted.values()]
-        masked = {name: array for name, (_, array) in accepted.items()}
+        # A client whose shares a peer could not open or check did not get that peer's mask: it counts as dropped.
+        bad_dealers = set().union(*(excluded for _, _, excluded in accepted.values()))
+        if bad_dealers:
+            logger.warning(
+                "Round %d: %s dealt shares their peers could not use; left out", server_round, sorted(bad_dealers)
+            )
+        uploads = [reply for name, (reply, _, _) in accepted.items() if name not in bad_dealers]
+        masked = {name: array for name, (_, array, _) in accepted.items() if name not in bad_dealers}
+        excluded_by = {name: excluded for name, (_, _, excluded) in accepted.items() if name in masked}
         # Every condition for using the sum is checked before anything is unmasked: a sum revealed and then
         # discarded could be subtracted from another one.
         _require(len(uploads), needed, server_round, "uploaded a masked update", RoundAbandoned)
@@ -153,19 +166,40 @@ class SecureRounds:
             return RecordDict({wire.CONFIG: ConfigRecord(fields)})
 
         unmask_replies = step([r.client for r in uploads], wire.SECAGG_UNMASK, unmask_request)
-        revealed = list(_accepted(unmask_replies, _read_revealed, server_round).values())
+        revealed = _accepted(unmask_replies, _read_revealed, server_round)
         if preparing:
             dealers = [r for r in unmask_replies if r.client.key in next_clients]
             self._prepared = self._dealt(dealers, next_session, next_keys, server_round, "next-round shares")
         _require(len(revealed), threshold, server_round, "revealed their shares", RoundAbandoned)
         try:
-            total = unmask(session, masked, setup.bundles, setup.commitments, revealed, self.secure)
+            total, liars = unmask(
+                session,
+                masked,
+                setup.bundles,
+                setup.commitments,
+                revealed,
+                self.secure,
+                setup.share_commitments,
+                excluded_by,
+            )
         except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
             raise RoundAbandoned(f"Round {server_round}: unmasking failed ({error})") from error
+        if liars:
+            logger.warning(
+                "Round %d: %s revealed shares that do not match their commitments; left out", server_round, liars
+            )
         if dropped:
             logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
         code = self.secure.fixed_point(len(setup.bundles), unit_weights)
         weighted_sum, total_weight = code.decode(total, global_adapter)
+        problem = self._implausible(weighted_sum, total_weight, len(uploads), len(setup.bundles), unit_weights, code)
+        if problem is not None:
+            raise RoundAbandoned(
+                f"Round {server_round}: the unmasked sum is not one that honest clients can produce ({problem}); "
+                "it is not applied",
+                revealed=len(uploads),
+                round_size=len(setup.bundles),
+            )
         return MaskedSum(
             weighted_sum,
             total_weight,
@@ -202,9 +236,43 @@ class SecureRounds:
         return _Setup(
             session,
             bundles,
-            {name: shares for name, (shares, _) in shared.items()},
-            {name: commitment for name, (_, commitment) in shared.items()},
+            {name: shares for name, (shares, _, _) in shared.items()},
+            {name: commitment for name, (_, commitment, _) in shared.items()},
+            {name: committed for name, (_, _, committed) in shared.items()},
         )
+
+    def _implausible(
+        self,
+        weighted_sum: AdapterState,
+        total_weight: int,
+        contributors: int,
+        round_size: int,
+        unit_weights: bool,
+        code: fixed_point.FixedPoint,
+    ) -> str | None:
+        """Why no set of ``contributors`` honest clients could have produced this sum, or None if they could.
+
+        Honest clients encode values within ``±value_range`` and weights within 1..``max_examples`` (exactly 1
+        with unit weights), and under organisation-level DP clip their updates; a masked upload cannot be
+        range-checked, so a client that breaks these rules shows up here, in the sum, or not at all.
+        """
+        lowest, highest = (
+            (contributors, contributors) if unit_weights else (contributors, contributors * code.max_weight)
+        )
+        if not lowest <= total_weight <= highest:
+            return f"total weight {total_weight}, outside [{lowest}, {highest}] for {contributors} clients"
+        rounding = contributors / (2 * code.scale)  # per coordinate
+        largest = max(float(t.abs().max()) for t in weighted_sum.values())
+        if largest > total_weight * code.value_range + rounding:
+            return f"a value of magnitude {largest:.4g} lies outside ±(total weight x secure.value_range)"
+        organisation = self.transport.experiment.privacy.organisation
+        if organisation is not None:
+            dimension = sum(t.numel() for t in weighted_sum.values())
+            norm = l2_norm(weighted_sum)
+            bound = organisation.sum_norm_bound(contributors, round_size, dimension) + rounding * dimension**0.5
+            if norm > bound:
+                return f"L2 norm {norm:.4g} above {bound:.4g}, the most {contributors} clipped and noised updates reach"
+        return None
 
 
 def _keys(clients: list[Client]) -> set[str]:
@@ -227,13 +295,19 @@ def _read_bundle(reply: Reply, session: Session) -> KeyBundle:
     return bundle
 
 
-def _shares_reader(peers: dict[str, frozenset[str]]) -> Callable[[Reply], tuple[dict[str, bytes], bytes]]:
-    def read(reply: Reply) -> tuple[dict[str, bytes], bytes]:
+def _shares_reader(
+    peers: dict[str, frozenset[str]],
+) -> Callable[[Reply], tuple[dict[str, bytes], bytes, dict[str, str]]]:
+    def read(reply: Reply) -> tuple[dict[str, bytes], bytes, dict[str, str]]:
         shares = {name: bytes(value) for name, value in reply.content.config_records[wire.SEALED].items()}
+        committed = {name: str(value) for name, value in reply.content.config_records[wire.SHARE_COMMITMENTS].items()}
         commitment = reply.content.config_records[wire.CONFIG][wire.COMMITMENT]
-        if set(shares) != peers[reply.client.key] or not isinstance(commitment, bytes) or len(commitment) != 32:
+        group = peers[reply.client.key]
+        if set(shares) != group or not isinstance(commitment, bytes) or len(commitment) != 32:
             raise ProtocolError("not one encrypted share per peer and a 32-byte commitment")
-        return shares, commitment
+        if set(committed) != group | {reply.client.key} or not all(len(c) == 128 for c in committed.values()):
+            raise ProtocolError("not one pair of share commitments per member of its group")
+        return shares, commitment, committed
 
     return read
 

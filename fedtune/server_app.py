@@ -175,8 +175,16 @@ def _train_step(
             )
         except RoundAbandoned as error:  # clients uploaded, so the round is recorded, never retried
             logger.warning("%s", error)
+            privacy = {}
+            if error.revealed and organisation is not None and organisation.noise_at == "clients":
+                # the server saw a sum carrying the clients' noise: a release, though never applied
+                released = organisation.noise_multiplier_of(error.revealed, error.round_size)
+                privacy["client_dp_epsilon"] = organisation.account(
+                    privacy_state, len(sampled) / len(clients), len(clients), released
+                )
+                run_dir.log_metrics(server_round, "server", privacy)
             run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
-            return global_adapter, {"abandoned": str(error), "participants": [], "received": {}, "privacy": {}}
+            return global_adapter, {"abandoned": str(error), "participants": [], "received": {}, "privacy": privacy}
         replies, upload_bytes = masked.uploads, masked.upload_bytes
         train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
         weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally

@@ -36,7 +36,17 @@ class RoundFailedError(RuntimeError):
 
 class RoundAbandoned(RuntimeError):
     """A round that cannot be applied after clients uploaded to it: it is recorded, never retried, and the run
-    goes on (a node uploads at most once per round, fedtune/secure/uploads.py)."""
+    goes on (a node uploads at most once per round, fedtune/secure/uploads.py).
+
+    Args:
+        message: Why.
+        revealed: How many clients' updates the server unmasked the sum of before giving up (0: none).
+        round_size: The clients whose keys were verified (each one's DP noise share was for them).
+    """
+
+    def __init__(self, message: str, revealed: int = 0, round_size: int = 0) -> None:
+        super().__init__(message)
+        self.revealed, self.round_size = revealed, round_size
 
 
 @dataclass(frozen=True)

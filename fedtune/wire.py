@@ -25,6 +25,7 @@ SIGNATURE = "signature"
 SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "train.secagg_keys", "train.secagg_shares", "train.secagg_unmask"
 BUNDLE, BUNDLES, IDENTITIES, SEALED, COMMITMENT = "bundle", "bundles", "identities", "sealed", "commitment"
 SURVIVORS, DROPPED, REVEALED, MASKED = "survivors", "dropped", "revealed", "masked"
+SHARE_COMMITMENTS, EXCLUDED = "share-commitments", "excluded"  # per-share commitments; peers a client left out
 PREPARE_NEXT = "prepare-next"  # in a masked train message: also make the next round's keys (steps pipelined)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class Node:
         simulated: Bind the run config as fedtune's in-process simulation does (True), or read it from the
             Context as a deployed ClientApp does (False).
         failures: ``(round, message type)`` pairs at which this node fails (raises), as a crashed node would.
+        tampering: ``(round, message type)`` -> a function that changes this node's reply content before it is
+            signed and sent: a malicious node (its replies still verify, they are its own).
     """
 
     def __init__(
@@ -50,12 +52,14 @@ class Node:
         run_config: dict[str, str],
         simulated: bool = True,
         failures: Iterable[tuple[int, str]] = (),
+        tampering: dict[tuple[int, str], Callable[[RecordDict], None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.name = str(node_config["name"])
         self.app = make_client_app(run_config if simulated else None)
         self.context = Context(1, node_id, node_config, RecordDict(), run_config)
         self.failures = set(failures)
+        self.tampering = tampering or {}
         self.handled: list[tuple[int, str]] = []  # (round, message type) of every message this node answered
 
     def receive(self, message: Message) -> Message:
@@ -68,6 +72,12 @@ class Node:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a SuperLink stamps on push
         reply = self.app(message, self.context)
         self.handled.append((server_round, step))
+        tamper = self.tampering.get((server_round, step))
+        if tamper is not None:
+            tamper(reply.content)
+            signer = identity.load_or_create(Path(str(self.context.node_config["identity-key"])))
+            nonce = str(message.content.config_records[wire.CONFIG][wire.RUN_NONCE])
+            wire.sign(reply.content, signer, Session(nonce, server_round), step, self.name)
         return reply
 
     def new_run(self) -> None:
@@ -131,6 +141,7 @@ def make_nodes(
     simulated: bool = True,
     failures: dict[str, Iterable[tuple[int, str]]] | None = None,
     node_config: dict[str, Any] | None = None,
+    tampering: dict[str, dict[tuple[int, str], Callable[[RecordDict], None]]] | None = None,
 ) -> list[Node]:
     """``count`` nodes named hospital-0.. on partitions 0.., with their own state dirs and identity keys, all of
     whom trust each other's keys (``trusted-keys``); the run's config is ``overrides`` with run dir ``root/run``."""
@@ -154,6 +165,7 @@ def make_nodes(
             run_config,
             simulated,
             (failures or {}).get(name, ()),
+            (tampering or {}).get(name),
         )
         for i, name in enumerate(names)
     ]
@@ -192,32 +204,29 @@ class HostileServer:
             name: str(self.send(name, wire.SECAGG_KEYS, server_round).config_records[wire.CONFIG][wire.BUNDLE])
             for name in names
         }
-        sealed, commitments = {}, {}
+        sealed, commitments, committed = {}, {}, {}
         for name in names:  # the identities the server forwards are empty: nodes hold their own trusted keys
             listed = json.dumps([bundles[n] for n in sorted(bundles)])
             config_record = ConfigRecord({wire.BUNDLES: listed, wire.IDENTITIES: "{}"})
             reply = self.send(name, wire.SECAGG_SHARES, server_round, RecordDict({wire.CONFIG: config_record}))
             sealed[name] = {k: bytes(v) for k, v in reply.config_records[wire.SEALED].items()}
             commitments[name] = bytes(reply.config_records[wire.CONFIG][wire.COMMITMENT])
-        return {"bundles": bundles, "sealed": sealed, "commitments": commitments}
+            committed[name] = {k: str(v) for k, v in reply.config_records[wire.SHARE_COMMITMENTS].items()}
+        return {"bundles": bundles, "sealed": sealed, "commitments": commitments, "share_commitments": committed}
 
     def train(
-        self,
-        name: str,
-        server_round: int,
-        adapter: dict,
-        survivors: list[str],
-        sealed: dict[str, dict[str, bytes]],
-        **fields: Any,
+        self, name: str, server_round: int, adapter: dict, survivors: list[str], setup: dict[str, Any], **fields: Any
     ) -> RecordDict:
-        """A masked ``train`` message: the global adapter, the survivors list and the shares dealt to ``name``."""
+        """A masked ``train`` message: the global adapter, the survivors list and the shares dealt to ``name``
+        (from ``setup``, what :meth:`set_up` returned; ``{}`` for a plaintext round)."""
+        sealed, committed = setup.get("sealed", {}), setup.get("share_commitments", {})
         content = RecordDict({wire.ARRAYS: ArrayRecord(adapter)})
         content.config_records[wire.CONFIG] = ConfigRecord(
             {wire.SURVIVORS: json.dumps(survivors), wire.NUM_SAMPLED: len(survivors), **fields}
         )
-        content.config_records[wire.SEALED] = ConfigRecord(
-            {dealer: shares[name] for dealer, shares in sealed.items() if dealer in survivors and name in shares}
-        )
+        dealers = [dealer for dealer, shares in sealed.items() if dealer in survivors and name in shares]
+        content.config_records[wire.SEALED] = ConfigRecord({dealer: sealed[dealer][name] for dealer in dealers})
+        content.config_records[wire.SHARE_COMMITMENTS] = ConfigRecord({d: committed[d][name] for d in dealers})
         return self.send(name, "train", server_round, content)
 
     def unmask(

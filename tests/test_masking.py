@@ -6,6 +6,7 @@ independently of the fixed-point code.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fedtune.secure import masking, primitives, shamir
+from fedtune.secure import masking, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
 from fedtune.secure.masking import SecureAggregation
@@ -36,9 +37,9 @@ class Round:
         for name in self.names:
             state, bundle = masking.advertise_keys(SESSION, name, self.identities[name])
             self.states[name], self.bundles = state, [*self.bundles, bundle]
-        self.sealed, self.commitments = {}, {}
+        self.sealed, self.commitments, self.committed = {}, {}, {}
         for name in self.names:
-            self.sealed[name], self.commitments[name] = masking.share_keys(
+            self.sealed[name], self.commitments[name], self.committed[name] = masking.share_keys(
                 self.states[name], self.bundles, self.public, config
             )
         generator = torch.Generator().manual_seed(seed)
@@ -52,20 +53,30 @@ class Round:
         self.weights = {n: 10 + 7 * i for i, n in enumerate(self.names)}
         self.code = config.fixed_point(num_clients, unit_weights=False)
 
+    def routed(self, name: str, survivors: list[str]) -> tuple[dict[str, bytes], dict[str, str]]:
+        """The shares and share commitments dealt to ``name``, as the server routes them."""
+        dealers = [v for v in survivors if name in self.sealed[v]]
+        return {v: self.sealed[v][name] for v in dealers}, {v: self.committed[v][name] for v in dealers}
+
     def upload(self, name: str, survivors: list[str]) -> np.ndarray:
-        sealed = {v: self.sealed[v][name] for v in survivors if name in self.sealed[v]}  # as the server routes them
-        return masking.mask_update(
-            self.states[name], sealed, survivors, self.code.encode(self.updates[name], self.weights[name])
-        )
+        sealed, committed = self.routed(name, survivors)
+        encoded = self.code.encode(self.updates[name], self.weights[name])
+        masked, excluded = masking.mask_update(self.states[name], sealed, committed, survivors, encoded)
+        assert excluded == []
+        return masked
 
     def reference(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {k: sum(self.updates[n][k].double() * self.weights[n] for n in names) for k in self.updates[names[0]]}
 
     def unmask(self, uploads: dict[str, np.ndarray], revealers: list[str]) -> np.ndarray:
         survivors, dropped = sorted(uploads), sorted(set(self.commitments) - set(uploads))
-        revealed = [masking.reveal_shares(self.states[n], survivors, dropped) for n in revealers]
+        revealed = {n: masking.reveal_shares(self.states[n], survivors, dropped) for n in revealers}
         bundles = {b.client: b for b in self.bundles}
-        return masking.unmask(self.session, uploads, bundles, self.commitments, revealed, self.config)
+        total, liars = masking.unmask(
+            self.session, uploads, bundles, self.commitments, revealed, self.config, self.committed, {}
+        )
+        assert liars == []
+        return total
 
 
 def test_unmasked_sum_equals_the_plaintext_weighted_sum_within_the_stated_bound() -> None:
@@ -123,12 +134,9 @@ def test_a_single_masked_update_is_indistinguishable_from_uniform() -> None:
     parties = Round(3)
     parties.updates[parties.names[0]] = {"lora_A": torch.zeros(64, 256), "lora_B": torch.zeros(1)}
     code = parties.code
-    upload = masking.mask_update(
-        parties.states[parties.names[0]],
-        {v: parties.sealed[v][parties.names[0]] for v in parties.names[1:]},
-        parties.names,
-        code.encode(parties.updates[parties.names[0]], 1),
-    )
+    sealed, committed = parties.routed(parties.names[0], parties.names)
+    encoded = code.encode(parties.updates[parties.names[0]], 1)
+    upload, _ = masking.mask_update(parties.states[parties.names[0]], sealed, committed, parties.names, encoded)
     # A constant (all-zero) input is the worst case: any structure left would show in the byte histogram.
     counts = np.bincount(upload.view(np.uint8), minlength=256)
     assert stats.chisquare(counts).pvalue > 1e-3
@@ -157,31 +165,39 @@ def test_forged_or_replayed_round_keys_are_rejected() -> None:
         masking.share_keys(state, parties.bundles, parties.public, CONFIG)
 
 
-def test_tampered_or_misdirected_shares_are_rejected() -> None:
+def test_a_tampered_misdirected_or_uncommitted_share_leaves_its_dealer_out_not_its_recipient() -> None:
+    """A client that cannot use a peer's share does not mask with that peer and says so; it stays in the round."""
     parties = Round(3)
     a, b, c = parties.names
     tampered = bytearray(parties.sealed[b][a])
     tampered[20] ^= 1
-    with pytest.raises(primitives.AuthenticationError):
-        masking.mask_update(
-            parties.states[a], {b: bytes(tampered), c: parties.sealed[c][a]}, parties.names, np.zeros(3, np.uint32)
-        )
-    with pytest.raises(primitives.AuthenticationError):  # b's share for c handed to a
-        masking.mask_update(
-            parties.states[a], {b: parties.sealed[b][c], c: parties.sealed[c][a]}, parties.names, np.zeros(3, np.uint32)
-        )
+    wrong_commitment = {b: parties.committed[b][c], c: parties.committed[c][a]}  # b's commitment for c
+    cases = [
+        ({b: bytes(tampered), c: parties.sealed[c][a]}, {b: parties.committed[b][a], c: parties.committed[c][a]}),
+        ({b: parties.sealed[b][c], c: parties.sealed[c][a]}, {b: parties.committed[b][a], c: parties.committed[c][a]}),
+        ({b: parties.sealed[b][a], c: parties.sealed[c][a]}, wrong_commitment),
+        ({c: parties.sealed[c][a]}, {c: parties.committed[c][a]}),  # b's share withheld
+    ]
+    for sealed, committed in cases:
+        state = copy.deepcopy(parties.states[a])
+        _, excluded = masking.mask_update(state, sealed, committed, parties.names, np.zeros(3, np.uint32))
+        assert excluded == [b] and b not in state.shares
 
 
-def test_a_wrong_revealed_share_is_detected() -> None:
+def test_a_wrong_revealed_share_is_caught_and_its_revealer_left_out() -> None:
     parties = Round(5)
     uploads = {n: parties.upload(n, parties.names) for n in parties.names}
-    revealed = [masking.reveal_shares(parties.states[n], parties.names, []) for n in parties.names]
-    share = bytearray.fromhex(revealed[0]["seed"][parties.names[1]])
+    revealed = {n: masking.reveal_shares(parties.states[n], parties.names, []) for n in parties.names}
+    liar = parties.names[0]
+    share = bytearray.fromhex(revealed[liar]["seed"][parties.names[1]])
     share[-1] ^= 1
-    revealed[0]["seed"][parties.names[1]] = share.hex()
+    revealed[liar]["seed"][parties.names[1]] = share.hex()
     bundles = {b.client: b for b in parties.bundles}
-    with pytest.raises(ProtocolError, match="inconsistent"):
-        masking.unmask(SESSION, uploads, bundles, parties.commitments, revealed, CONFIG)
+    total, liars = masking.unmask(
+        SESSION, uploads, bundles, parties.commitments, revealed, CONFIG, parties.committed, {}
+    )
+    exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in parties.names)
+    assert liars == [liar] and np.array_equal(total, exact.astype(np.uint32))  # 4 honest revealers, t = 3
 
 
 def test_threshold_at_or_below_one_half_is_refused() -> None:

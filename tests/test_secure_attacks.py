@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune import adapters, client, config, wire
 from fedtune.experiment import Experiment, get_experiment
@@ -68,7 +68,7 @@ def test_a_node_masks_only_once_per_round_so_the_server_cannot_cancel_its_pairwi
     adapter = experiment.initial_adapter()
 
     def upload(name: str, survivors: list[str]) -> np.ndarray:
-        reply = server.train(name, 1, adapter, survivors, setup["sealed"])
+        reply = server.train(name, 1, adapter, survivors, setup)
         return reply.array_records["masked"]["0"].numpy()
 
     full = upload(VICTIM, names)
@@ -83,9 +83,11 @@ def test_a_node_masks_only_once_per_round_so_the_server_cannot_cancel_its_pairwi
         assert not np.array_equal(recovered, _honest_encoding(experiment, 0, VICTIM, 1, 3))  # what the attack won
 
 
-def _run(root: Path, overrides: list[str], count: int, failures: dict | None = None) -> Path:
+def _run(
+    root: Path, overrides: list[str], count: int, failures: dict | None = None, tampering: dict | None = None
+) -> Path:
     """The real server loop over ``count`` in-process nodes; returns the run directory."""
-    nodes = make_nodes(root, overrides, count, failures=failures)
+    nodes = make_nodes(root, overrides, count, failures=failures, tampering=tampering)
     run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
     return root / "run"
 
@@ -145,12 +147,14 @@ def _masked_round(server: HostileServer, names: list[str], adapter: dict, experi
     """One honest masked round 1 over ``names``: the weighted sum an honest-but-curious server unmasks."""
     setup = server.set_up(names, 1)
     uploads = {
-        name: server.train(name, 1, adapter, names, setup["sealed"]).array_records[wire.MASKED]["0"].numpy()
-        for name in names
+        name: server.train(name, 1, adapter, names, setup).array_records[wire.MASKED]["0"].numpy() for name in names
     }
-    revealed = [server.unmask(name, 1, names, []) for name in names]
+    revealed = {name: server.unmask(name, 1, names, []) for name in names}
     bundles = {name: KeyBundle.from_json(text) for name, text in setup["bundles"].items()}
-    total = masking.unmask(server.session(1), uploads, bundles, setup["commitments"], revealed, experiment.secure)
+    commitments, committed = setup["commitments"], setup["share_commitments"]
+    total, _ = masking.unmask(
+        server.session(1), uploads, bundles, commitments, revealed, experiment.secure, committed, {}
+    )
     summed, _ = experiment.secure.fixed_point(len(names), unit_weights=False).decode(total, adapter)
     return fixed_point.flatten(summed)
 
@@ -283,6 +287,79 @@ def test_a_node_sizes_its_noise_share_by_the_round_it_verified(tiny_bert_dir: Pa
     with pytest.raises(
         ProtocolError, match="says 1000000 clients take part in round 1, but this node verified the keys of 3"
     ):
-        server.train(
-            VICTIM, 1, experiment.initial_adapter(), [VICTIM, A, B], setup["sealed"], **{wire.NUM_SAMPLED: 10**6}
-        )
+        server.train(VICTIM, 1, experiment.initial_adapter(), [VICTIM, A, B], setup, **{wire.NUM_SAMPLED: 10**6})
+
+
+def _garbage_shares(content: RecordDict) -> None:
+    sealed = content.config_records[wire.SEALED]
+    for peer in list(sealed):
+        sealed[peer] = bytes(len(bytes(sealed[peer])))
+
+
+def _lie_about_a_share(content: RecordDict) -> None:
+    record = content.config_records[wire.CONFIG]
+    revealed = json.loads(str(record[wire.REVEALED]))
+    name = sorted(revealed["seed"])[0]
+    share = bytearray.fromhex(revealed["seed"][name])
+    share[-1] ^= 1
+    revealed["seed"][name] = share.hex()
+    record[wire.REVEALED] = json.dumps(revealed)
+
+
+def _inflate_weight(content: RecordDict) -> None:
+    array = content.array_records[wire.MASKED]["0"].numpy().copy()
+    array[-1] += np.uint32(10**6)  # masks cancel in the sum whatever a client adds: the weight slot grows by 10^6
+    content.array_records[wire.MASKED] = ArrayRecord([array])
+
+
+def _push_values(content: RecordDict) -> None:
+    array = content.array_records[wire.MASKED]["0"].numpy().copy()
+    array[:-1] += np.uint32(2**30)  # every coordinate of the sum far outside what the others' values can reach
+    content.array_records[wire.MASKED] = ArrayRecord([array])
+
+
+@pytest.mark.parametrize(
+    "step, tamper, lost_in_plaintext",
+    [(wire.SECAGG_SHARES, _garbage_shares, True), (wire.SECAGG_UNMASK, _lie_about_a_share, False)],
+    ids=["garbage-shares", "wrong-revealed-share"],
+)
+def test_one_malicious_client_cannot_stop_a_masked_round(
+    tiny_bert_dir: Path, tmp_path: Path, step: str, tamper: object, lost_in_plaintext: bool
+) -> None:
+    """One malicious client of 4 (t = 3). Garbage encrypted shares used to make every recipient drop out, and one
+    wrong revealed share failed the whole round. Now a recipient that cannot open (or check) a share treats its
+    dealer as dropped, and a revealed share is checked against the dealer's commitment, so the liar is left out
+    and the others unmask. The round is the plaintext round without the dealer of garbage (who is left out), or
+    with the liar (whose own update was honest)."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=4", "federation.num_rounds=1")
+    plain = _run(tmp_path / "plain", overrides, 4, {A: [(1, "train")]} if lost_in_plaintext else None)
+    masked = _run(tmp_path / "masked", [*overrides, "secure=masking"], 4, tampering={A: {(1, step): tamper}})
+    assert _train_metric(masked, "clients") == _train_metric(plain, "clients")
+    bound = _train_metric(masked, "aggregation_error_bound")[1]
+    expected, got = _checkpoint(plain, 1), _checkpoint(masked, 1)
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max() <= bound + 2 * torch.finfo(torch.float32).eps * expected[
+            key
+        ].abs().max()
+
+
+@pytest.mark.parametrize(
+    "extra, tamper, reason",
+    [
+        ((), _inflate_weight, "total weight"),
+        ((), _push_values, "outside"),
+        (("privacy=client_dp", "privacy.clip_norm=0.05"), _push_values, "L2 norm"),
+    ],
+    ids=["weight", "range", "dp-norm"],
+)
+def test_a_masked_sum_no_honest_clients_could_produce_is_not_applied(
+    tiny_bert_dir: Path, tmp_path: Path, extra: tuple, tamper: object, reason: str
+) -> None:
+    """After unmasking the server checked nothing: one client could claim any weight (the server divides by it)
+    or push the sum far outside what clipped or range-checked updates add up to. Now the sum is checked, and a
+    round that fails is abandoned with the adapter unchanged; the run goes on."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=4", "secure=masking", *extra)
+    run = _run(tmp_path, overrides, 4, tampering={A: {(1, "train"): tamper}})
+    rounds = [entry for entry in Ledger(run).entries() if entry["kind"] == "round"]
+    assert reason in rounds[0]["abandoned"] and "abandoned" not in rounds[1]
+    assert adapters.fingerprint(_checkpoint(run, 1)) == adapters.fingerprint(_experiment(overrides).initial_adapter())

@@ -94,6 +94,16 @@ class ClientDP:
             return self.noise_multiplier * math.sqrt(contributors / expected)
         return self.noise_multiplier
 
+    def sum_norm_bound(self, contributors: int, expected: int, dimension: int) -> float:
+        """The largest L2 norm the sum of ``contributors`` clipped updates of ``dimension`` values can have,
+        with their noise shares when ``noise_at=clients`` (``expected`` clients' shares make the full noise).
+        Gaussian norm concentration, P(|g| > sigma (sqrt(d) + u)) <= exp(-u^2 / 2), with u = 7.5: honest
+        clients exceed it with probability below 1e-12."""
+        bound = contributors * self.clip_norm
+        if self.noise_at == "clients":
+            bound += self.noise_multiplier_of(contributors, expected) * self.clip_norm * (math.sqrt(dimension) + 7.5)
+        return bound
+
     def account(self, state: dict[str, Any], sample_rate: float, num_clients: int, noise_multiplier: float) -> float:
         """Record one round released with ``noise_multiplier`` in ``state`` (the server's checkpointed privacy
         state) and return epsilon so far.

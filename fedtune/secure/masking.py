@@ -8,14 +8,19 @@ them. One round, as driven by fedtune/secure_round.py (U1 ⊇ U2 ⊇ U3 are the 
 2. **shares**: each client checks every peer's signed keys, picks a random self-mask seed ``b``, splits
    ``b`` and its mask private key into Shamir shares (threshold t of |U1|), and sends each peer its
    shares encrypted with AES-GCM under their pairwise key, through the server (which cannot read them).
-   It also commits to ``b`` (SHA-256), so a wrong reconstruction is caught.
+   It commits to ``b`` (SHA-256), so a wrong reconstruction is caught, and to every share it dealt
+   (:func:`share_commitment`), so a client that later reveals a wrong share is caught and left out.
 3. **masked input**: each client uploads ``y = x + PRG(b) + sum_v ±PRG(s_uv)`` mod 2^32, where ``x`` is its
    fixed-point update (fedtune/secure/fixed_point.py) and ``s_uv`` the seed it agrees with peer ``v``
-   (``+`` if its name sorts before ``v``'s, ``-`` after); the pairwise masks cancel in the sum.
+   (``+`` if its name sorts before ``v``'s, ``-`` after); the pairwise masks cancel in the sum. A peer whose
+   share this client cannot open, or that does not match the peer's commitment, is left out of its masks
+   and named in the upload: the server then treats that peer as dropped, not this client.
 4. **unmask**: for each client in U3 the survivors reveal their share of its ``b``; for each client that
    dropped after step 2 they reveal their share of its mask private key, so the server can recompute and
    remove its pairwise masks. A client never reveals both for the same peer and refuses to unmask with
    fewer than t survivors; with t > |U1|/2 the server cannot collect t shares of both from a split set.
+   A node uploads at most once per round of an experiment (fedtune/secure/uploads.py): a second masked
+   upload would be a two-time pad, and a second sum of the round over other clients a difference attack.
 
 Steps 1 and 2 do not depend on the round's model, so the server pipelines them (fedtune/secure_round.py):
 a client's keys for round r+1 travel in its round-r upload and its shares for r+1 in its round-r unmask
@@ -24,8 +29,8 @@ reply, each still signed and bound to round r+1; the protocol itself is unchange
 "Peers" are all other clients, or with ``neighbours: k`` only k of them (SecAgg+, fedtune/secure/graph.py):
 masks, shares and the threshold then apply per neighbourhood, and a client's cost grows with k, not n.
 
-Trust: the server is honest-but-curious about contents; peers' identities come from the server's trusted
-key list unless a node holds its own (node config ``trusted-keys``). Secrets live only in the client's
+Trust: the server is honest-but-curious about contents. A deployed node takes its peers' identity keys
+only from its own list (node config ``trusted-keys``), so the server cannot invent peers. Secrets live only in the client's
 memory (Flower's Context.state) and are erased when the round's unmask step is answered, or when the node
 makes keys for a later round (a round it dropped out of).
 """
@@ -122,10 +127,18 @@ def advertise_keys(session: Session, client: str, signer: Identity) -> tuple[Cli
     return ClientRound(session, client, encryption_private, mask_private), bundle
 
 
+def share_commitment(session: Session, dealer: str, recipient: str, kind: str, share: bytes) -> str:
+    """A hash commitment to one Shamir share (hex), published by its dealer: a revealed share is checked
+    against it, so a client that reveals a wrong share is caught and left out. Shares are uniformly random
+    field elements, so the commitment tells nothing about the secret."""
+    return hashlib.sha256(session.context("share-commitment", dealer, recipient, kind, share.hex())).hexdigest()
+
+
 def share_keys(
     state: ClientRound, bundles: list[KeyBundle], identities: Mapping[str, str], config: SecureAggregation
-) -> tuple[dict[str, bytes], bytes]:
-    """Step 2 (client): encrypted shares for every peer, and the commitment to the self-mask seed.
+) -> tuple[dict[str, bytes], bytes, dict[str, str]]:
+    """Step 2 (client): encrypted shares for every peer, the commitment to the self-mask seed, and a
+    commitment to each share (recipient -> seed-share and key-share commitments, hex, joined).
 
     Raises:
         ProtocolError: A peer's keys are not validly signed, this client's own keys were altered, names
@@ -148,8 +161,9 @@ def share_keys(
     state.self_seed = secrets.token_bytes(shamir.SECRET_BYTES)
     seed_shares = shamir.split(state.self_seed, state.threshold, len(names))
     key_shares = shamir.split(state.mask_private, state.threshold, len(names))
-    sealed = {}
+    sealed, committed = {}, {}
     for name, seed_share, key_share in zip(names, seed_shares, key_shares, strict=True):
+        committed[name] = _share_commitments(state.session, state.client, name, seed_share, key_share)
         if name == state.client:
             state.shares[name] = (seed_share, key_share)
         else:
@@ -157,32 +171,45 @@ def share_keys(
             sealed[name] = primitives.seal(
                 key, seed_share + key_share, state.session.context("share", state.client, name)
             )
-    return sealed, hashlib.sha256(state.self_seed).digest()
+    return sealed, hashlib.sha256(state.self_seed).digest(), committed
+
+
+def _share_commitments(session: Session, dealer: str, recipient: str, seed_share: bytes, key_share: bytes) -> str:
+    seed = share_commitment(session, dealer, recipient, "seed", seed_share)
+    return seed + share_commitment(session, dealer, recipient, "mask_key", key_share)
 
 
 def mask_update(
-    state: ClientRound, sealed_for_me: Mapping[str, bytes], survivors: list[str], encoded: np.ndarray
-) -> np.ndarray:
+    state: ClientRound,
+    sealed_for_me: Mapping[str, bytes],
+    committed_for_me: Mapping[str, str],
+    survivors: list[str],
+    encoded: np.ndarray,
+) -> tuple[np.ndarray, list[str]]:
     """Step 3 (client): store the shares peers sent, and mask the encoded update.
 
-    ``survivors`` is U2, the clients that shared keys; this client masks with its peers among them.
+    ``survivors`` is U2, the clients that shared keys; this client masks with its peers among them, except a
+    peer whose share is missing, does not authenticate or does not match that peer's published commitment
+    (``committed_for_me``): that peer is treated as dropped (its dealing is bad; this client stays).
+
+    Returns:
+        The masked update, and the peers left out (the server must treat them as dropped).
 
     Raises:
-        ProtocolError: Too few of this client's peers are left, or a share is missing.
-        primitives.AuthenticationError: A share was modified in transit or not meant for this client.
+        ProtocolError: Too few of this client's group are left.
     """
     present = _present_peers(state, survivors, "uploaders")
     state.uploaders = sorted(survivors)
+    excluded = []
     for name in present:
         if name == state.client:
             continue
-        if name not in sealed_for_me:
-            raise ProtocolError(f"No share from {name}, which the server lists as a survivor.")
-        share = primitives.unseal(
-            _share_key(state, name), sealed_for_me[name], state.session.context("share", name, state.client)
-        )
-        half = len(share) // 2
-        state.shares[name] = (share[:half], share[half:])
+        share = _open_share(state, name, sealed_for_me.get(name), committed_for_me.get(name))
+        if share is None:
+            excluded.append(name)
+        else:
+            state.shares[name] = share
+    present = _present_peers(state, sorted(set(present) - set(excluded)), "uploaders with valid shares")
     masked = encoded + primitives.keystream(state.self_seed, len(encoded))
     for name in present:
         if name != state.client:
@@ -190,7 +217,26 @@ def mask_update(
                 _pair_seed(state.session, state.mask_private, state.client, state.peers[name]), len(encoded)
             )
             (np.add if state.client < name else np.subtract)(masked, mask, out=masked)  # in place: no copies
-    return masked
+    return masked, excluded
+
+
+def _open_share(
+    state: ClientRound, dealer: str, sealed: bytes | None, committed: str | None
+) -> tuple[bytes, bytes] | None:
+    """The (seed share, key share) ``dealer`` dealt this client, or None if it is missing, forged or uncommitted."""
+    if sealed is None or committed is None:
+        return None
+    try:
+        share = primitives.unseal(
+            _share_key(state, dealer), sealed, state.session.context("share", dealer, state.client)
+        )
+    except primitives.AuthenticationError:
+        return None
+    half = len(share) // 2
+    seed_share, key_share = share[:half], share[half:]
+    if _share_commitments(state.session, dealer, state.client, seed_share, key_share) != committed:
+        return None
+    return seed_share, key_share
 
 
 def reveal_shares(state: ClientRound, survivors: list[str], dropped: list[str]) -> dict[str, dict[str, str]]:
@@ -216,35 +262,65 @@ def unmask(
     masked: Mapping[str, np.ndarray],
     bundles: Mapping[str, KeyBundle],
     commitments: Mapping[str, bytes],
-    revealed: list[dict[str, dict[str, str]]],
+    revealed: Mapping[str, dict[str, dict[str, str]]],
     config: SecureAggregation,
-) -> np.ndarray:
+    share_commitments: Mapping[str, Mapping[str, str]],
+    excluded: Mapping[str, Iterable[str]],
+) -> tuple[np.ndarray, list[str]]:
     """Step 4 (server): the sum of the survivors' encoded updates, their masks removed.
 
     ``masked`` holds the survivors' uploads (U3); clients in ``commitments`` but not in ``masked`` shared
-    keys and then dropped (U2 \\ U3).
+    keys and then dropped (U2 \\ U3). ``revealed`` maps each revealer to its shares; a revealer with any
+    share that does not match its dealer's ``share_commitments`` is left out, and the secrets are rebuilt
+    from the others. ``excluded`` names, per uploader, the peers it did not mask with (bad dealings).
+
+    Returns:
+        The unmasked sum, and the revealers left out for revealing a wrong share.
 
     Raises:
-        ProtocolError: Fewer than t shares for a client's secret, or a reconstruction does not match the
-            commitment or public key it must match (a client revealed a wrong share).
+        ProtocolError: Fewer than t valid shares for a secret that is needed.
     """
+    liars = sorted(name for name, shares in revealed.items() if not _honest(session, name, shares, share_commitments))
+    honest = [shares for name, shares in revealed.items() if name not in liars]
     peers = config.peers(session, bundles)
     length = len(next(iter(masked.values())))
     total = np.zeros(length, dtype=np.uint32)
     for name, upload in masked.items():
-        seed = _reconstruct(revealed, "seed", name, config.min_survivors(len(peers[name]) + 1))
+        seed = _reconstruct(honest, "seed", name, config.min_survivors(len(peers[name]) + 1))
         if hashlib.sha256(seed).digest() != commitments[name]:
             raise ProtocolError(f"The reconstructed self-mask of {name} does not match its commitment.")
         total += upload
         total -= primitives.keystream(seed, length)
     for gone in sorted(set(commitments) - set(masked)):
-        mask_private = _reconstruct(revealed, "mask_key", gone, config.min_survivors(len(peers[gone]) + 1))
+        masked_with = sorted(n for n in peers[gone] & set(masked) if gone not in set(excluded.get(n, ())))
+        if not masked_with:  # every survivor left it out: no mask of it is in the sum
+            continue
+        mask_private = _reconstruct(honest, "mask_key", gone, config.min_survivors(len(peers[gone]) + 1))
         if primitives.x25519_public(mask_private) != bundles[gone].mask_key:
             raise ProtocolError(f"The reconstructed mask key of {gone} does not match its signed public key.")
-        for name in sorted(peers[gone] & set(masked)):
+        for name in masked_with:
             mask = primitives.keystream(_pair_seed(session, mask_private, gone, bundles[name]), length)
             (np.subtract if name < gone else np.add)(total, mask, out=total)  # undo what ``name`` added
-    return total
+    return total, liars
+
+
+def _honest(
+    session: Session,
+    revealer: str,
+    shares: dict[str, dict[str, str]],
+    share_commitments: Mapping[str, Mapping[str, str]],
+) -> bool:
+    """Whether every share ``revealer`` revealed is the one its dealer committed to for it."""
+    for kind, offset in (("seed", 0), ("mask_key", 64)):
+        for dealer, share in shares[kind].items():
+            committed = share_commitments.get(dealer, {}).get(revealer, "")
+            try:
+                opened = share_commitment(session, dealer, revealer, kind, bytes.fromhex(share))
+            except ValueError:  # not hex
+                return False
+            if opened != committed[offset : offset + 64]:
+                return False
+    return True
 
 
 def _reconstruct(revealed: list[dict[str, dict[str, str]]], kind: str, name: str, threshold: int) -> bytes:
