@@ -74,7 +74,7 @@ def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState)
     final = _final_central(metrics)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     logger.info("Finished: central test %s", summary)
-    privacy = _epsilon_spent(metrics).strip().replace("**", "")
+    privacy = _epsilon_spent(experiment, metrics).strip().replace("**", "")
     if privacy:
         logger.info("Privacy spent:\n%s", privacy)
     if baseline:
@@ -149,9 +149,9 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - Seed {cfg.seed}; full resolved config in `config.yaml`.
 
 ## Privacy and security
-- Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(metrics)}
+- Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(experiment, metrics)}
 - Secure aggregation: {experiment_component(experiment, "secure")}
-- Integrity: every client reply was signed; `ledger.jsonl` chains every round (`fedtune audit <run dir>`).
+- Integrity: every client reply was signed; `ledger.jsonl` chains every round (`fedtune audit <run dir>`).{_membership_note(experiment)}
 
 ## Results (central held-out test set, final round)
 | metric | value |
@@ -168,13 +168,23 @@ def experiment_component(experiment: Experiment, group: str) -> str:
     return str(config.instantiate(experiment.cfg[group]).describe())
 
 
+def _membership_note(experiment: Experiment) -> str:
+    if experiment.privacy.organisation is None:
+        return ""
+    return (
+        "\n- Organisation-level DP hides who took part: this card names no participant. The run directory's "
+        "`ledger.jsonl` and `metrics.jsonl` do; they are for the consortium only."
+    )
+
+
 def _final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:
     last = max((m["round"] for m in metrics if m["scope"] == "central"), default=0)
     return {m["metric"]: m["value"] for m in metrics if m["scope"] == "central" and m["round"] == last}
 
 
-def _epsilon_spent(metrics: list[dict[str, Any]]) -> str:
-    """Record-level epsilon of each client and the maximum, and the organisation-level epsilon, when reported."""
+def _epsilon_spent(experiment: Experiment, metrics: list[dict[str, Any]]) -> str:
+    """Record-level epsilon (the maximum, and each client's unless organisation-level DP hides who took part)
+    and the organisation-level epsilon, when reported."""
     spent: dict[str, float] = {}
     for line in metrics:  # in round order: the last value per client wins
         if line["scope"].startswith("client:") and line["metric"] == "epsilon":
@@ -182,6 +192,8 @@ def _epsilon_spent(metrics: list[dict[str, Any]]) -> str:
     lines = ""
     if spent:
         per_client = ", ".join(f"{key} {value:.3f}" for key, value in sorted(spent.items()))
+        if experiment.privacy.organisation is not None:  # naming them would tell who took part
+            per_client = "participants not named: organisation-level DP"
         lines += f"\n- Epsilon spent (record level, whole run): maximum **{max(spent.values()):.3f}** over clients ({per_client})."
     organisation = [line["value"] for line in metrics if line["metric"] == "client_dp_epsilon"]
     if organisation:

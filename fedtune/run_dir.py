@@ -7,6 +7,7 @@ Layout::
     <run_dir>/partitions.json        clients' data sizes and label histograms
     <run_dir>/checkpoints/round-NNNN.pt
     <run_dir>/adapter/               final adapter in PEFT format
+    <run_dir>/private/secrets.json   the server's DP noise and sampling secret (mode 0600; never share it)
     <run_dir>/README.md, metrics.png model card and plot
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 
 from fedtune.adapters import AdapterState
-from fedtune.files import atomic_write
+from fedtune.files import atomic_write, create_private
+from fedtune.seeding import NOISE_SECRET
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,16 @@ class RunDir:
         return Checkpoint(
             data["round"], data["adapter"], data["strategy_state"], data["experiment_hash"], data["privacy_state"]
         )
+
+    def secrets(self) -> dict[str, Any]:
+        """The server's secrets for this run (DP noise and client sampling; fedtune/seeding.py), kept in
+        ``<run_dir>/private/secrets.json`` (mode 0600) and read again on resume. They are never written into
+        a checkpoint or metric, so those can be shared without letting anyone recompute the noise."""
+        path = self.path / "private" / "secrets.json"
+        if not path.is_file():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            create_private(path, json.dumps({NOISE_SECRET: secrets.token_hex(32)}).encode())
+        return json.loads(path.read_text())
 
     def write_json(self, name: str, payload: Any) -> None:
         """Write ``payload`` as pretty JSON to ``<run_dir>/<name>``."""

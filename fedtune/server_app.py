@@ -61,7 +61,8 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     ledger = Ledger(run_dir.path)
     strategy = experiment.new_strategy()
     global_adapter, first_round = experiment.initial_adapter(), 1
-    privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side)
+    privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side, checkpointed)
+    secrets = run_dir.secrets()  # the server's DP noise and sampling secret: a private file, never in a checkpoint
     if cfg.resume:
         checkpoint = run_dir.latest_checkpoint(experiment.hash, at_most=ledger.last_round())
         if checkpoint is not None:
@@ -101,6 +102,7 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
             server_round,
             run_dir,
             privacy_state,
+            secrets,
         )
         checkpoint = Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state)
         checkpoint_path = run_dir.save_checkpoint(checkpoint)
@@ -138,10 +140,23 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
 
 
 def _sample(
-    clients: list[Client], fraction: float, experiment: Experiment, server_round: int, purpose: str
+    clients: list[Client],
+    fraction: float,
+    experiment: Experiment,
+    server_round: int,
+    purpose: str,
+    secrets: dict[str, Any],
 ) -> list[Client]:
+    """The clients of one step. Under organisation-level DP the training sample is drawn from the server's
+    secret: the accountant's subsampling amplification holds only if nobody can predict who is sampled."""
     count = experiment.federation.num_sampled(len(clients), fraction)
-    generator = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, purpose, server_round))
+    organisation = experiment.privacy.organisation
+    if organisation is not None and purpose == "train":
+        generator = noise_generator(
+            secrets, organisation.reproducible_seed(experiment.cfg.seed), "sample", server_round
+        )
+    else:
+        generator = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, purpose, server_round))
     chosen = sorted(torch.randperm(len(clients), generator=generator)[:count].tolist())
     return [clients[i] for i in chosen]
 
@@ -156,10 +171,11 @@ def _train_step(
     server_round: int,
     run_dir: RunDir,
     privacy_state: dict[str, Any],
+    secrets: dict[str, Any],
 ) -> tuple[AdapterState, dict[str, Any]]:
     """One round's training (masked when ``secure_rounds`` is set); returns the new global adapter and the
     round's ledger fields."""
-    sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train")
+    sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train", secrets)
 
     def train_content(_: Client) -> RecordDict:
         return RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: ConfigRecord({NUM_SAMPLED: len(sampled)})})
@@ -168,7 +184,8 @@ def _train_step(
     if secure_rounds is not None:  # the server sees only the sum of the weighted updates and of the weights
         next_sampled = None  # the next round's clients make its keys and shares during this one
         if server_round < experiment.federation.num_rounds:
-            next_sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round + 1, "train")
+            fraction = experiment.federation.fraction_train
+            next_sampled = _sample(clients, fraction, experiment, server_round + 1, "train", secrets)
         try:
             masked = secure_rounds.collect(
                 sampled, train_content, global_adapter, server_round, organisation is not None, next_sampled
@@ -180,7 +197,7 @@ def _train_step(
                 # the server saw a sum carrying the clients' noise: a release, though never applied
                 released = organisation.noise_multiplier_of(error.revealed, error.round_size)
                 privacy["client_dp_epsilon"] = organisation.account(
-                    privacy_state, len(sampled) / len(clients), len(clients), released
+                    privacy_state, organisation.sample_rate(len(sampled), len(clients)), len(clients), released
                 )
                 run_dir.log_metrics(server_round, "server", privacy)
             run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
@@ -222,14 +239,14 @@ def _train_step(
     privacy: dict[str, float] = {}
     if organisation is not None:  # Gaussian noise on the mean (unless the clients already added it)
         noise = noise_generator(
-            privacy_state, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
+            secrets, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
         )
         mean = organisation.privatize_aggregate(mean, expected, noise)
         released = organisation.noise_multiplier_of(
             len(replies), expected
         )  # fewer uploads, less noise (noise_at=clients)
         privacy["client_dp_epsilon"] = organisation.account(
-            privacy_state, len(sampled) / len(clients), len(clients), released
+            privacy_state, organisation.sample_rate(len(sampled), len(clients)), len(clients), released
         )
         run_dir.log_metrics(server_round, "server", privacy)
     summary = {
@@ -269,7 +286,7 @@ def _federated_evaluation(
 ) -> None:
     if experiment.federation.fraction_evaluate == 0:
         return
-    sampled = _sample(clients, experiment.federation.fraction_evaluate, experiment, server_round, "evaluate")
+    sampled = _sample(clients, experiment.federation.fraction_evaluate, experiment, server_round, "evaluate", {})
     content = RecordDict({ARRAYS: ArrayRecord(global_adapter)})
     replies = transport.send(sampled, "evaluate", lambda _: content, server_round)
     results = [dict(r.content.metric_records[METRICS]) for r in replies]

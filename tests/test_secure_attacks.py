@@ -23,6 +23,7 @@ from fedtune.run_dir import RunDir
 from fedtune.secure import fixed_point, masking, primitives, shamir
 from fedtune.secure.identity import Identity
 from fedtune.secure.session import KeyBundle, ProtocolError
+from fedtune.seeding import noise_generator
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
 from tests.nodes import HostileServer, InProcessGrid, make_nodes
@@ -363,3 +364,40 @@ def test_a_masked_sum_no_honest_clients_could_produce_is_not_applied(
     rounds = [entry for entry in Ledger(run).entries() if entry["kind"] == "round"]
     assert reason in rounds[0]["abandoned"] and "abandoned" not in rounds[1]
     assert adapters.fingerprint(_checkpoint(run, 1)) == adapters.fingerprint(_experiment(overrides).initial_adapter())
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_organisation_level_dp_does_not_give_away_who_took_part(
+    tiny_bert_dir: Path, tmp_path: Path, reproducible: bool
+) -> None:
+    """Organisation-level DP is meant to hide whether a hospital took part. The exported model card listed every
+    participant with its record-level epsilon, and clients were sampled from the public config seed while the
+    accountant claimed amplification by that sampling. Now the card names nobody, the sample comes from the
+    server's secret (a private file, in no checkpoint), and a sample from the public seed claims no
+    amplification."""
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        tmp_path,
+        "federation.num_clients=4",
+        "federation.fraction_train=0.5",
+        "privacy=dp_sgd_client_dp",
+        f"privacy.organisation.reproducible_noise={str(reproducible).lower()}",
+        f"privacy.record.reproducible_noise={str(reproducible).lower()}",
+    )
+    run = _run(tmp_path, overrides, 4)
+    card = (run / "README.md").read_text()
+    assert "participants not named" in card and not any(f"hospital-{i}" in card for i in range(4))
+    secrets_file = run / "private" / "secrets.json"
+    assert secrets_file.stat().st_mode & 0o077 == 0
+    secret = json.loads(secrets_file.read_text())["noise_secret"]
+    for checkpoint in (run / "checkpoints").glob("*.pt"):
+        assert secret.encode() not in checkpoint.read_bytes()
+    seed = 0 if reproducible else None
+    for entry in (e for e in Ledger(run).entries() if e["kind"] == "round"):
+        generator = noise_generator({"noise_secret": secret}, seed, "sample", entry["round"])
+        assert entry["participants"] == [
+            f"hospital-{i}" for i in sorted(torch.randperm(4, generator=generator)[:2].tolist())
+        ]
+    epsilon = [m["value"] for m in RunDir(run).read_metrics() if m["metric"] == "client_dp_epsilon"][-1]
+    without_amplification = _gaussian_epsilon(1.0, 2, 1e-3)  # z = 1, 2 rounds, as if every client took part
+    assert (epsilon == pytest.approx(without_amplification, rel=1e-9)) is reproducible

@@ -124,6 +124,11 @@ class ClientDP:
             warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" for large epsilons
             return float(accountant.get_epsilon(delta=self.delta))
 
+    def sample_rate(self, sampled: int, population: int) -> float:
+        """The sampling rate the accountant may claim: ``sampled / population`` when the sample was drawn from
+        the server's secret, 1 (no amplification) when it was drawn from the public config seed."""
+        return 1.0 if self.reproducible_noise else sampled / population
+
     def reproducible_seed(self, config_seed: int) -> int | None:
         """The config seed when noise is to be reproducible (research only), else None (secret noise)."""
         return config_seed if self.reproducible_noise else None
