@@ -120,9 +120,13 @@ def _check_files(run_dir: Path, entry: dict[str, Any]) -> str | None:
         return "config.yaml was changed"
     if entry["kind"] == "round":
         checkpoint = run_dir / entry["checkpoint_file"]
-        if checkpoint.is_file():  # absent if moved away or encrypted at rest
-            if file_hash(checkpoint) != entry["checkpoint"]:
-                return f"{entry['checkpoint_file']} was changed"
+        if not checkpoint.is_file():
+            return (
+                f"{entry['checkpoint_file']} is missing (if it is encrypted at rest, decrypt it to audit the run: "
+                f"`fedtune decrypt {run_dir / 'checkpoints'} --key-file KEY`)"
+            )
+        if file_hash(checkpoint) != entry["checkpoint"]:
+            return f"{entry['checkpoint_file']} was changed"
     if entry["kind"] == "export":
         for name, digest in entry["files"].items():
             path = run_dir / name

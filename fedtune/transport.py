@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,10 @@ def connect(transport: Transport, run_dir: RunDir, resume: bool) -> list[Client]
         client = _introduce(transport, reply, trusted)
         if client is not None:
             clients.append(client)
+    names = Counter(c.key for c in clients)
+    for name in sorted(n for n, count in names.items() if count > 1):  # which one is genuine cannot be told
+        logger.warning("%d nodes present the name %s; all of them are refused.", names[name], name)
+    clients = [c for c in clients if names[c.key] == 1]
     if transport.experiment.federation.trusted_keys is None:
         run_dir.write_json("node_keys.json", {**trusted, **{c.key: c.public_key for c in clients}})
     _require(len(clients), f"{len(clients)} nodes were admitted", federation.min_train_clients)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedtune import cli
+from fedtune.ledger import Ledger
 from fedtune.run_dir import Checkpoint, RunDir
 from fedtune.secure import at_rest
 from fedtune.secure.at_rest import HEADER, DecryptionError
@@ -199,7 +200,11 @@ def test_cli_wrong_key_exits_1_with_one_line(tmp_path: Path, capsys: pytest.Capt
     assert cli.main(["decrypt", str(target), "--key-file", str(wrong)]) == 1
     output = capsys.readouterr()
     assert output.out == ""
-    assert output.err == f"fedtune: {target} could not be decrypted: wrong key or the file was modified.\n"
+    plain = target.name.removesuffix(".enc")
+    assert output.err == (
+        f"fedtune: {target} could not be decrypted: wrong key or the file was modified "
+        f"(or it is not this run's {plain}: moved, swapped or from another run).\n"
+    )
     assert OTHER_KEY.hex() not in output.err
     assert sorted(path.name for path in tmp_path.iterdir()) == [target.name, "wrong.key"]
 
@@ -209,3 +214,29 @@ def test_cli_requires_a_key_source(tmp_path: Path) -> None:
         cli.main(["encrypt", str(tmp_path)])
     assert error.value.code == 2
     assert os.listdir(tmp_path) == []
+
+
+def test_an_encrypted_file_cannot_be_swapped_within_a_run_or_taken_from_another_run(tmp_path: Path) -> None:
+    """The associated data binds each file to its path in the run and to the run (its ledger's first entry)."""
+    runs = []
+    for name in ("run-a", "run-b"):
+        run = RunDir(tmp_path / name)
+        run.checkpoints.mkdir(parents=True)
+        Ledger(run.path).append("start", 0, config_hash=name)
+        for server_round in (1, 2):
+            run.save_checkpoint(Checkpoint(server_round, {"w": torch.full((2,), float(server_round))}, {}, "hash"))
+        at_rest.encrypt_path(run.checkpoints, KEY, remove_source=True)
+        runs.append(run)
+    first, second = (runs[0].checkpoints / f"round-000{r}.pt.enc" for r in (1, 2))
+    swapped = {path: path.read_bytes() for path in (first, second)}
+    first.write_bytes(swapped[second])
+    second.write_bytes(swapped[first])
+    for path in (first, second):
+        with pytest.raises(DecryptionError, match="moved, swapped or from another run"):
+            at_rest.decrypt_path(path, KEY)
+    other_run = runs[1].checkpoints / "round-0001.pt.enc"
+    first.write_bytes(other_run.read_bytes())  # the same file name, from another run: a rollback
+    with pytest.raises(DecryptionError, match="moved, swapped or from another run"):
+        at_rest.decrypt_path(first, KEY)
+    first.write_bytes(swapped[first])  # back in its place, it decrypts
+    assert at_rest.decrypt_path(first, KEY) == [first.with_name("round-0001.pt")]

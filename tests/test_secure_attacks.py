@@ -401,3 +401,15 @@ def test_organisation_level_dp_does_not_give_away_who_took_part(
     epsilon = [m["value"] for m in RunDir(run).read_metrics() if m["metric"] == "client_dp_epsilon"][-1]
     without_amplification = _gaussian_epsilon(1.0, 2, 1e-3)  # z = 1, 2 rounds, as if every client took part
     assert (epsilon == pytest.approx(without_amplification, rel=1e-9)) is reproducible
+
+
+def test_two_nodes_with_the_same_name_are_both_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Without a trusted-keys list the server pins each node's key when the run starts. Two nodes that
+    present one name (one of them an impostor: which one cannot be told) are both left out."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=3", "federation.num_rounds=1")
+    nodes = make_nodes(tmp_path, overrides, 3)
+    impostor = make_nodes(tmp_path / "impostor", overrides, 3)[1]  # hospital-1 again, with a key of its own
+    impostor.node_id = 99
+    run_federation(InProcessGrid([*nodes, impostor]), config.load_experiment(nodes[0].context.run_config))
+    participants = [e["participants"] for e in Ledger(tmp_path / "run").entries() if e["kind"] == "round"]
+    assert participants == [[VICTIM, B]]

@@ -102,3 +102,11 @@ def test_identity_key_is_created_private_and_reloaded(tmp_path: Path) -> None:
     trusted.write_text('{"hospital-a": "not-a-key"}')
     with pytest.raises(ValueError, match="fedtune identity"):
         identity.load_trusted_keys(trusted)
+
+
+def test_an_identity_key_that_others_can_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "hospital-a.pem"
+    identity.load_or_create(path)
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        identity.load_or_create(path)

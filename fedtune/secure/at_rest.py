@@ -2,9 +2,12 @@
 
 ``fedtune encrypt runs/<date_time>/adapter --key-file key`` replaces each file ``x`` by ``x.enc``,
 AES-256-GCM encrypted, so a stolen disk or backup does not reveal the trained adapter (which can leak
-facts about the training records). File format: the header ``FEDTUNE-AESGCM-1\\n`` (authenticated as
-associated data), a random 96-bit nonce, then ciphertext and the 16-byte tag. Any change to a file, a
-truncated file or a wrong key is detected, and decryption then writes nothing.
+facts about the training records). File format: the header ``FEDTUNE-AESGCM-2\\n``, a random 96-bit
+nonce, then ciphertext and the 16-byte tag. The associated data binds the header, the file's name (its
+path inside the run directory, e.g. ``checkpoints/round-0003.pt``) and the run (the hash of its ledger's
+first entry), so an encrypted file cannot be swapped for another one of the run, nor for the same file of
+another run. Any change to a file, a truncated file, a moved or swapped file or a wrong key is detected,
+and decryption then writes nothing.
 
 Not protected: a process or person holding the key, the files while they are decrypted for use, and
 metadata (file names, sizes, modification times). Files are limited to 2 GiB each.
@@ -25,8 +28,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedtune.files import atomic_write, create_private
+from fedtune.ledger import LEDGER, Ledger
 
-HEADER = b"FEDTUNE-AESGCM-1\n"
+HEADER = b"FEDTUNE-AESGCM-2\n"
 SUFFIX = ".enc"
 _KEY_BYTES, _NONCE_BYTES, _TAG_BYTES = 32, 12, 16
 _MAX_BYTES = 2**31 - 1 - _TAG_BYTES  # AESGCM's limit per message
@@ -81,30 +85,48 @@ def load_key(key_file: str | Path | None = None, key_env: str | None = None) -> 
     return key
 
 
+def bound_to(path: Path) -> bytes:
+    """The associated data of the plaintext file ``path``: the header, the file's path inside its run
+    directory (the nearest folder above it holding a ledger; else its bare name) and that run's first
+    ledger entry hash (empty outside a run), each length-prefixed."""
+    resolved = path.resolve()
+    run = next((folder for folder in resolved.parents if (folder / LEDGER).is_file()), None)
+    name = resolved.relative_to(run).as_posix() if run is not None else resolved.name
+    entries = Ledger(run).entries() if run is not None else []
+    fields = [name, entries[0]["hash"] if entries else ""]
+    return HEADER + b"".join(len(f.encode()).to_bytes(4, "big") + f.encode() for f in fields)
+
+
 def encrypt_file(source: Path, target: Path, key: bytes) -> None:
-    """Write ``source`` encrypted to ``target`` (atomically: ``target`` is complete or untouched)."""
+    """Write ``source`` encrypted to ``target`` (atomically: ``target`` is complete or untouched), bound to
+    ``source``'s name and run (:func:`bound_to`)."""
     if source.stat().st_size > _MAX_BYTES:
         raise ValueError(f"{source} is larger than 2 GiB, the limit of one encrypted file.")
     nonce = os.urandom(_NONCE_BYTES)
-    ciphertext = AESGCM(key).encrypt(nonce, source.read_bytes(), HEADER)
+    ciphertext = AESGCM(key).encrypt(nonce, source.read_bytes(), bound_to(source))
     atomic_write(target, HEADER + nonce + ciphertext)
 
 
 def decrypt_file(source: Path, target: Path, key: bytes) -> None:
-    """Write ``source`` decrypted to ``target``; nothing is written unless the whole file authenticates.
+    """Write ``source`` decrypted to ``target``; nothing is written unless the whole file authenticates as
+    the file ``target`` of its run.
 
     Raises:
-        DecryptionError: Not a fedtune-encrypted file, a wrong key, or a modified or truncated file.
+        DecryptionError: Not a fedtune-encrypted file, a wrong key, a modified or truncated file, or one that
+            was encrypted under another name or in another run (swapped or rolled back).
     """
     data = source.read_bytes()
     if not data.startswith(HEADER):
-        raise DecryptionError(f"{source} is not a fedtune-encrypted file (no FEDTUNE-AESGCM-1 header).")
-    modified = f"{source} could not be decrypted: wrong key or the file was modified."
+        raise DecryptionError(f"{source} is not a fedtune-encrypted file (no FEDTUNE-AESGCM-2 header).")
+    modified = (
+        f"{source} could not be decrypted: wrong key or the file was modified "
+        f"(or it is not this run's {target.name}: moved, swapped or from another run)."
+    )
     body = data[len(HEADER) :]
     if len(body) < _NONCE_BYTES + _TAG_BYTES:
         raise DecryptionError(modified)
     try:
-        plaintext = AESGCM(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], HEADER)
+        plaintext = AESGCM(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], bound_to(target))
     except InvalidTag:
         raise DecryptionError(modified) from None
     atomic_write(target, plaintext)

@@ -50,9 +50,14 @@ def load_or_create(path: Path) -> Identity:
     """The identity stored at ``path`` (PEM, PKCS#8), created with mode 0600 if the file does not exist.
 
     Raises:
-        ValueError: The file is not an Ed25519 private key.
+        ValueError: The file is not an Ed25519 private key, or others than its owner may read or write it.
     """
     if path.is_file():
+        if path.stat().st_mode & 0o077:
+            raise ValueError(
+                f"{path} can be read or written by other users than its owner; a private key must not be. "
+                f"Run `chmod 600 {path}` (and consider the key exposed if others could read it)."
+            )
         key = load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key; create one with `fedtune identity`.")
