@@ -4,7 +4,7 @@
     fedtune keygen KEY_FILE
     fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
-    fedtune audit RUN_DIR [--head HASH]
+    fedtune audit RUN_DIR [--head HASH] [--server-key HEX]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
 
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     audit = commands.add_parser("audit", help="verify a run's ledger against its metrics, checkpoints and adapter")
     audit.add_argument("run_dir", type=Path, help="the run directory")
     audit.add_argument("--head", help="the ledger head hash published at the end of the run")
+    audit.add_argument("--server-key", help="the server identity public key (hex) you trust to have signed it")
     node = commands.add_parser("identity", help="create a node's identity key and list it as trusted")
     node.add_argument("name", help="the node's name (its node-config 'name')")
     node.add_argument("key_file", type=Path, help="the node's private key (created with mode 0600 if absent)")
@@ -120,7 +121,7 @@ def _transform(function: Callable[..., list[Path]], args: argparse.Namespace) ->
 def _audit(args: argparse.Namespace) -> int:
     from fedtune.ledger import audit
 
-    problems = audit(args.run_dir, head=args.head)
+    problems = audit(args.run_dir, head=args.head, server_key=args.server_key)
     for problem in problems:
         print(f"fedtune audit: {problem}", file=sys.stderr)
     if not problems:

@@ -25,6 +25,9 @@ class Federation:
         trusted_keys: JSON file of node name -> Ed25519 public key (``fedtune identity`` writes it). Only
             these nodes are admitted. Without it each node's key is pinned when the run starts. Read by the
             server only (nodes compose the same config but need not hold the file).
+        server_identity_key: The server's Ed25519 key file, which signs every ledger entry (created with
+            mode 0600 on first use). None: ``$FEDTUNE_CACHE/server-identity.pem``. Publish its public key
+            (``fedtune identity server KEY_FILE`` prints it) so that auditors can pin it.
 
     Raises:
         ValueError: If a value is out of range; the message names the key.
@@ -42,6 +45,7 @@ class Federation:
     evaluate_every: int = 1
     connect_timeout: float = 600.0
     trusted_keys: str | None = None
+    server_identity_key: str | None = None
 
     def __post_init__(self) -> None:
         checks = {

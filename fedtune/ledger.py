@@ -6,6 +6,11 @@ round's metric lines), then the exported adapter files. Each entry holds the has
 editing, removing or reordering any entry, metric line, checkpoint or adapter file breaks the chain
 at a point :func:`audit` names. Whoever publishes the last entry's hash (printed at the end of a run)
 also fixes the length of the run: ``fedtune audit RUN_DIR --head HASH`` then detects a cut-off tail.
+
+Every entry is signed with the server's Ed25519 identity key (named in the first entry), and each round's
+entry keeps every contributing client's own reply signature with its public key, bound to the run nonce,
+round and step: a third party checks who contributed without trusting the server's files
+(``fedtune audit RUN_DIR --server-key HEX`` pins the server key it trusts).
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from fedtune.secure import identity
+from fedtune.secure.identity import Identity
+from fedtune.secure.session import Session
 
 LEDGER = "ledger.jsonl"
 GENESIS = "0" * 64
@@ -24,11 +33,13 @@ class Ledger:
 
     Args:
         run_dir: The run directory.
+        signer: The server's identity key, which signs every entry it appends (None: read only).
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, signer: Identity | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LEDGER
+        self.signer = signer
 
     def entries(self) -> list[dict[str, Any]]:
         """All entries, oldest first."""
@@ -39,8 +50,13 @@ class Ledger:
     def append(self, kind: str, server_round: int, **fields: Any) -> dict[str, Any]:
         """Add an entry chained to the last one; returns it with its hash."""
         entries = self.entries()
+        if self.signer is None:
+            raise ValueError("This ledger was opened without the server's identity key; it cannot sign entries.")
         entry = {"kind": kind, "round": server_round, **fields, "prev": entries[-1]["hash"] if entries else GENESIS}
+        if not entries:
+            entry["server_key"] = self.signer.public_hex
         entry["hash"] = entry_hash(entry)
+        entry["signature"] = self.signer.sign(bytes.fromhex(entry["hash"])).hex()
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
         return entry
@@ -57,8 +73,8 @@ class Ledger:
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    """SHA-256 of the entry's canonical JSON, without its own hash."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    """SHA-256 of the entry's canonical JSON, without its own hash and signature."""
+    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -78,15 +94,22 @@ def metrics_hash(metrics_file: Path, server_round: int) -> str:
     return hashlib.sha256("\n".join(chosen).encode()).hexdigest()
 
 
-def audit(run_dir: str | Path, head: str | None = None) -> list[str]:
+def audit(run_dir: str | Path, head: str | None = None, server_key: str | None = None) -> list[str]:
     """Check the ledger of ``run_dir`` against itself and the run's files; returns the problems found.
 
-    The first problem names the first broken entry; an empty list means the run is intact.
+    ``server_key`` (hex) is the server identity key the auditor trusts; without it, the key the ledger
+    names is used (which then proves only that one key signed the whole ledger). The first problem names
+    the first broken entry; an empty list means the run is intact.
     """
     run_dir = Path(run_dir)
     entries = Ledger(run_dir).entries()
     if not entries:
         return [f"{run_dir / LEDGER} is missing or empty"]
+    signer = entries[0].get("server_key")
+    if not isinstance(signer, str):
+        return ["entry 0: the ledger names no server key, so its entries cannot be checked as the server's"]
+    if server_key is not None and server_key != signer:
+        return [f"the ledger is signed by server key {signer[:16]}…, not by the trusted key {server_key[:16]}…"]
     previous, expected_round, aggregate = GENESIS, 0, None
     for index, entry in enumerate(entries):
         where = f"entry {index} ({entry.get('kind')} round {entry.get('round')})"
@@ -94,6 +117,11 @@ def audit(run_dir: str | Path, head: str | None = None) -> list[str]:
             return [f"{where}: does not follow the entry before it (an entry was removed, reordered or edited)"]
         if entry_hash(entry) != entry.get("hash"):
             return [f"{where}: its content does not match its hash (the entry was edited)"]
+        if not _signed_by(signer, entry):
+            return [f"{where}: its signature does not verify under the server key (forged, or re-hashed after an edit)"]
+        unsigned = _unsigned_replies(entry)
+        if unsigned:
+            return [f"{where}: the reply of {unsigned} does not carry that client's valid signature"]
         if entry["kind"] in ("start", "round"):
             if entry["round"] != expected_round:
                 return [f"{where}: expected round {expected_round} (a round is missing)"]
@@ -108,6 +136,35 @@ def audit(run_dir: str | Path, head: str | None = None) -> list[str]:
     if head is not None and previous != head:
         return [f"the ledger ends at {previous[:16]}…, not at the published head {head[:16]}… (entries were cut off)"]
     return []
+
+
+def _signed_by(public_hex: str, entry: dict[str, Any]) -> bool:
+    signature = entry.get("signature")
+    try:
+        return isinstance(signature, str) and identity.verify(
+            public_hex, bytes.fromhex(signature), bytes.fromhex(entry["hash"])
+        )
+    except ValueError:
+        return False
+
+
+def _unsigned_replies(entry: dict[str, Any]) -> list[str]:
+    """The contributors of a round entry whose recorded reply signature does not verify."""
+    if entry["kind"] != "round":
+        return []
+    session = Session(str(entry.get("run_nonce")), int(entry["round"]))
+    bad = []
+    for client, reply in sorted(entry.get("received", {}).items()):
+        try:
+            payload = session.reply_signed_bytes("train", client, reply["digest"])
+            valid = identity.verify(reply["key"], bytes.fromhex(reply["signature"]), payload)
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            bad.append(client)
+    if sorted(entry.get("received", {})) != sorted(entry.get("participants", [])):
+        bad.append("a participant without a recorded reply")
+    return bad
 
 
 def _check_files(run_dir: Path, entry: dict[str, Any]) -> str | None:

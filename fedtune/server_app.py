@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune import adapters, config, report, secure_round
 from fedtune.adapters import AdapterState
+from fedtune.assets import cache_dir
 from fedtune.data.partition import format_summary
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, file_hash, metrics_hash
 from fedtune.run_dir import Checkpoint, RunDir
+from fedtune.secure import identity
+from fedtune.secure.identity import Identity
 from fedtune.seeding import derive_seed, noise_generator
 from fedtune.transport import Client, RoundAbandoned, RoundFailedError, Transport, connect
 from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, payload_bytes
@@ -58,7 +62,7 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     federation = experiment.federation
     run_dir = RunDir(cfg.run_dir)
     run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
-    ledger = Ledger(run_dir.path)
+    ledger = Ledger(run_dir.path, signer=_server_identity(federation))
     strategy = experiment.new_strategy()
     global_adapter, first_round = experiment.initial_adapter(), 1
     privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side, checkpointed)
@@ -137,6 +141,12 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
         run_dir.path,
     )
     return global_adapter
+
+
+def _server_identity(federation: Any) -> Identity:
+    """The server's identity key: it signs the ledger (``federation.server_identity_key``)."""
+    path = federation.server_identity_key or cache_dir() / "server-identity.pem"
+    return identity.load_or_create(Path(path))
 
 
 def _sample(
@@ -260,7 +270,14 @@ def _train_step(
     }
     run_dir.log_metrics(server_round, "train", summary)
     privacy.update({f"{k}_max": summary[f"{k}_max"] for k in _WORST_CASE if f"{k}_max" in summary})
-    record = {"participants": [r.client.key for r in replies], "received": {r.client.key: r.digest for r in replies}}
+    record = {
+        "participants": [r.client.key for r in replies],
+        "run_nonce": transport.run_nonce,  # with the round, what each reply signature is bound to
+        "received": {
+            r.client.key: {"digest": r.digest, "signature": r.signature.hex(), "key": r.client.public_key}
+            for r in replies
+        },
+    }
     return strategy.step(global_adapter, mean), {**record, "privacy": privacy}
 
 

@@ -67,6 +67,7 @@ class Reply:
     client: Client
     content: RecordDict
     digest: str
+    signature: bytes  # the node's signature of the digest (bound to run, round and step): kept in the ledger
 
 
 class Transport:
@@ -137,11 +138,11 @@ class Transport:
                 )
                 continue
             try:
-                digest = wire.verify(reply.content, client.public_key, session, message_type, client.key)
+                digest, signature = wire.verify(reply.content, client.public_key, session, message_type, client.key)
             except wire.RejectedReply as error:
                 logger.warning("Round %d: %s reply of %s rejected: %s", server_round, message_type, client.key, error)
                 continue
-            accepted.append(Reply(client, reply.content, digest))
+            accepted.append(Reply(client, reply.content, digest, signature))
         if len(replies) < len(messages):
             logger.warning(
                 "%d of %d nodes did not answer the %s message within %.0f s",

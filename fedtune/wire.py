@@ -58,13 +58,13 @@ def content_digest(content: RecordDict) -> bytes:
 
 def sign(content: RecordDict, signer: Identity, session: Session, message_type: str, client: str) -> RecordDict:
     """Attach the signature record to ``content`` (returned for chaining)."""
-    payload = session.context("reply", message_type, client, content_digest(content).hex())
+    payload = session.reply_signed_bytes(message_type, client, content_digest(content).hex())
     content.config_records[SIGNATURE] = ConfigRecord({NODE_KEY: signer.public_hex, SIGNATURE: signer.sign(payload)})
     return content
 
 
-def verify(content: RecordDict, public_hex: str, session: Session, message_type: str, client: str) -> str:
-    """The hex content digest of a reply whose signature checks out.
+def verify(content: RecordDict, public_hex: str, session: Session, message_type: str, client: str) -> tuple[str, bytes]:
+    """The hex content digest and the signature of a reply whose signature checks out.
 
     Raises:
         RejectedReply: No signature, a different key than ``public_hex``, or a signature over other content,
@@ -76,11 +76,11 @@ def verify(content: RecordDict, public_hex: str, session: Session, message_type:
     if record.get(NODE_KEY) != public_hex:
         raise RejectedReply("the reply is signed by a key that is not this node's known identity key")
     digest = content_digest(content).hex()
-    payload = session.context("reply", message_type, client, digest)
     signature = record.get(SIGNATURE)
+    payload = session.reply_signed_bytes(message_type, client, digest)
     if not isinstance(signature, bytes) or not identity.verify(public_hex, signature, payload):
         raise RejectedReply("bad signature (modified in transit, or replayed from another round, step or run)")
-    return digest
+    return digest, signature
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -14,6 +14,7 @@ from fedtune.ledger import Ledger
 from fedtune.run_dir import Checkpoint, RunDir
 from fedtune.secure import at_rest
 from fedtune.secure.at_rest import HEADER, DecryptionError
+from fedtune.secure.identity import Identity
 
 MARKER = b"PATIENT-RECORD-MARKER-" + bytes(range(42))  # 64 distinctive bytes
 KEY = bytes(range(32))
@@ -222,7 +223,7 @@ def test_an_encrypted_file_cannot_be_swapped_within_a_run_or_taken_from_another_
     for name in ("run-a", "run-b"):
         run = RunDir(tmp_path / name)
         run.checkpoints.mkdir(parents=True)
-        Ledger(run.path).append("start", 0, config_hash=name)
+        Ledger(run.path, Identity.generate()).append("start", 0, config_hash=name)
         for server_round in (1, 2):
             run.save_checkpoint(Checkpoint(server_round, {"w": torch.full((2,), float(server_round))}, {}, "hash"))
         at_rest.encrypt_path(run.checkpoints, KEY, remove_source=True)

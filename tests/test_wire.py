@@ -29,8 +29,9 @@ def _reply() -> RecordDict:
 
 
 def test_a_signed_reply_verifies_and_its_digest_covers_the_content() -> None:
-    digest = wire.verify(_reply(), NODE.public_hex, SESSION, "train", "hospital-a")
+    digest, signature = wire.verify(_reply(), NODE.public_hex, SESSION, "train", "hospital-a")
     assert digest == wire.content_digest(_reply()).hex()
+    assert identity.verify(NODE.public_hex, signature, SESSION.reply_signed_bytes("train", "hospital-a", digest))
     changed = _reply()
     changed.metric_records[wire.METRICS]["train_loss"] = 1.25
     assert wire.content_digest(changed).hex() != digest

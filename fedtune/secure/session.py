@@ -26,6 +26,11 @@ class Session:
         fields = [self.run_nonce, str(self.server_round), purpose, *parts]
         return DOMAIN + b"".join(len(f.encode()).to_bytes(4, "big") + f.encode() for f in fields)
 
+    def reply_signed_bytes(self, message_type: str, client: str, digest: str) -> bytes:
+        """What a node signs for its reply with content digest ``digest`` (hex) to a ``message_type`` message:
+        checked by the server on receipt (fedtune/wire.py) and by an auditor in the ledger later."""
+        return self.context("reply", message_type, client, digest)
+
 
 @dataclass(frozen=True)
 class KeyBundle:
