@@ -237,9 +237,15 @@ def _session(msg: Message, next_round: bool = False) -> Session:
 
 
 def _new_round_keys(context: Context, session: Session, still_open: Session | None = None) -> ConfigRecord:
-    """Step 1: fresh keys for ``session`` kept in Context.state; returns the signed public halves to send."""
-    state, bundle = masking.advertise_keys(session, client_key(context.node_config), _signer(context.node_config))
-    _save_round_state(context, state, still_open)
+    """Step 1: keys for ``session`` kept in Context.state; returns the signed public halves to send. Asked
+    again in the same round, the node sends the same keys: new ones would let the server draw ring orders."""
+    signer = _signer(context.node_config)
+    kept = context.state.config_records.get(SECAGG_STATE, ConfigRecord()).get(_state_key(session))
+    if kept is not None:
+        bundle = masking.signed_bundle(ClientRound.from_json(str(kept)), signer)
+    else:
+        state, bundle = masking.advertise_keys(session, client_key(context.node_config), signer)
+        _save_round_state(context, state, still_open)
     return ConfigRecord({wire.BUNDLE: bundle.to_json()})
 
 

@@ -232,7 +232,7 @@ class SecureRounds:
         self, replies: list[Reply], session: Session, bundles: dict[str, KeyBundle], server_round: int, what: str
     ) -> _Setup:
         """The set-up of ``session`` from replies that carry encrypted shares (malformed ones logged, left out)."""
-        shared = _accepted(replies, _shares_reader(self.secure.peers(session, bundles)), server_round, what)
+        shared = _accepted(replies, _shares_reader(self.secure.peers(bundles)), server_round, what)
         return _Setup(
             session,
             bundles,

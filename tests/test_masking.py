@@ -239,20 +239,35 @@ def test_shamir_any_t_shares_reconstruct_and_fewer_do_not() -> None:
 
 
 def test_ring_neighbourhoods_are_symmetric_of_size_k_and_agreed_by_everyone() -> None:
-    names = [f"hospital-{i:02d}" for i in range(12)]
-    peers = RING.peers(SESSION, names)
+    parties = Round(12, RING)
+    names, bundles = parties.names, {b.client: b for b in parties.bundles}
+    peers = RING.peers(bundles)
     assert all(len(peers[name]) == 4 and name not in peers[name] for name in names)
     assert all(a in peers[b] for a in names for b in peers[a])
-    assert RING.peers(SESSION, reversed(names)) == peers  # every party computes the same graph
-    assert RING.peers(Session(SESSION.run_nonce, 4), names) != peers  # a fresh ring each round
-    assert CONFIG.peers(SESSION, names)[names[0]] == frozenset(names[1:])
-    assert SecureAggregation(neighbours=4).peers(SESSION, names[:5])[names[0]] == frozenset(names[1:5])
+    assert RING.peers(dict(reversed(list(bundles.items())))) == peers  # every party computes the same graph
+    assert CONFIG.peers(bundles)[names[0]] == frozenset(names[1:])
+    first_five = {name: bundles[name] for name in names[:5]}
+    assert SecureAggregation(neighbours=4).peers(first_five)[names[0]] == frozenset(names[1:5])
+
+
+def test_the_ring_follows_the_round_keys_not_anything_the_server_picks() -> None:
+    """The ring order is a hash of every client's fresh round keys: the server cannot grind run nonces for an
+    order that puts its accomplices around a victim; new keys (another round, another run) give a new ring."""
+    parties = Round(12, RING)
+    bundles = {b.client: b for b in parties.bundles}
+    rings = set()
+    for _ in range(3):  # one client's keys drawn again, everything else unchanged
+        _, bundle = masking.advertise_keys(SESSION, parties.names[0], parties.identities[parties.names[0]])
+        rings.add(
+            tuple(sorted((k, tuple(sorted(v))) for k, v in RING.peers({**bundles, bundle.client: bundle}).items()))
+        )
+    assert len(rings) == 3
 
 
 def test_with_neighbourhoods_a_client_shares_and_masks_only_with_its_peers() -> None:
     parties = Round(9, RING)
     for name in parties.names:
-        assert set(parties.sealed[name]) == set(RING.peers(SESSION, parties.names)[name])
+        assert set(parties.sealed[name]) == set(RING.peers({b.client: b for b in parties.bundles})[name])
     uploads = {n: parties.upload(n, parties.names) for n in parties.names}
     exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in parties.names)
     assert np.array_equal(parties.unmask(uploads, parties.names), exact.astype(np.uint32))

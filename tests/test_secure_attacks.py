@@ -413,3 +413,14 @@ def test_two_nodes_with_the_same_name_are_both_refused(tiny_bert_dir: Path, tmp_
     run_federation(InProcessGrid([*nodes, impostor]), config.load_experiment(nodes[0].context.run_config))
     participants = [e["participants"] for e in Ledger(tmp_path / "run").entries() if e["kind"] == "round"]
     assert participants == [[VICTIM, B]]
+
+
+def test_a_node_makes_its_round_keys_once_so_the_server_cannot_redraw_the_ring(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The SecAgg+ ring was ordered by the server's run nonce: the server could try nonces until the victim's
+    neighbours were its accomplices. It is now ordered by the round's client keys, and a node asked for its
+    keys again in the same round sends the same ones, so the server cannot draw another order."""
+    _, _, server = _masked_nodes(tiny_bert_dir, tmp_path, 3, "secure.neighbours=2")
+    first, again = (server.send(VICTIM, wire.SECAGG_KEYS, 1).config_records[wire.CONFIG][wire.BUNDLE] for _ in range(2))
+    assert first == again

@@ -48,7 +48,7 @@ import numpy as np
 from fedtune.secure import graph, primitives, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
-from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
+from fedtune.secure.session import DOMAIN, ClientRound, KeyBundle, ProtocolError, Session
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,21 @@ class SecureAggregation:
         group = num_clients if self.neighbours is None else min(num_clients, self.neighbours + 1)
         return self.min_survivors(group)
 
-    def peers(self, session: Session, names: Iterable[str]) -> dict[str, frozenset[str]]:
-        """Each client's peers in this round (all others, or its ring neighbours)."""
-        return graph.neighbourhoods(names, self.neighbours, session.context("graph"))
+    def peers(self, bundles: Mapping[str, KeyBundle]) -> dict[str, frozenset[str]]:
+        """Each client's peers in the round of these verified round keys (all others, or its ring neighbours).
+
+        The ring is ordered by a hash of every client's fresh round keys, never by anything the server
+        picks alone such as the run nonce, which it could draw again and again until a victim's neighbours
+        are its accomplices. Each node makes its keys once per round of a run, so within a run the server
+        cannot draw new ones either.
+        """
+        digest = hashlib.sha256(DOMAIN + b"ring")
+        for name in sorted(bundles):
+            bundle = bundles[name]
+            digest.update(
+                len(name.encode()).to_bytes(4, "big") + name.encode() + bundle.encryption_key + bundle.mask_key
+            )
+        return graph.neighbourhoods(bundles, self.neighbours, digest.digest())
 
     def fixed_point(self, round_size: int, unit_weights: bool) -> FixedPoint:
         """The round's code, the same for every client and the server: its scale keeps the sum of all
@@ -120,11 +132,17 @@ class SecureAggregation:
 
 def advertise_keys(session: Session, client: str, signer: Identity) -> tuple[ClientRound, KeyBundle]:
     """Step 1 (client): fresh round keys and their signed public halves."""
-    encryption_private, encryption_public = primitives.x25519_keypair()
-    mask_private, mask_public = primitives.x25519_keypair()
-    unsigned = KeyBundle(client, encryption_public, mask_public, b"")
-    bundle = KeyBundle(client, encryption_public, mask_public, signer.sign(unsigned.signed_bytes(session)))
-    return ClientRound(session, client, encryption_private, mask_private), bundle
+    encryption_private, _ = primitives.x25519_keypair()
+    mask_private, _ = primitives.x25519_keypair()
+    state = ClientRound(session, client, encryption_private, mask_private)
+    return state, signed_bundle(state, signer)
+
+
+def signed_bundle(state: ClientRound, signer: Identity) -> KeyBundle:
+    """The signed public halves of ``state``'s round keys (the same every time: Ed25519 is deterministic)."""
+    encryption, mask = primitives.x25519_public(state.encryption_private), primitives.x25519_public(state.mask_private)
+    unsigned = KeyBundle(state.client, encryption, mask, b"")
+    return KeyBundle(state.client, encryption, mask, signer.sign(unsigned.signed_bytes(state.session)))
 
 
 def share_commitment(session: Session, dealer: str, recipient: str, kind: str, share: bytes) -> str:
@@ -152,7 +170,7 @@ def share_keys(
         raise ProtocolError("The server did not forward this client's own round keys unchanged.")
     for bundle in bundles:
         bundle.verify(state.session, identities.get(bundle.client))
-    names = sorted(config.peers(state.session, peers)[state.client] | {state.client})
+    names = sorted(config.peers(peers)[state.client] | {state.client})
     state.threshold = config.min_survivors(len(names))
     if len(names) < state.threshold:
         raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
@@ -282,7 +300,7 @@ def unmask(
     """
     liars = sorted(name for name, shares in revealed.items() if not _honest(session, name, shares, share_commitments))
     honest = [shares for name, shares in revealed.items() if name not in liars]
-    peers = config.peers(session, bundles)
+    peers = config.peers(bundles)
     length = len(next(iter(masked.values())))
     total = np.zeros(length, dtype=np.uint32)
     for name, upload in masked.items():
