@@ -36,6 +36,7 @@ class Checkpoint:
     strategy_state: dict[str, Any]
     experiment_hash: str
     privacy_state: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)  # the round's ledger fields: a resume completes the round
 
 
 class RunDir:
@@ -51,7 +52,8 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
 
     def start(self, config_yaml: str, resume: bool) -> None:
-        """Create the directory for a new run, or check it for a resumed one, and save the resolved config.
+        """Create the directory for a new run and save its resolved config, or check it for a resumed one
+        (whose config.yaml stays as written: the ledger holds its hash, and checkpoints the experiment's).
 
         Raises:
             FileExistsError: A new run would overwrite an earlier run's checkpoints.
@@ -59,7 +61,8 @@ class RunDir:
         """
         self.check(resume)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path / "config.yaml", config_yaml.encode())
+        if not resume:
+            atomic_write(self.path / "config.yaml", config_yaml.encode())
 
     def check(self, resume: bool) -> None:
         """Raise unless a new run (``resume=False``) or a resumed one can use this directory; writes nothing."""
@@ -102,6 +105,7 @@ class RunDir:
                 "strategy_state": checkpoint.strategy_state,
                 "privacy_state": checkpoint.privacy_state,
                 "experiment_hash": checkpoint.experiment_hash,
+                "record": checkpoint.record,
             },
             buffer,
         )
@@ -131,8 +135,25 @@ class RunDir:
         if data is None:
             return None
         return Checkpoint(
-            data["round"], data["adapter"], data["strategy_state"], data["experiment_hash"], data["privacy_state"]
+            data["round"],
+            data["adapter"],
+            data["strategy_state"],
+            data["experiment_hash"],
+            data["privacy_state"],
+            data.get("record", {}),
         )
+
+    def drop_evaluation(self, server_round: int) -> None:
+        """Remove ``server_round``'s evaluation lines (and its round time), to evaluate that round again."""
+        kept = [
+            line
+            for line in self.read_metrics()
+            if not (
+                line["round"] == server_round
+                and (line["scope"] in ("federated", "central") or line["metric"] == "round_seconds")
+            )
+        ]
+        atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
 
     def secrets(self) -> dict[str, Any]:
         """The server's secrets for this run (DP noise and client sampling; fedtune/seeding.py), kept in

@@ -67,12 +67,16 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     global_adapter, first_round = experiment.initial_adapter(), 1
     privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side, checkpointed)
     secrets = run_dir.secrets()  # the server's DP noise and sampling secret: a private file, never in a checkpoint
+    unfinished = None  # a round aggregated and checkpointed, but not yet evaluated and in the ledger
     if cfg.resume:
-        checkpoint = run_dir.latest_checkpoint(experiment.hash, at_most=ledger.last_round())
+        checkpoint = run_dir.latest_checkpoint(experiment.hash, at_most=ledger.last_round() + 1)
         if checkpoint is not None:
             global_adapter, first_round = checkpoint.adapter, checkpoint.round + 1
             strategy.load_state_dict(checkpoint.strategy_state)
             privacy_state = checkpoint.privacy_state
+            if checkpoint.round > ledger.last_round():  # never aggregate a round again: complete it
+                unfinished = checkpoint
+                run_dir.drop_evaluation(checkpoint.round)
         ledger.truncate(first_round - 1)
         logger.info("Resuming %s after round %d", run_dir.path, first_round - 1)
     if not experiment.secure.masked:
@@ -94,6 +98,9 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
             aggregate=adapters.fingerprint(global_adapter),
             metrics=metrics_hash(run_dir.metrics_file, 0),
         )
+    if unfinished is not None:
+        path = run_dir.checkpoints / f"round-{unfinished.round:04d}.pt"
+        _complete_round(transport, experiment, clients, run_dir, ledger, unfinished, path, time.monotonic())
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
         global_adapter, record = _train_step(
@@ -108,25 +115,11 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
             privacy_state,
             secrets,
         )
-        checkpoint = Checkpoint(server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state)
-        checkpoint_path = run_dir.save_checkpoint(checkpoint)
-        central = {}
-        if federation.evaluates_after(server_round):
-            _federated_evaluation(transport, experiment, clients, global_adapter, server_round, run_dir)
-            central = _log_central(run_dir, experiment, global_adapter, server_round)
-        seconds = time.monotonic() - started
-        run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
-        ledger.append(
-            "round",
-            server_round,
-            **record,
-            config_hash=experiment.hash,
-            aggregate=adapters.fingerprint(global_adapter),
-            checkpoint_file=str(checkpoint_path.relative_to(run_dir.path)),
-            checkpoint=file_hash(checkpoint_path),
-            metrics=metrics_hash(run_dir.metrics_file, server_round),
+        checkpoint = Checkpoint(
+            server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state, record
         )
-        logger.info(report.progress_line(server_round, federation.num_rounds, run_dir.read_metrics(), central, seconds))
+        checkpoint_path = run_dir.save_checkpoint(checkpoint)
+        _complete_round(transport, experiment, clients, run_dir, ledger, checkpoint, checkpoint_path, started)
     report.finish(run_dir, experiment, global_adapter)
     exported = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()] + [run_dir.path / "README.md"]
     head = ledger.append(
@@ -141,6 +134,38 @@ def run_federation(grid: Grid, cfg: Any) -> AdapterState:
         run_dir.path,
     )
     return global_adapter
+
+
+def _complete_round(
+    transport: Transport,
+    experiment: Experiment,
+    clients: list[Client],
+    run_dir: RunDir,
+    ledger: Ledger,
+    checkpoint: Checkpoint,
+    checkpoint_path: Path,
+    started: float,
+) -> None:
+    """Evaluate a checkpointed round, log it and enter it in the ledger (also when a resume finds a round
+    whose aggregate was saved before the server stopped)."""
+    federation, server_round, adapter = experiment.federation, checkpoint.round, checkpoint.adapter
+    central = {}
+    if federation.evaluates_after(server_round):
+        _federated_evaluation(transport, experiment, clients, adapter, server_round, run_dir)
+        central = _log_central(run_dir, experiment, adapter, server_round)
+    seconds = time.monotonic() - started
+    run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
+    ledger.append(
+        "round",
+        server_round,
+        **checkpoint.record,
+        config_hash=experiment.hash,
+        aggregate=adapters.fingerprint(adapter),
+        checkpoint_file=str(checkpoint_path.relative_to(run_dir.path)),
+        checkpoint=file_hash(checkpoint_path),
+        metrics=metrics_hash(run_dir.metrics_file, server_round),
+    )
+    logger.info(report.progress_line(server_round, federation.num_rounds, run_dir.read_metrics(), central, seconds))
 
 
 def _server_identity(federation: Any) -> Identity:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune import adapters, client, config, wire
+from fedtune import adapters, client, config, server_app, wire
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
@@ -424,3 +424,32 @@ def test_a_node_makes_its_round_keys_once_so_the_server_cannot_redraw_the_ring(
     _, _, server = _masked_nodes(tiny_bert_dir, tmp_path, 3, "secure.neighbours=2")
     first, again = (server.send(VICTIM, wire.SECAGG_KEYS, 1).config_records[wire.CONFIG][wire.BUNDLE] for _ in range(2))
     assert first == again
+
+
+def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops after round 1 was unmasked and checkpointed, while it evaluates. The resumed run used to
+    train round 1 again with whoever was online: a second sum of that round. Now it completes round 1 from its
+    checkpoint, asks no node to train or unmask it again, and ends where an uninterrupted run ends."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=3", "secure=masking")
+    uninterrupted = _run(tmp_path / "uninterrupted", overrides, 3)
+    real = server_app._log_central
+
+    def crash_in_round_1(run_dir, experiment, adapter, server_round):  # noqa: ANN001, ANN202 - same signature
+        if server_round == 1:
+            raise KeyboardInterrupt("the server stops")
+        return real(run_dir, experiment, adapter, server_round)
+
+    nodes = make_nodes(tmp_path / "crashed", overrides, 3)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(server_app, "_log_central", crash_in_round_1)
+        run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
+    resumed_nodes = make_nodes(tmp_path / "crashed", [*overrides, "resume=true"], 3)
+    run_federation(InProcessGrid(resumed_nodes), config.load_experiment(resumed_nodes[0].context.run_config))
+    assert not [step for node in resumed_nodes for r, step in node.handled if r == 1 and step != "evaluate"]
+    run = tmp_path / "crashed" / "run"
+    rounds = [e for e in Ledger(run).entries() if e["kind"] == "round"]
+    assert [(e["round"], len(e["participants"]), "abandoned" in e) for e in rounds] == [(1, 3, False), (2, 3, False)]
+    assert adapters.fingerprint(_checkpoint(run, 2)) == adapters.fingerprint(_checkpoint(uninterrupted, 2))
+    assert audit(run) == []
