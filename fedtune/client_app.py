@@ -26,6 +26,7 @@ from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
+from fedtune.secure.masking import MIN_ROUND_CLIENTS
 from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
 from fedtune.secure.uploads import UploadRecord
 
@@ -33,8 +34,6 @@ logger = logging.getLogger("fedtune")
 
 PRIVACY_STATE = "privacy"  # Context.state record holding the client's privacy accounting
 SECAGG_STATE = "secagg"  # Context.state record holding this round's secure-aggregation secrets
-# A masked round of two is a victim and, possibly, the server's accomplice; a node's own node config can raise it.
-MIN_ROUND_CLIENTS = 3
 
 
 def client_key(node_config: Mapping[str, Any]) -> str:
@@ -126,17 +125,19 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         round_config = msg.content.config_records[wire.CONFIG]
         server_round = int(round_config[wire.SERVER_ROUND])
         key = client_key(context.node_config)
+        num_sampled = int(round_config[wire.NUM_SAMPLED])  # sizes this client's share of the DP noise
         secagg, uploads = None, None
-        if experiment.secure.masked:  # before training: fail fast
+        if experiment.secure.masked:  # every check before training: fail fast
             secagg = _round_state(msg, context)
             uploads = UploadRecord(client_state.uploads_file(context.node_config, upload_scope(experiment), key))
             uploads.check(server_round)
-        num_sampled = int(round_config[wire.NUM_SAMPLED])  # sizes this client's share of the DP noise
-        if secagg is not None and num_sampled != secagg.round_size:
-            raise ProtocolError(
-                f"The server says {num_sampled} clients take part in round {server_round}, but this node verified the "
-                f"keys of {secagg.round_size}; a larger count would shrink its DP noise. Refused."
-            )
+            if num_sampled != secagg.round_size:
+                raise ProtocolError(
+                    f"The server says {num_sampled} clients take part in round {server_round}, but this node verified "
+                    f"the keys of {secagg.round_size}; a larger count would shrink its DP noise. Refused."
+                )
+            survivors = json.loads(str(round_config[wire.SURVIVORS]))
+            _require_group(survivors, context.node_config, "shared keys in this round")
         durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         client_state.begin_round(privacy_state, server_round, adapters.fingerprint(global_adapter))
@@ -154,8 +155,6 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         code = experiment.secure.fixed_point(secagg.round_size, unit_weights)
         sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
         committed = {k: str(v) for k, v in msg.content.config_records.get(wire.SHARE_COMMITMENTS, {}).items()}
-        survivors = json.loads(str(round_config[wire.SURVIVORS]))
-        _require_group(survivors, context.node_config, "shared keys in this round")
         masked, excluded = masking.mask_update(secagg, sealed, committed, survivors, code.encode(update, weight))
         _save_round_state(context, secagg)
         uploads.record(server_round, secagg.session.run_nonce)  # on disk before the upload leaves

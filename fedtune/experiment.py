@@ -28,7 +28,7 @@ from fedtune.interfaces import Strategy
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import PrivacyMechanism
 from fedtune.secure import Plaintext
-from fedtune.secure.masking import SecureAggregation
+from fedtune.secure.masking import MIN_ROUND_CLIENTS, SecureAggregation
 from fedtune.training import TrainConfig
 
 _EXPERIMENTS: dict[str, Experiment] = {}
@@ -190,6 +190,14 @@ class Experiment:
         if self.federation.min_train_clients < 2:
             raise ValueError(
                 "secure=masking needs federation.min_train_clients >= 2: the sum of one update is that update."
+            )
+        federation = self.federation
+        per_round = federation.num_sampled(federation.num_clients, federation.fraction_train)
+        if per_round < MIN_ROUND_CLIENTS:
+            raise ValueError(
+                f"secure=masking samples {per_round} clients a round here, and a node refuses masked rounds of fewer "
+                f"than {MIN_ROUND_CLIENTS} (in a round of two, one colluding client gives the other's update away); "
+                "raise federation.num_clients or federation.fraction_train."
             )
 
     @property

@@ -230,9 +230,8 @@ def _train_step(
             privacy = {}
             if error.revealed and organisation is not None and organisation.noise_at == "clients":
                 # the server saw a sum carrying the clients' noise: a release, though never applied
-                released = organisation.noise_multiplier_of(error.revealed, error.round_size)
-                privacy["client_dp_epsilon"] = organisation.account(
-                    privacy_state, organisation.sample_rate(len(sampled), len(clients)), len(clients), released
+                privacy["client_dp_epsilon"] = organisation.charge_round(
+                    privacy_state, len(sampled), len(clients), error.revealed, error.round_size
                 )
                 run_dir.log_metrics(server_round, "server", privacy)
             run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
@@ -277,11 +276,8 @@ def _train_step(
             secrets, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
         )
         mean = organisation.privatize_aggregate(mean, expected, noise)
-        released = organisation.noise_multiplier_of(
-            len(replies), expected
-        )  # fewer uploads, less noise (noise_at=clients)
-        privacy["client_dp_epsilon"] = organisation.account(
-            privacy_state, organisation.sample_rate(len(sampled), len(clients)), len(clients), released
+        privacy["client_dp_epsilon"] = organisation.charge_round(  # fewer uploads, less noise (noise_at=clients)
+            privacy_state, len(sampled), len(clients), len(replies), expected
         )
         run_dir.log_metrics(server_round, "server", privacy)
     summary = {

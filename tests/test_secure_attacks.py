@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune import adapters, client, config, server_app, wire
+from fedtune import adapters, cli, client, config, server_app, wire
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
@@ -453,3 +453,12 @@ def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(
     assert [(e["round"], len(e["participants"]), "abandoned" in e) for e in rounds] == [(1, 3, False), (2, 3, False)]
     assert adapters.fingerprint(_checkpoint(run, 2)) == adapters.fingerprint(_checkpoint(uninterrupted, 2))
     assert audit(run) == []
+
+
+def test_a_masked_simulation_with_rounds_too_small_for_the_nodes_is_refused_at_start(
+    tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=2", "secure=masking")
+    assert cli.main(["run", *overrides]) == 2
+    assert "samples 2 clients a round here, and a node refuses masked rounds of fewer than 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

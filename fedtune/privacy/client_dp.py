@@ -104,6 +104,14 @@ class ClientDP:
             bound += self.noise_multiplier_of(contributors, expected) * self.clip_norm * (math.sqrt(dimension) + 7.5)
         return bound
 
+    def charge_round(
+        self, state: dict[str, Any], sampled: int, population: int, contributors: int, expected: int
+    ) -> float:
+        """Account one released sum: ``sampled`` of ``population`` organisations drawn, ``contributors`` of the
+        ``expected`` uploaded (their noise is what the sum carries). Returns epsilon so far."""
+        released = self.noise_multiplier_of(contributors, expected)
+        return self.account(state, self.sample_rate(sampled, population), population, released)
+
     def account(self, state: dict[str, Any], sample_rate: float, num_clients: int, noise_multiplier: float) -> float:
         """Record one round released with ``noise_multiplier`` in ``state`` (the server's checkpointed privacy
         state) and return epsilon so far.

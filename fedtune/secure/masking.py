@@ -50,6 +50,10 @@ from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
 from fedtune.secure.session import DOMAIN, ClientRound, KeyBundle, ProtocolError, Session
 
+# The smallest masked round a node takes part in unless its node config says otherwise (min-round-clients):
+# a round of two is a victim and, possibly, the server's accomplice.
+MIN_ROUND_CLIENTS = 3
+
 
 @dataclass(frozen=True)
 class SecureAggregation:
