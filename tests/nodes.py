@@ -119,7 +119,7 @@ class InProcessGrid(Grid):
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             try:
                 reply = self.nodes[message.metadata.dst_node_id].receive(message)
-            except Exception as error:  # noqa: BLE001 - a SuperNode turns any ClientApp exception into an error reply
+            except Exception as error:  # a SuperNode turns any ClientApp exception into an error reply
                 reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
             self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)

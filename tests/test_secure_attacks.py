@@ -436,7 +436,7 @@ def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(
     uninterrupted = _run(tmp_path / "uninterrupted", overrides, 3)
     real = server_app._log_central
 
-    def crash_in_round_1(run_dir, experiment, adapter, server_round):  # noqa: ANN001, ANN202 - same signature
+    def crash_in_round_1(run_dir: RunDir, experiment: Experiment, adapter: dict, server_round: int) -> dict:
         if server_round == 1:
             raise KeyboardInterrupt("the server stops")
         return real(run_dir, experiment, adapter, server_round)
