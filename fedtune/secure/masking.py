@@ -30,9 +30,9 @@ reply, each still signed and bound to round r+1; the protocol itself is unchange
 masks, shares and the threshold then apply per neighbourhood, and a client's cost grows with k, not n.
 
 Trust: the server is honest-but-curious about contents. A deployed node takes its peers' identity keys
-only from its own list (node config ``trusted-keys``), so the server cannot invent peers. Secrets live only in the client's
-memory (Flower's Context.state) and are erased when the round's unmask step is answered, or when the node
-makes keys for a later round (a round it dropped out of).
+only from its own list (node config ``trusted-keys``), so the server cannot invent peers. Secrets live
+only in the client's memory (Flower's Context.state) and are erased when the round's unmask step is
+answered, or when the node makes keys for a later round (a round it dropped out of).
 """
 
 from __future__ import annotations
