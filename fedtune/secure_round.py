@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedtune import wire
 from fedtune.adapters import AdapterState, l2_norm
 from fedtune.secure import fixed_point, primitives
-from fedtune.secure.masking import SecureAggregation, unmask
+from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask
 from fedtune.secure.session import KeyBundle, ProtocolError, Session
 from fedtune.transport import Client, Reply, RoundAbandoned, RoundFailedError, Transport
 
@@ -305,7 +305,9 @@ def _shares_reader(
         group = peers[reply.client.key]
         if set(shares) != group or not isinstance(commitment, bytes) or len(commitment) != 32:
             raise ProtocolError("not one encrypted share per peer and a 32-byte commitment")
-        if set(committed) != group | {reply.client.key} or not all(len(c) == 128 for c in committed.values()):
+        if set(committed) != group | {reply.client.key} or not all(
+            len(c) == COMMITMENTS_HEX for c in committed.values()
+        ):
             raise ProtocolError("not one pair of share commitments per member of its group")
         return shares, commitment, committed
 

@@ -149,6 +149,11 @@ def signed_bundle(state: ClientRound, signer: Identity) -> KeyBundle:
     return KeyBundle(state.client, encryption, mask, signer.sign(unsigned.signed_bytes(state.session)))
 
 
+_SHARED = ("seed", "mask_key")  # what a client shares, in the order its two commitments per recipient are joined
+_DIGEST_HEX = 64
+COMMITMENTS_HEX = len(_SHARED) * _DIGEST_HEX  # length of one recipient's joined share commitments
+
+
 def share_commitment(session: Session, dealer: str, recipient: str, kind: str, share: bytes) -> str:
     """A hash commitment to one Shamir share (hex), published by its dealer: a revealed share is checked
     against it, so a client that reveals a wrong share is caught and left out. Shares are uniformly random
@@ -197,8 +202,8 @@ def share_keys(
 
 
 def _share_commitments(session: Session, dealer: str, recipient: str, seed_share: bytes, key_share: bytes) -> str:
-    seed = share_commitment(session, dealer, recipient, "seed", seed_share)
-    return seed + share_commitment(session, dealer, recipient, "mask_key", key_share)
+    shares = (seed_share, key_share)
+    return "".join(share_commitment(session, dealer, recipient, k, v) for k, v in zip(_SHARED, shares, strict=True))
 
 
 def mask_update(
@@ -333,14 +338,15 @@ def _honest(
     share_commitments: Mapping[str, Mapping[str, str]],
 ) -> bool:
     """Whether every share ``revealer`` revealed is the one its dealer committed to for it."""
-    for kind, offset in (("seed", 0), ("mask_key", 64)):
+    for index, kind in enumerate(_SHARED):
+        offset = index * _DIGEST_HEX
         for dealer, share in shares[kind].items():
             committed = share_commitments.get(dealer, {}).get(revealer, "")
             try:
                 opened = share_commitment(session, dealer, revealer, kind, bytes.fromhex(share))
             except ValueError:  # not hex
                 return False
-            if opened != committed[offset : offset + 64]:
+            if opened != committed[offset : offset + _DIGEST_HEX]:
                 return False
     return True
 
