@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fedtune import adapters, config
+from fedtune.aggregation import RoundUpdates, Weighting, weighted_sum
 from fedtune.client import train_round
 from fedtune.experiment import get_experiment
 from fedtune.run_dir import RunDir
@@ -59,7 +60,9 @@ def in_process(overrides: list[str]) -> dict[str, float]:
             updates.append(update)
             weights.append(metrics["num_examples"])
             train_seconds += metrics["train_seconds"]
-        global_adapter = strategy.step(global_adapter, strategy.aggregate(updates, weights))
+        mean = Weighting().mean(weighted_sum(updates, weights), sum(weights), len(updates), global_adapter)
+        combined = strategy.aggregate(RoundUpdates(mean, len(updates)), server_round)
+        global_adapter = strategy.step(global_adapter, combined, server_round)
     central()
     return {
         "wall_seconds": time.perf_counter() - started,

@@ -49,6 +49,31 @@ def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Ad
     return {key: a[key] - b[key] for key in a}
 
 
+def apply(global_adapter: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> AdapterState:
+    """``global_adapter + update`` for the tensors ``update`` holds; the others are kept (frozen this round).
+
+    Raises:
+        ValueError: ``update`` holds a tensor the adapter does not.
+    """
+    unknown = sorted(set(update) - set(global_adapter))
+    if unknown:
+        raise ValueError(f"Update tensors {unknown[:3]} are not in the adapter.")
+    return {key: tensor + update[key] if key in update else tensor for key, tensor in global_adapter.items()}
+
+
+def set_trainable(model: PeftModel, frozen: tuple[str, ...]) -> None:
+    """Train every adapter parameter except those whose name holds one of the ``frozen`` fragments.
+
+    Adapter parameters are the ones PEFT keeps under the active adapter's name (LoRA matrices, a copied
+    classifier head); the base model stays frozen. Set every round: the model is cached across rounds and
+    strategies that alternate what they train (RoLoRA).
+    """
+    marker = f".{model.active_adapter}."
+    for name, parameter in model.named_parameters():
+        if marker in name:
+            parameter.requires_grad = not any(fragment in name for fragment in frozen)
+
+
 def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
     """Refuse an update that cannot be a valid client update for ``reference`` (the global adapter).
 

@@ -13,6 +13,7 @@ import torch
 
 from fedtune import adapters
 from fedtune.adapters import AdapterState
+from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment
 from fedtune.seeding import derive_seed, noise_generator
@@ -36,21 +37,25 @@ def train_round(
     client_key: str,
     privacy_state: dict[str, Any] | None = None,
     num_sampled: int = 1,
+    settings: ClientSettings | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
-    """Train from the global adapter on this client's data and return (update, metrics).
+    """Train from the global adapter on this client's data as the strategy's ``settings`` say, and return
+    (update, metrics).
 
-    The update is the trained adapter minus the global one. Batch order and dropout are seeded from
+    The update is the trained adapter minus the global one, over the tensors ``settings`` upload. Batch order and dropout are seeded from
     (experiment seed, round, client), so a run is reproducible and a resumed run continues exactly as an
     uninterrupted one would; DP noise comes from a secret in ``privacy_state`` (fedtune/seeding.py), the
     client's persistent privacy state (also the DP accountant's history), updated in place. With organisation-level DP the update
     is clipped (and, with ``noise_at=clients``, noised for a sum over ``num_sampled`` clients) before it leaves.
     """
-    config = experiment.train_config
+    config, settings = experiment.train_config, settings or ClientSettings()
+    settings.check(global_adapter)
     torch.set_num_threads(config.torch_threads)
     model = experiment.model()  # before seeding: a first-time build reseeds torch
     seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
     torch.manual_seed(seed)  # dropout
     adapters.set_adapter(model, global_adapter)
+    adapters.set_trainable(model, settings.frozen)
     started = time.perf_counter()
     metrics = local_train(
         model,
@@ -63,8 +68,9 @@ def train_round(
         privacy=experiment.privacy,
         total_steps=config.local_steps * experiment.federation.num_rounds,
         privacy_state=privacy_state,
+        proximal_mu=settings.proximal_mu,
     )
-    update = adapters.subtract(adapters.get_adapter(model), global_adapter)
+    update = settings.uploaded(adapters.subtract(adapters.get_adapter(model), global_adapter))
     organisation = experiment.privacy.organisation
     if organisation is not None:
         noise = noise_generator(

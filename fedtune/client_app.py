@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune import adapters, client, client_state, config, wire
+from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity, masking
@@ -139,10 +140,14 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             survivors = json.loads(str(round_config[wire.SURVIVORS]))
             _require_group(survivors, context.node_config, "shared keys in this round")
         durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
+        settings = ClientSettings.from_json(str(round_config.get(wire.SETTINGS, ClientSettings().to_json())))
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
-        client_state.begin_round(privacy_state, server_round, adapters.fingerprint(global_adapter))
+        # The settings are part of the round's input: other settings on the same adapter give another update
+        # with the same DP noise.
+        round_input = f"{adapters.fingerprint(global_adapter)}|{settings.to_json()}"
+        client_state.begin_round(privacy_state, server_round, round_input)
         update, metrics = client.train_round(
-            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled
+            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         client_state.save(privacy_state, durable)  # and across a resumed run
@@ -150,9 +155,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             return reply(
                 msg, context, RecordDict({wire.ARRAYS: ArrayRecord(update), wire.METRICS: MetricRecord(metrics)})
             )
-        unit_weights = experiment.privacy.organisation is not None  # organisation-level DP: every update counts once
-        weight = 1 if unit_weights else int(metrics["num_examples"])
-        code = experiment.secure.fixed_point(secagg.round_size, unit_weights)
+        weight = experiment.weighting.weight(metrics["num_examples"])
+        code = experiment.secure.fixed_point(secagg.round_size, experiment.weighting.unit)
         sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
         committed = {k: str(v) for k, v in msg.content.config_records.get(wire.SHARE_COMMITMENTS, {}).items()}
         masked, excluded = masking.mask_update(secagg, sealed, committed, survivors, code.encode(update, weight))

@@ -57,10 +57,11 @@ def save(state: Mapping[str, Any], path: Path) -> None:
 
 
 def begin_round(state: dict[str, Any], server_round: int, input_fingerprint: str) -> None:
-    """Record the state before ``server_round``; for a replay of that round with the same input, restore it.
+    """Record the state before ``server_round``; for a replay of that round with the same input (global adapter
+    and the strategy's settings, fingerprinted together), restore it.
 
     Raises:
-        ProtocolError: This client already trained ``server_round`` on another global adapter. Its DP noise is
+        ProtocolError: This client already trained ``server_round`` on another input. Its DP noise is
             drawn from its secret and the round, so a second input would carry the same noise, and the
             difference of the two updates would be noise-free.
     """
@@ -68,7 +69,7 @@ def begin_round(state: dict[str, Any], server_round: int, input_fingerprint: str
     entry = rounds.get(str(server_round))
     if entry is not None and entry["input"] != input_fingerprint:
         raise ProtocolError(
-            f"This client already trained round {server_round} on a different global adapter; training it again "
+            f"This client already trained round {server_round} on a different global adapter or settings; training it again "
             "would reuse its DP noise on another input. Refused."
         )
     if entry is not None:

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune import config as fedtune_config
 from fedtune import devices
 from fedtune.adapters import AdapterState, set_adapter
+from fedtune.aggregation import Weighting
 from fedtune.data import Corpus, DataSpec
 from fedtune.data.local import local_file
 from fedtune.data.partition import ClientData, client_partition, split_test
@@ -84,6 +85,11 @@ class Experiment:
     def new_strategy(self) -> Strategy:
         """A fresh server-side aggregation strategy."""
         return fedtune_config.instantiate(self.cfg.strategy)
+
+    @cached_property
+    def weighting(self) -> Weighting:
+        """How clients count in each round's mean: as the privacy mechanism requires, else as the strategy declares."""
+        return self.privacy.weighting or Weighting.of(self.new_strategy().weighting)
 
     @cached_property
     def corpus(self) -> Corpus:
@@ -170,7 +176,8 @@ class Experiment:
         check_model = getattr(self.privacy, "check_model", None)
         if check_model is not None:  # DP refuses layers it cannot clip per record, before any client starts
             check_model(self.model())
-        self._check_secure_aggregation()
+        self.check_composition()
+        self._check_masked_round_size()
         self.client_data(0)  # assigns the pool, which natural partitioning needs to count its partitions
         partitions = self.partitioner.num_partitions
         if partitions != self.federation.num_clients:
@@ -179,19 +186,39 @@ class Experiment:
                 f"set federation.num_clients={partitions}."
             )
 
-    def _check_secure_aggregation(self) -> None:
+    def check_composition(self) -> None:
+        """Refuse a strategy, privacy mechanism and secure aggregation that cannot work together (the server
+        calls this at the start of every run, however it was launched; it loads no model or data).
+
+        Raises:
+            ValueError: A non-linear strategy with ``secure=masking`` or organisation-level DP, or masked rounds
+                allowed to sum a single update.
+        """
+        strategy = self.cfg.strategy._target_
+        if not self.new_strategy().linear:
+            if self.secure.masked:
+                raise ValueError(
+                    f"strategy {strategy} needs every client's individual update, but secure=masking lets the "
+                    "server see only their sum. Use a linear strategy (e.g. strategy=fedavg) or secure=none."
+                )
+            if self.privacy.organisation is not None:
+                raise ValueError(
+                    f"strategy {strategy} does not average, but organisation-level DP calibrates its noise to the "
+                    "sensitivity of a mean. Use a linear strategy (e.g. strategy=fedavg) or another privacy option."
+                )
         if not self.secure.masked:
             return
-        if not self.new_strategy().linear:
-            raise ValueError(
-                f"strategy {self.cfg.strategy._target_} needs every client's individual update, but secure=masking "
-                "lets the server see only their sum. Use a linear strategy (strategy=fedavg) or secure=none."
-            )
         if self.federation.min_train_clients < 2:
             raise ValueError(
                 "secure=masking needs federation.min_train_clients >= 2: the sum of one update is that update."
             )
+
+    def _check_masked_round_size(self) -> None:
+        """Fedtune's simulated nodes take part in masked rounds of at least MIN_ROUND_CLIENTS (a deployed node
+        sets its own minimum, node config ``min-round-clients``, and refuses smaller rounds itself)."""
         federation = self.federation
+        if not self.secure.masked:
+            return
         per_round = federation.num_sampled(federation.num_clients, federation.fraction_train)
         if per_round < MIN_ROUND_CLIENTS:
             raise ValueError(

@@ -2,36 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from fedtune.adapters import AdapterState
+from fedtune.aggregation import ClientWeighting, RoundUpdates
+from fedtune.client_settings import ClientSettings
 
 
 class Strategy(Protocol):
-    """A server-side aggregation algorithm over adapter updates (one file in ``strategies/``).
+    """A federated method on the server's side (one file in ``strategies/``, no Flower imports).
 
-    Clients send updates (trained adapter minus the global adapter). Each round the server calls
-    ``aggregate`` on the updates of the clients that replied, then ``step`` to get the next global adapter.
+    Each round the server asks ``configure`` what each sampled client is to do, sends it with the global
+    adapter, and collects the clients' updates (trained adapter minus global adapter) over the tensors
+    those settings upload. It hands them to ``aggregate`` as :class:`fedtune.aggregation.RoundUpdates`
+    (their weighted mean always; the individual updates only in the clear), and ``step`` turns the result
+    into the next global adapter. The same calls run with and without secure aggregation.
 
     Attributes:
-        linear: True if ``aggregate`` is exactly the example-weighted mean of the updates. Only linear
-            strategies can run on a securely aggregated (masked) sum, where individual updates are never
-            seen: the server then computes that mean from the unmasked sum and calls only ``step``.
+        linear: True if ``aggregate`` uses only ``updates.mean``. Only linear strategies run under
+            ``secure=masking`` (the server sees only the sum) or organisation-level DP (its noise is
+            calibrated to the mean); the server refuses any other combination at start.
+        weighting: How clients count in the mean: ``examples`` (by training examples, FedAvg) or
+            ``uniform``. Organisation-level DP overrides it with unit weights over a fixed denominator.
     """
 
     linear: bool
+    weighting: ClientWeighting
 
-    def aggregate(self, updates: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
-        """Combine client updates (weights are the clients' training example counts)."""
+    def configure(self, server_round: int, client: str) -> ClientSettings:
+        """What client ``client`` (its name) does in ``server_round``: frozen tensors, proximal term..."""
         ...
 
-    def step(self, global_adapter: AdapterState, aggregate: AdapterState) -> AdapterState:
-        """Apply the combined update to the global adapter and return the new global adapter."""
+    def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
+        """Combine the round's updates into one update over the uploaded tensors."""
+        ...
+
+    def step(self, global_adapter: AdapterState, aggregate: AdapterState, server_round: int) -> AdapterState:
+        """The next global adapter: ``aggregate`` applied to ``global_adapter`` (tensors it lacks stay as they are)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
-        """Server-side state (optimizer moments...) saved in every checkpoint."""
+        """Server-side state (optimizer moments...) saved in every checkpoint (tensors, numbers, strings)."""
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -73,12 +73,13 @@ class SecureRounds:
         self,
         sampled: list[Client],
         train_content: Callable[[Client], RecordDict],
-        global_adapter: AdapterState,
+        layout: AdapterState,
         server_round: int,
         unit_weights: bool,
         next_sampled: list[Client] | None,
     ) -> MaskedSum:
-        """One round with ``sampled``; ``train_content`` builds each client's train message.
+        """One round with ``sampled``; ``train_content`` builds each client's train message, and ``layout`` holds
+        the tensors each client uploads (its shapes and order fix the masked vector).
 
         ``next_sampled`` are the clients of the next round (None after the last): they make that round's
         keys and shares during this one.
@@ -121,7 +122,7 @@ class SecureRounds:
             )
             return content
 
-        length = fixed_point.num_slots(global_adapter)
+        length = fixed_point.num_slots(layout)
 
         def read_upload(reply: Reply) -> tuple[Reply, np.ndarray, set[str]]:
             array = reply.content.array_records[wire.MASKED]["0"].numpy()
@@ -191,7 +192,7 @@ class SecureRounds:
         if dropped:
             logger.warning("Round %d: removed the masks of %s, who dropped out before uploading", server_round, dropped)
         code = self.secure.fixed_point(len(setup.bundles), unit_weights)
-        weighted_sum, total_weight = code.decode(total, global_adapter)
+        weighted_sum, total_weight = code.decode(total, layout)
         problem = self._implausible(weighted_sum, total_weight, len(uploads), len(setup.bundles), unit_weights, code)
         if problem is not None:
             raise RoundAbandoned(

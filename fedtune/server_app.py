@@ -22,16 +22,19 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune import adapters, config, report, secure_round
 from fedtune.adapters import AdapterState
+from fedtune.aggregation import RoundUpdates, weighted_sum
 from fedtune.assets import cache_dir
+from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import format_summary
 from fedtune.experiment import Experiment, get_experiment
+from fedtune.interfaces import Strategy
 from fedtune.ledger import Ledger, file_hash, metrics_hash
 from fedtune.run_dir import Checkpoint, RunDir
 from fedtune.secure import identity
 from fedtune.secure.identity import Identity
 from fedtune.seeding import derive_seed, noise_generator
 from fedtune.transport import Client, RoundAbandoned, RoundFailedError, Transport, connect
-from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, payload_bytes
+from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, SETTINGS, payload_bytes
 
 logger = logging.getLogger("fedtune")
 
@@ -59,6 +62,7 @@ def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> Server
 def run_federation(grid: Grid, cfg: Any) -> AdapterState:
     """Run (or resume) every round of the experiment ``cfg`` over the nodes of ``grid``; returns the final adapter."""
     experiment = get_experiment(cfg)
+    experiment.check_composition()  # here, not only in the CLI: `flwr run` and deployments start here
     federation = experiment.federation
     run_dir = RunDir(cfg.run_dir)
     run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
@@ -200,7 +204,7 @@ def _train_step(
     transport: Transport,
     secure_rounds: secure_round.SecureRounds | None,
     experiment: Experiment,
-    strategy: Any,
+    strategy: Strategy,
     clients: list[Client],
     global_adapter: AdapterState,
     server_round: int,
@@ -211,20 +215,21 @@ def _train_step(
     """One round's training (masked when ``secure_rounds`` is set); returns the new global adapter and the
     round's ledger fields."""
     sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train", secrets)
+    settings = {client.key: strategy.configure(server_round, client.key) for client in sampled}
+    layout = _upload_layout(settings, global_adapter, server_round)
 
-    def train_content(_: Client) -> RecordDict:
-        return RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: ConfigRecord({NUM_SAMPLED: len(sampled)})})
+    def train_content(client: Client) -> RecordDict:
+        config_record = ConfigRecord({NUM_SAMPLED: len(sampled), SETTINGS: settings[client.key].to_json()})
+        return RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: config_record})
 
-    organisation = experiment.privacy.organisation
+    organisation, weighting = experiment.privacy.organisation, experiment.weighting
     if secure_rounds is not None:  # the server sees only the sum of the weighted updates and of the weights
         next_sampled = None  # the next round's clients make its keys and shares during this one
         if server_round < experiment.federation.num_rounds:
             fraction = experiment.federation.fraction_train
             next_sampled = _sample(clients, fraction, experiment, server_round + 1, "train", secrets)
         try:
-            masked = secure_rounds.collect(
-                sampled, train_content, global_adapter, server_round, organisation is not None, next_sampled
-            )
+            masked = secure_rounds.collect(sampled, train_content, layout, server_round, weighting.unit, next_sampled)
         except RoundAbandoned as error:  # clients uploaded, so the round is recorded, never retried
             logger.warning("%s", error)
             privacy = {}
@@ -236,31 +241,27 @@ def _train_step(
                 run_dir.log_metrics(server_round, "server", privacy)
             run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
             return global_adapter, {"abandoned": str(error), "participants": [], "received": {}, "privacy": privacy}
-        replies, upload_bytes = masked.uploads, masked.upload_bytes
+        replies, upload_bytes, individual = masked.uploads, masked.upload_bytes, None
         train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
         weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally
         expected = masked.round_size  # the clients whose keys were verified: each client's noise share is for them
-        divisor = expected if organisation is not None else masked.total_weight
-        mean = {k: (v / divisor).to(global_adapter[k].dtype) for k, v in masked.weighted_sum.items()}
+        summed, total_weight = masked.weighted_sum, masked.total_weight
         extra = {"aggregation_error_bound": masked.error_bound, "exchanges": float(masked.exchanges)}
     else:
         expected = len(sampled)
         replies, updates, weights, train_metrics = [], [], [], []
         for reply in transport.send(sampled, "train", train_content, server_round):
             try:
-                update, metrics = _read_update(reply.content, global_adapter)
+                update, metrics = _read_update(reply.content, layout)
             except (KeyError, TypeError, ValueError) as error:
                 logger.warning("Round %d: update of %s rejected: %s", server_round, reply.client.key, error)
                 continue
             replies.append(reply)
             updates.append(update)
-            weights.append(float(metrics["num_examples"]))
+            weights.append(float(weighting.weight(metrics["num_examples"])))
             train_metrics.append(metrics)
-        if updates and organisation is None:
-            mean = strategy.aggregate(updates, weights)
-        elif updates:  # organisation-level DP: equal weights over a fixed denominator (the sampled count)
-            mean = strategy.aggregate(updates, [1.0] * len(updates))
-            mean = {k: v * (len(updates) / expected) for k, v in mean.items()}
+        summed = weighted_sum(updates, weights) if updates else {}
+        total_weight, individual = sum(weights), (tuple(updates), tuple(weights))
         upload_bytes = sum(payload_bytes(r.content) for r in replies) / max(len(replies), 1)
         extra = {}
     if len(replies) < experiment.federation.min_train_clients:
@@ -270,6 +271,7 @@ def _train_step(
         )
     for reply, metrics in zip(replies, train_metrics, strict=True):
         run_dir.log_metrics(server_round, f"client:{reply.client.key}", metrics)
+    mean = weighting.mean(summed, total_weight, expected, layout)
     privacy: dict[str, float] = {}
     if organisation is not None:  # Gaussian noise on the mean (unless the clients already added it)
         noise = noise_generator(
@@ -280,6 +282,7 @@ def _train_step(
             privacy_state, len(sampled), len(clients), len(replies), expected
         )
         run_dir.log_metrics(server_round, "server", privacy)
+    round_updates = RoundUpdates(mean, len(replies), *(individual or (None, None)))
     summary = {
         **_weighted_mean([{k: v for k, v in m.items() if k not in _WORST_CASE} for m in train_metrics], weights),
         **{f"{k}_max": max(m[k] for m in train_metrics) for k in _WORST_CASE if k in train_metrics[0]},
@@ -299,13 +302,33 @@ def _train_step(
             for r in replies
         },
     }
-    return strategy.step(global_adapter, mean), {**record, "privacy": privacy}
+    combined = strategy.aggregate(round_updates, server_round)
+    return strategy.step(global_adapter, combined, server_round), {**record, "privacy": privacy}
 
 
-def _read_update(content: RecordDict, global_adapter: AdapterState) -> tuple[AdapterState, dict[str, float]]:
-    """The update and metrics of a train reply, refused if malformed (wrong tensors, non-finite values, bad weight)."""
+def _upload_layout(
+    settings: dict[str, ClientSettings], global_adapter: AdapterState, server_round: int
+) -> AdapterState:
+    """The tensors every client of the round uploads (one layout: a sum, masked or not, is over one layout).
+
+    Raises:
+        ValueError: The strategy's settings freeze what does not exist, everything, or differ between clients.
+    """
+    layouts = {tuple(s.uploaded(global_adapter)) for s in settings.values()}
+    for client_settings in settings.values():
+        client_settings.check(global_adapter)
+    if len(layouts) > 1:
+        raise ValueError(
+            f"Round {server_round}: the strategy has clients upload different tensors; a round sums one layout."
+        )
+    return next(iter(settings.values())).uploaded(global_adapter)
+
+
+def _read_update(content: RecordDict, layout: AdapterState) -> tuple[AdapterState, dict[str, float]]:
+    """The update and metrics of a train reply, refused if malformed (not the round's tensors, non-finite values,
+    bad weight)."""
     update = content.array_records[ARRAYS].to_torch_state_dict()
-    adapters.check_update(update, global_adapter)
+    adapters.check_update(update, layout)
     metrics = dict(content.metric_records[METRICS])
     metrics["update_norm"] = adapters.l2_norm(update)
     weight = float(metrics["num_examples"])

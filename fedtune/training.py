@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedTokenizerBase
 
 from fedtune import devices
@@ -145,6 +146,7 @@ def local_train(
     privacy: PrivacyMechanism | None = None,
     total_steps: int | None = None,
     privacy_state: dict[str, Any] | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters for ``config.local_steps`` steps, on the model's device.
 
@@ -152,6 +154,7 @@ def local_train(
         privacy: The privacy mechanism that plans batches, optimizer and per-record gradients (none if None).
         total_steps: Local steps planned for this client over the whole run (DP calibrates noise for them).
         privacy_state: The client's persistent privacy state (DP accounting), updated in place.
+        proximal_mu: FedProx's mu (see :func:`add_proximal_term`); 0 trains on the loss alone.
 
     Returns:
         ``train_loss``: mean loss over the non-empty steps; ``train_loss_last``: loss of the last one; plus
@@ -164,6 +167,7 @@ def local_train(
         generator, {} if privacy_state is None else privacy_state,
     )  # fmt: skip
     plan = (privacy or NoPrivacy()).plan(request)
+    proximal = add_proximal_term(optimizer, proximal_mu) if proximal_mu > 0 else None
     device = devices.of(model)
     model.train()
     losses = []
@@ -175,10 +179,32 @@ def local_train(
             if loss is not None:
                 losses.append(loss)
     finally:
+        if proximal is not None:
+            proximal.remove()
         plan.close()
         model.eval()
     values = torch.stack(losses).tolist() if losses else [float("nan")]
     return {"train_loss": sum(values) / len(values), "train_loss_last": values[-1], **plan.report()}
+
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> RemovableHandle:
+    """FedProx's proximal term (Li et al. 2020, https://arxiv.org/abs/1812.06127): minimise the loss plus
+    ``mu/2 ||w - w0||^2``, with ``w0`` the parameters as they are now (the global adapter).
+
+    The term's gradient ``mu (w - w0)`` is added to each parameter's gradient just before ``optimizer``
+    applies it, so under DP-SGD it is added after the per-record gradients were clipped and noised: it
+    depends on no record, so it is post-processing and costs no privacy, and per-record clipping is
+    unchanged. Returns the handle that removes it.
+    """
+    anchors = [(p, p.detach().clone()) for group in optimizer.param_groups for p in group["params"]]
+
+    def add_gradient(*_: Any) -> None:
+        with torch.no_grad():
+            for parameter, anchor in anchors:
+                if parameter.grad is not None:
+                    parameter.grad.add_(parameter - anchor, alpha=mu)
+
+    return optimizer.register_step_pre_hook(add_gradient)
 
 
 def train_step(

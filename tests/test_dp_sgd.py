@@ -19,9 +19,9 @@ from peft import LoraConfig
 
 from fedtune import adapters, config, devices
 from fedtune.models import ModelSpec, build_model, load_tokenizer
-from fedtune.privacy import PlanRequest
+from fedtune.privacy import NoPrivacy, PlanRequest
 from fedtune.privacy.dp_sgd import DPSGD, STATE_KEY, PrivacyBudgetExhaustedError, poisson_batches
-from fedtune.training import TrainConfig, encode, local_train, sequence_loss
+from fedtune.training import TrainConfig, add_proximal_term, encode, local_train, sequence_loss
 
 ROWS = datasets.Dataset.from_dict(
     {"text": [f"patient {i} has symptom {i % 7}" for i in range(40)], "label": [i % 3 for i in range(40)]}
@@ -291,3 +291,57 @@ def test_noise_is_secret_unless_reproducibility_is_asked_for(model_and_tokenizer
         adapters.set_adapter(model, start)
         assert ("noise_secret" in state) is not reproducible  # the secret stays in the client's own state
     assert (results[0] == results[1]) is reproducible  # with the public seed alone, the noise could be recomputed
+
+
+@pytest.mark.parametrize("mode", [None, "flat", "hooks", "ghost"])
+def test_fedprox_term_is_added_after_per_record_clipping_and_noise(model_and_tokenizer, mode: str | None) -> None:  # noqa: ANN001
+    """With the parameters at w and the global adapter at w0, the gradient the inner optimizer applies is the
+    clipped, noised gradient (same noise) plus exactly mu (w - w0): the term never enters a record's gradient,
+    so clipping and the privacy analysis are those of DP-SGD without it."""
+    model, tokenizer = model_and_tokenizer
+    mu, indices = 3.0, [0, 5, 11, 17, 23, 31]
+    mechanism = (
+        NoPrivacy()
+        if mode is None
+        else DPSGD(
+            target_epsilon=None,
+            noise_multiplier=0.7,
+            max_grad_norm=0.01,
+            grad_sample_mode=mode,
+            reproducible_noise=True,
+        )  # type: ignore[arg-type]
+    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(1)
+    offset = {n: 0.05 * torch.randn(p.shape, generator=generator) for n, p in named}
+
+    def applied(proximal_mu: float) -> dict[str, torch.Tensor]:
+        optimizer = torch.optim.SGD([p for _, p in named], lr=0.0)
+        request = PlanRequest(model, optimizer, len(ROWS), 8, 1, 1, torch.Generator().manual_seed(0), {})
+        plan = mechanism.plan(request)
+        handle = add_proximal_term(optimizer, proximal_mu)  # anchors: the parameters now (the global adapter)
+        seen: dict[str, torch.Tensor] = {}
+        optimizer.register_step_pre_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in named}))
+        with torch.no_grad():
+            for n, p in named:
+                p.add_(offset[n])  # local training has moved the adapter away from the global one
+        model.train()
+        try:
+            batch = encode(ROWS[indices], "classification", tokenizer, 32)
+            labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
+            plan.backward(sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification"))
+            plan.optimizer.step()
+        finally:
+            handle.remove()
+            with torch.no_grad():
+                for n, p in named:
+                    p.sub_(offset[n])
+            plan.optimizer.zero_grad(set_to_none=True)
+            plan.close()
+            model.eval()
+        return seen
+
+    without, with_term = applied(0.0), applied(mu)
+    assert set(without) == {n for n, _ in named}
+    for n, _ in named:
+        assert torch.allclose(with_term[n] - without[n], mu * offset[n], rtol=1e-5, atol=1e-7), n

@@ -21,7 +21,6 @@ from flwr.simulation import run_simulation
 
 from fedtune import adapters, cli, client_state, config, wire
 from fedtune.client_app import SECAGG_STATE, client_key, make_client_app
-from fedtune.experiment import get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
@@ -167,21 +166,6 @@ def test_audit_accepts_an_intact_run_and_names_what_was_changed(runs: dict, tmp_
     assert "entry 1 (round round 2): does not follow the entry before it" in tampered(remove_round)[0]
     assert "entries were cut off" in tampered(cut_tail)[0]
     assert cli.main(["audit", str(runs["masked"])]) == 0
-
-
-def test_a_non_linear_strategy_is_refused_with_secure_aggregation(runs: dict) -> None:
-    overrides = [*runs["overrides"], "strategy._target_=tests.test_secure_aggregation.CoordinateMedian"]
-    with pytest.raises(ValueError, match="needs every client's individual update"):
-        get_experiment(config.compose(overrides)).preflight()
-
-
-class CoordinateMedian:
-    """A stand-in non-linear strategy (needs individual updates), for the refusal test only."""
-
-    linear = False
-
-    def __init__(self, server_lr: float = 1.0) -> None:
-        self.server_lr = server_lr
 
 
 def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: Path | None = None) -> ClientApp:

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune import adapters, cli, client, config, server_app, wire
+from fedtune.client_settings import ClientSettings
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
@@ -113,12 +114,14 @@ def test_the_masked_mean_equals_the_plaintext_mean_within_the_logged_bound(
         assert (expected[key] - initial[key]).abs().max() > 100 * bound  # the round moved the adapter
 
 
-def test_a_node_trains_each_round_on_one_global_adapter_so_its_dp_noise_is_never_reused(
-    tiny_bert_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("second_input", ["another adapter", "other settings"])
+def test_a_node_trains_each_round_on_one_input_so_its_dp_noise_is_never_reused(
+    tiny_bert_dir: Path, tmp_path: Path, second_input: str
 ) -> None:
     """DP noise is drawn from the node's secret and the round. The server sends `train` for round 1 twice, with
-    two different global adapters: two updates carrying the same noise, whose difference is noise-free (within
-    twice the clip norm here, where fresh noise would be hundreds of times larger). The node must refuse."""
+    two different global adapters, or one adapter and two different strategy settings (a proximal term):
+    two updates carrying the same noise, whose difference is noise-free (within twice the clip norm here,
+    where fresh noise would be hundreds of times larger). The node must refuse."""
     clip = 0.01
     overrides = tiny_overrides(
         tiny_bert_dir,
@@ -131,16 +134,19 @@ def test_a_node_trains_each_round_on_one_global_adapter_so_its_dp_noise_is_never
     )
     experiment = _experiment(overrides)
     server = HostileServer(make_nodes(tmp_path, overrides, 3), experiment.hash)
-    first = experiment.initial_adapter()
-    second = {key: value + 0.01 for key, value in first.items()}
+    first, plain = experiment.initial_adapter(), ClientSettings()
+    second, settings = first, ClientSettings(proximal_mu=10.0)
+    if second_input == "another adapter":
+        second, settings = {key: value + 0.01 for key, value in first.items()}, plain
 
-    def update(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        reply = server.train(VICTIM, 1, adapter, [VICTIM], {}, **{wire.NUM_SAMPLED: 3})
+    def update(adapter: dict[str, torch.Tensor], settings: ClientSettings) -> dict[str, torch.Tensor]:
+        fields = {wire.NUM_SAMPLED: 3, wire.SETTINGS: settings.to_json()}
+        reply = server.train(VICTIM, 1, adapter, [VICTIM], {}, **fields)
         return reply.array_records[wire.ARRAYS].to_torch_state_dict()
 
-    one = update(first)
+    one = update(first, plain)
     with pytest.raises(ProtocolError, match="already trained round 1"):
-        two = update(second)
+        two = update(second, settings)
         assert adapters.l2_norm(adapters.subtract(one, two)) > 100 * clip  # the noise did not cancel
 
 

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fedtune.aggregation import Weighting
+
 
 def mean_backward(losses: torch.Tensor) -> None:
     """Backpropagate the batch's mean loss (gradients of every record at once)."""
@@ -83,9 +85,11 @@ class PrivacyMechanism(Protocol):
     Attributes:
         organisation: The organisation-level part (update clipping and noise on the aggregate,
             :class:`fedtune.privacy.client_dp.ClientDP`), or None when the mechanism has none.
+        weighting: How clients must count in the mean for the guarantee to hold, or None (the strategy decides).
     """
 
     organisation: Any
+    weighting: Weighting | None
 
     def plan(self, request: PlanRequest) -> LocalPlan:
         """The plan for one round of ``request.steps`` steps out of ``request.total_steps`` planned for the run."""
@@ -111,6 +115,7 @@ class NoPrivacy:
     """No differential privacy: updates are neither clipped nor noised, and no epsilon is claimed."""
 
     organisation = None
+    weighting = None
 
     def plan(self, request: PlanRequest) -> LocalPlan:
         """Plain training on shuffled fixed-size batches."""

@@ -27,6 +27,7 @@ import torch
 from opacus.accountants import create_accountant
 
 from fedtune.adapters import AdapterState, l2_norm
+from fedtune.aggregation import Weighting
 from fedtune.privacy import LocalPlan, NoPrivacy, PlanRequest
 
 STATE_KEY = "client_dp"
@@ -68,6 +69,12 @@ class ClientDP:
     def organisation(self) -> ClientDP:
         """This mechanism is organisation-level."""
         return self
+
+    @property
+    def weighting(self) -> Weighting:
+        """Every organisation counts once, over the round's fixed size: the mean whose sensitivity (S/n) the
+        noise is calibrated to."""
+        return Weighting(unit=True, fixed_denominator=True)
 
     def plan(self, request: PlanRequest) -> LocalPlan:
         """Local training itself is not changed (no record-level DP)."""

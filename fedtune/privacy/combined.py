@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.aggregation import Weighting
 from fedtune.privacy import LocalPlan, PlanRequest
 from fedtune.privacy.client_dp import ClientDP
 from fedtune.privacy.dp_sgd import DPSGD
@@ -24,6 +25,11 @@ class RecordAndClientDP:
 
     record: DPSGD
     organisation: ClientDP
+
+    @property
+    def weighting(self) -> Weighting:
+        """The organisation-level guarantee's (see ClientDP.weighting)."""
+        return self.organisation.weighting
 
     def plan(self, request: PlanRequest) -> LocalPlan:
         """Local training under DP-SGD."""

@@ -61,6 +61,7 @@ class DPSGD:
     grad_sample_mode: Literal["flat", "hooks", "functorch", "ew", "ghost"] = "flat"
     reproducible_noise: bool = False
     organisation = None  # record level only; see RecordAndClientDP for both
+    weighting = None  # per-record clipping holds whatever the clients' weights
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

@@ -1,0 +1,171 @@
+"""Federated methods in real rounds: the real server loop and ClientApps, in-process (tests/nodes.py).
+
+Each test runs what a user runs with ``fedtune run strategy=...`` and checks the method's defining property
+in what the server ends with: a frozen factor that never moves, an upload that halves, a proximal term that
+holds clients back, optimizer state that survives a crash, and refusals that no launch path can skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedtune import adapters, config
+from fedtune.adapters import AdapterState
+from fedtune.aggregation import ClientWeighting, RoundUpdates
+from fedtune.client_settings import ClientSettings
+from fedtune.experiment import get_experiment
+from fedtune.run_dir import RunDir
+from fedtune.server_app import RoundFailedError, run_federation
+from tests.conftest import tiny_overrides
+from tests.nodes import InProcessGrid, make_nodes
+
+
+def _federate(root: Path, overrides: list[str], count: int, **node_options: Any) -> RunDir:
+    """Run the experiment ``overrides`` over ``count`` in-process nodes; returns its run directory."""
+    nodes = make_nodes(root, overrides, count, **node_options)
+    run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
+    return RunDir(root / "run")
+
+
+def _adapter_after(run: RunDir, server_round: int) -> AdapterState:
+    return torch.load(run.checkpoints / f"round-{server_round:04d}.pt", weights_only=True)["adapter"]
+
+
+def _train_metric(run: RunDir, name: str) -> dict[int, float]:
+    return {m["round"]: m["value"] for m in run.read_metrics() if m["scope"] == "train" and m["metric"] == name}
+
+
+def _of(adapter: AdapterState, fragment: str) -> AdapterState:
+    return {k: v for k, v in adapter.items() if fragment in k}
+
+
+def _equal(a: AdapterState, b: AdapterState) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ffa_lora_under_masking_and_dp_sgd_never_moves_a_and_uploads_b_only(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    masked = ("federation.num_clients=3", "secure=masking")
+    ffa = _federate(
+        tmp_path / "ffa",
+        tiny_overrides(tiny_bert_dir, tmp_path / "ffa" / "run", *masked, "strategy=ffa_lora", "privacy=dp_sgd"),
+        3,
+    )
+    fedavg_overrides = tiny_overrides(tiny_bert_dir, tmp_path / "fedavg" / "run", *masked)
+    fedavg = _federate(tmp_path / "fedavg", fedavg_overrides, 3)
+    initial = get_experiment(config.compose(fedavg_overrides)).initial_adapter()
+    final = _adapter_after(ffa, 2)
+    assert _equal(_of(final, "lora_A"), _of(initial, "lora_A"))  # A stays at the shared initialisation
+    assert not _equal(_of(final, "lora_B"), _of(initial, "lora_B"))
+    # A masked upload is one uint32 per uploaded value: FFA-LoRA sends A's values fewer than FedAvg does.
+    saved = adapters.num_parameters(_of(initial, "lora_A")) * 4
+    difference = _train_metric(fedavg, "upload_bytes_per_client")[1] - _train_metric(ffa, "upload_bytes_per_client")[1]
+    assert abs(difference - saved) < 0.02 * saved
+
+
+def test_rolora_trains_b_in_odd_rounds_and_a_in_even_ones(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "strategy=rolora", "federation.num_clients=3")
+    run = _federate(tmp_path, overrides, 3)
+    initial = get_experiment(config.compose(overrides)).initial_adapter()
+    first, second = _adapter_after(run, 1), _adapter_after(run, 2)
+    assert _equal(_of(first, "lora_A"), _of(initial, "lora_A")) and not _equal(
+        _of(first, "lora_B"), _of(initial, "lora_B")
+    )
+    assert _equal(_of(second, "lora_B"), _of(first, "lora_B")) and not _equal(
+        _of(second, "lora_A"), _of(first, "lora_A")
+    )
+    assert not _equal(_of(second, "classifier"), _of(first, "classifier"))  # the head trains every round
+
+
+def test_fedprox_keeps_client_updates_closer_to_the_global_adapter(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    norms = {}
+    for mu in (0.0, 50.0):
+        root = tmp_path / f"mu-{mu}"
+        extra = ("strategy=fedprox", f"strategy.mu={mu}", "federation.num_rounds=1", "train.local_steps=6")
+        run = _federate(root, tiny_overrides(tiny_bert_dir, root / "run", *extra), 2)
+        norms[mu] = {
+            m["scope"]: m["value"]
+            for m in run.read_metrics()
+            if m["metric"] == "update_norm" and m["scope"].startswith("client:")
+        }
+    assert norms[0.0].keys() == norms[50.0].keys() and len(norms[0.0]) == 2
+    assert all(norms[50.0][client] < 0.7 * norms[0.0][client] for client in norms[0.0])
+
+
+def test_server_optimizer_state_survives_a_crash_and_the_resumed_run_is_bit_identical(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    extra = ("strategy=fedadam", "federation.num_rounds=3")
+    uninterrupted = _federate(tmp_path / "a", tiny_overrides(tiny_bert_dir, tmp_path / "a" / "run", *extra), 2)
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "b" / "run", *extra)
+    with pytest.raises(RoundFailedError):  # one of the two clients is lost in round 3: the round fails
+        _federate(tmp_path / "b", overrides, 2, failures={"hospital-1": [(3, "train")]})
+    resumed = _federate(tmp_path / "b", [*overrides, "resume=true"], 2)
+    assert _equal(_adapter_after(resumed, 3), _adapter_after(uninterrupted, 3))
+    assert not _equal(_adapter_after(resumed, 3), _adapter_after(resumed, 2))
+
+
+class CoordinateMedian:
+    """A non-linear strategy (it needs each client's update): the coordinate-wise median, applied as is."""
+
+    linear = False
+    weighting: ClientWeighting = "uniform"
+    seen: list[RoundUpdates] = []
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
+
+    def configure(self, server_round: int, client: str) -> ClientSettings:
+        return ClientSettings()
+
+    def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
+        assert updates.individual is not None
+        CoordinateMedian.seen.append(updates)
+        return {k: torch.stack([u[k] for u in updates.individual]).median(dim=0).values for k in updates.mean}
+
+    def step(self, global_adapter: AdapterState, aggregate: AdapterState, server_round: int) -> AdapterState:
+        return adapters.apply(global_adapter, aggregate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Stateless."""
+
+
+MEDIAN = "strategy._target_=tests.test_methods.CoordinateMedian"
+
+
+def test_a_non_linear_strategy_gets_each_update_in_the_clear(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    CoordinateMedian.seen.clear()
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", MEDIAN, "federation.num_clients=3")
+    run = _federate(tmp_path, overrides, 3)
+    first = CoordinateMedian.seen[0]
+    assert first.contributors == 3 and first.weights == (1.0, 1.0, 1.0)  # it declared uniform weights
+    for key, mean in first.mean.items():
+        assert torch.allclose(mean, sum(u[key] for u in first.individual) / 3, atol=1e-7)
+    median = {k: torch.stack([u[k] for u in first.individual]).median(dim=0).values for k in first.mean}
+    initial = get_experiment(config.compose(overrides)).initial_adapter()
+    assert _equal(_adapter_after(run, 1), adapters.apply(initial, median))
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (("secure=masking",), "needs every client's individual update"),
+        (("privacy=client_dp",), "calibrates its noise to the sensitivity of a mean"),
+    ],
+)
+def test_the_server_itself_refuses_a_non_linear_strategy_where_only_a_mean_is_possible(
+    tiny_bert_dir: Path, tmp_path: Path, extra: tuple[str, ...], reason: str
+) -> None:
+    """The refusal runs in the server loop, so `flwr run` and deployments get it, and it writes nothing."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", MEDIAN, "federation.num_clients=3", *extra)
+    with pytest.raises(ValueError, match=reason):
+        _federate(tmp_path, overrides, 3)
+    assert not (tmp_path / "run").exists()
