@@ -23,10 +23,11 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import wire
 from fedtune.adapters import AdapterState, l2_norm
+from fedtune.channel import Client, RoundAbandoned, RoundFailedError
 from fedtune.secure import fixed_point, primitives
 from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask
 from fedtune.secure.session import KeyBundle, ProtocolError, Session
-from fedtune.transport import Client, Reply, RoundAbandoned, RoundFailedError, Transport
+from fedtune.transport import Reply, Transport
 
 logger = logging.getLogger("fedtune")
 

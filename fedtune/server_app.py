@@ -1,47 +1,28 @@
-"""Flower ServerApp (Message API): the federated round loop, written out.
+"""Flower ServerApp (Message API): Flower's side of the server, and nothing else.
 
-Each round: sample clients -> send the global adapter -> collect their updates, in the clear or masked
-(fedtune/secure_round.py); failed clients and replies that fail verification are logged and skipped ->
-strategy steps -> checkpoint -> federated and central evaluation -> metrics -> a ledger entry. The loop
-resumes from the last checkpoint recorded in the ledger when ``resume=true``.
+The round loop is fedtune/engine.py; it reaches the nodes through the Grid channel (fedtune/grid_channel.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
 
-from fedtune import adapters, config, report, secure_round
+from fedtune import config, engine
 from fedtune.adapters import AdapterState
-from fedtune.aggregation import RoundUpdates, weighted_sum
-from fedtune.assets import cache_dir
-from fedtune.client_settings import ClientSettings
-from fedtune.data.partition import format_summary
-from fedtune.experiment import Experiment, get_experiment
-from fedtune.interfaces import Strategy
-from fedtune.ledger import Ledger, file_hash, metrics_hash
-from fedtune.run_dir import Checkpoint, RunDir
-from fedtune.secure import identity
-from fedtune.secure.identity import Identity
-from fedtune.seeding import derive_seed, noise_generator
-from fedtune.transport import Client, RoundAbandoned, RoundFailedError, Transport, connect
-from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, SETTINGS, payload_bytes
+from fedtune.channel import RoundFailedError
+from fedtune.experiment import get_experiment
+from fedtune.grid_channel import GridChannel
 
 logger = logging.getLogger("fedtune")
 
 __all__ = ["RoundFailedError", "make_server_app", "run_federation"]
-
-# Privacy is reported for the worst-off client, never averaged: each client's epsilon is in its own lines.
-_WORST_CASE = ("epsilon", "delta")
 
 
 def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -59,318 +40,9 @@ def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> Server
     return app
 
 
-def run_federation(grid: Grid, cfg: Any) -> AdapterState:
-    """Run (or resume) every round of the experiment ``cfg`` over the nodes of ``grid``; returns the final adapter."""
-    experiment = get_experiment(cfg)
-    experiment.check_composition()  # here, not only in the CLI: `flwr run` and deployments start here
-    federation = experiment.federation
-    run_dir = RunDir(cfg.run_dir)
-    run_dir.start(config.to_yaml(cfg), resume=bool(cfg.resume))
-    ledger = Ledger(run_dir.path, signer=_server_identity(federation))
-    strategy = experiment.new_strategy()
-    global_adapter, first_round = experiment.initial_adapter(), 1
-    privacy_state: dict[str, Any] = {}  # organisation-level DP accounting (the server's side, checkpointed)
-    secrets = run_dir.secrets()  # the server's DP noise and sampling secret: a private file, never in a checkpoint
-    unfinished = None  # a round aggregated and checkpointed, but not yet evaluated and in the ledger
-    if cfg.resume:
-        checkpoint = run_dir.latest_checkpoint(experiment.hash, at_most=ledger.last_round() + 1)
-        if checkpoint is not None:
-            global_adapter, first_round = checkpoint.adapter, checkpoint.round + 1
-            strategy.load_state_dict(checkpoint.strategy_state)
-            privacy_state = checkpoint.privacy_state
-            if checkpoint.round > ledger.last_round():  # never aggregate a round again: complete it
-                unfinished = checkpoint
-                run_dir.drop_evaluation(checkpoint.round)
-        ledger.truncate(first_round - 1)
-        logger.info("Resuming %s after round %d", run_dir.path, first_round - 1)
-    if not experiment.secure.masked:
-        logger.warning("secure=none: the server sees every client's update; secure=masking shows it only their sum")
-    transport = Transport(grid, experiment)
-    clients = connect(transport, run_dir, resume=bool(cfg.resume))
-    secure_rounds = secure_round.SecureRounds(transport) if experiment.secure.masked else None
-    if not experiment.secure.masked:
-        summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
-        run_dir.write_json("partitions.json", summary)
-        logger.info("Partition summary:\n%s", format_summary(summary))
-    if ledger.last_round() < 0:
-        _log_central(run_dir, experiment, global_adapter, 0)
-        ledger.append(
-            "start",
-            0,
-            config_hash=experiment.hash,
-            config_file=file_hash(run_dir.path / "config.yaml"),
-            aggregate=adapters.fingerprint(global_adapter),
-            metrics=metrics_hash(run_dir.metrics_file, 0),
-        )
-    if unfinished is not None:
-        path = run_dir.checkpoints / f"round-{unfinished.round:04d}.pt"
-        _complete_round(transport, experiment, clients, run_dir, ledger, unfinished, path, time.monotonic())
-    for server_round in range(first_round, federation.num_rounds + 1):
-        started = time.monotonic()
-        global_adapter, record = _train_step(
-            transport,
-            secure_rounds,
-            experiment,
-            strategy,
-            clients,
-            global_adapter,
-            server_round,
-            run_dir,
-            privacy_state,
-            secrets,
-        )
-        checkpoint = Checkpoint(
-            server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state, record
-        )
-        checkpoint_path = run_dir.save_checkpoint(checkpoint)
-        _complete_round(transport, experiment, clients, run_dir, ledger, checkpoint, checkpoint_path, started)
-    report.finish(run_dir, experiment, global_adapter)
-    exported = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()] + [run_dir.path / "README.md"]
-    head = ledger.append(
-        "export",
-        federation.num_rounds,
-        adapter=adapters.fingerprint(global_adapter),
-        files={str(p.relative_to(run_dir.path)): file_hash(p) for p in exported},
-    )
-    logger.info(
-        "Ledger head %s: publish it; `fedtune audit %s --head HASH` checks the run against it",
-        head["hash"],
-        run_dir.path,
-    )
-    return global_adapter
-
-
-def _complete_round(
-    transport: Transport,
-    experiment: Experiment,
-    clients: list[Client],
-    run_dir: RunDir,
-    ledger: Ledger,
-    checkpoint: Checkpoint,
-    checkpoint_path: Path,
-    started: float,
-) -> None:
-    """Evaluate a checkpointed round, log it and enter it in the ledger (also when a resume finds a round
-    whose aggregate was saved before the server stopped)."""
-    federation, server_round, adapter = experiment.federation, checkpoint.round, checkpoint.adapter
-    central = {}
-    if federation.evaluates_after(server_round):
-        _federated_evaluation(transport, experiment, clients, adapter, server_round, run_dir)
-        central = _log_central(run_dir, experiment, adapter, server_round)
-    seconds = time.monotonic() - started
-    run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
-    ledger.append(
-        "round",
-        server_round,
-        **checkpoint.record,
-        config_hash=experiment.hash,
-        aggregate=adapters.fingerprint(adapter),
-        checkpoint_file=str(checkpoint_path.relative_to(run_dir.path)),
-        checkpoint=file_hash(checkpoint_path),
-        metrics=metrics_hash(run_dir.metrics_file, server_round),
-    )
-    logger.info(report.progress_line(server_round, federation.num_rounds, run_dir.read_metrics(), central, seconds))
-
-
-def _server_identity(federation: Any) -> Identity:
-    """The server's identity key: it signs the ledger (``federation.server_identity_key``)."""
-    path = federation.server_identity_key or cache_dir() / "server-identity.pem"
-    return identity.load_or_create(Path(path))
-
-
-def _sample(
-    clients: list[Client],
-    fraction: float,
-    experiment: Experiment,
-    server_round: int,
-    purpose: str,
-    secrets: dict[str, Any],
-) -> list[Client]:
-    """The clients of one step. Under organisation-level DP the training sample is drawn from the server's
-    secret: the accountant's subsampling amplification holds only if nobody can predict who is sampled."""
-    count = experiment.federation.num_sampled(len(clients), fraction)
-    organisation = experiment.privacy.organisation
-    if organisation is not None and purpose == "train":
-        generator = noise_generator(
-            secrets, organisation.reproducible_seed(experiment.cfg.seed), "sample", server_round
-        )
-    else:
-        generator = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, purpose, server_round))
-    chosen = sorted(torch.randperm(len(clients), generator=generator)[:count].tolist())
-    return [clients[i] for i in chosen]
-
-
-def _train_step(
-    transport: Transport,
-    secure_rounds: secure_round.SecureRounds | None,
-    experiment: Experiment,
-    strategy: Strategy,
-    clients: list[Client],
-    global_adapter: AdapterState,
-    server_round: int,
-    run_dir: RunDir,
-    privacy_state: dict[str, Any],
-    secrets: dict[str, Any],
-) -> tuple[AdapterState, dict[str, Any]]:
-    """One round's training (masked when ``secure_rounds`` is set); returns the new global adapter and the
-    round's ledger fields."""
-    sampled = _sample(clients, experiment.federation.fraction_train, experiment, server_round, "train", secrets)
-    settings = {client.key: strategy.configure(server_round, client.key) for client in sampled}
-    layout = _upload_layout(settings, global_adapter, server_round)
-
-    def train_content(client: Client) -> RecordDict:
-        config_record = ConfigRecord({NUM_SAMPLED: len(sampled), SETTINGS: settings[client.key].to_json()})
-        return RecordDict({ARRAYS: ArrayRecord(global_adapter), CONFIG: config_record})
-
-    organisation, weighting = experiment.privacy.organisation, experiment.weighting
-    if secure_rounds is not None:  # the server sees only the sum of the weighted updates and of the weights
-        next_sampled = None  # the next round's clients make its keys and shares during this one
-        if server_round < experiment.federation.num_rounds:
-            fraction = experiment.federation.fraction_train
-            next_sampled = _sample(clients, fraction, experiment, server_round + 1, "train", secrets)
-        try:
-            masked = secure_rounds.collect(sampled, train_content, layout, server_round, weighting.unit, next_sampled)
-        except RoundAbandoned as error:  # clients uploaded, so the round is recorded, never retried
-            logger.warning("%s", error)
-            privacy = {}
-            if error.revealed and organisation is not None and organisation.noise_at == "clients":
-                # the server saw a sum carrying the clients' noise: a release, though never applied
-                privacy["client_dp_epsilon"] = organisation.charge_round(
-                    privacy_state, len(sampled), len(clients), error.revealed, error.round_size
-                )
-                run_dir.log_metrics(server_round, "server", privacy)
-            run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
-            return global_adapter, {"abandoned": str(error), "participants": [], "received": {}, "privacy": privacy}
-        replies, upload_bytes, individual = masked.uploads, masked.upload_bytes, None
-        train_metrics = [dict(r.content.metric_records[METRICS]) for r in replies]
-        weights = [1.0] * len(replies)  # example counts stay private: client metrics are averaged equally
-        expected = masked.round_size  # the clients whose keys were verified: each client's noise share is for them
-        summed, total_weight = masked.weighted_sum, masked.total_weight
-        extra = {"aggregation_error_bound": masked.error_bound, "exchanges": float(masked.exchanges)}
-    else:
-        expected = len(sampled)
-        replies, updates, weights, train_metrics = [], [], [], []
-        for reply in transport.send(sampled, "train", train_content, server_round):
-            try:
-                update, metrics = _read_update(reply.content, layout)
-            except (KeyError, TypeError, ValueError) as error:
-                logger.warning("Round %d: update of %s rejected: %s", server_round, reply.client.key, error)
-                continue
-            replies.append(reply)
-            updates.append(update)
-            weights.append(float(weighting.weight(metrics["num_examples"])))
-            train_metrics.append(metrics)
-        summed = weighted_sum(updates, weights) if updates else {}
-        total_weight, individual = sum(weights), (tuple(updates), tuple(weights))
-        upload_bytes = sum(payload_bytes(r.content) for r in replies) / max(len(replies), 1)
-        extra = {}
-    if len(replies) < experiment.federation.min_train_clients:
-        raise RoundFailedError(
-            f"Round {server_round}: {len(replies)} of {len(sampled)} sampled clients returned an update, fewer than "
-            f"federation.min_train_clients={experiment.federation.min_train_clients}. Resume with resume=true once nodes are back."
-        )
-    for reply, metrics in zip(replies, train_metrics, strict=True):
-        run_dir.log_metrics(server_round, f"client:{reply.client.key}", metrics)
-    mean = weighting.mean(summed, total_weight, expected, layout)
-    privacy: dict[str, float] = {}
-    if organisation is not None:  # Gaussian noise on the mean (unless the clients already added it)
-        noise = noise_generator(
-            secrets, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
-        )
-        mean = organisation.privatize_aggregate(mean, expected, noise)
-        privacy["client_dp_epsilon"] = organisation.charge_round(  # fewer uploads, less noise (noise_at=clients)
-            privacy_state, len(sampled), len(clients), len(replies), expected
-        )
-        run_dir.log_metrics(server_round, "server", privacy)
-    round_updates = RoundUpdates(mean, len(replies), *(individual or (None, None)))
-    summary = {
-        **_weighted_mean([{k: v for k, v in m.items() if k not in _WORST_CASE} for m in train_metrics], weights),
-        **{f"{k}_max": max(m[k] for m in train_metrics) for k in _WORST_CASE if k in train_metrics[0]},
-        "clients": float(len(replies)),
-        "sampled": float(len(sampled)),
-        "bytes_per_client": float(adapters.num_bytes(global_adapter)),
-        "upload_bytes_per_client": float(upload_bytes),
-        **extra,
-    }
-    run_dir.log_metrics(server_round, "train", summary)
-    privacy.update({f"{k}_max": summary[f"{k}_max"] for k in _WORST_CASE if f"{k}_max" in summary})
-    record = {
-        "participants": [r.client.key for r in replies],
-        "run_nonce": transport.run_nonce,  # with the round, what each reply signature is bound to
-        "received": {
-            r.client.key: {"digest": r.digest, "signature": r.signature.hex(), "key": r.client.public_key}
-            for r in replies
-        },
-    }
-    combined = strategy.aggregate(round_updates, server_round)
-    return strategy.step(global_adapter, combined, server_round), {**record, "privacy": privacy}
-
-
-def _upload_layout(
-    settings: dict[str, ClientSettings], global_adapter: AdapterState, server_round: int
-) -> AdapterState:
-    """The tensors every client of the round uploads (one layout: a sum, masked or not, is over one layout).
-
-    Raises:
-        ValueError: The strategy's settings freeze what does not exist, everything, or differ between clients.
-    """
-    layouts = {tuple(s.uploaded(global_adapter)) for s in settings.values()}
-    for client_settings in settings.values():
-        client_settings.check(global_adapter)
-    if len(layouts) > 1:
-        raise ValueError(
-            f"Round {server_round}: the strategy has clients upload different tensors; a round sums one layout."
-        )
-    return next(iter(settings.values())).uploaded(global_adapter)
-
-
-def _read_update(content: RecordDict, layout: AdapterState) -> tuple[AdapterState, dict[str, float]]:
-    """The update and metrics of a train reply, refused if malformed (not the round's tensors, non-finite values,
-    bad weight)."""
-    update = content.array_records[ARRAYS].to_torch_state_dict()
-    adapters.check_update(update, layout)
-    metrics = dict(content.metric_records[METRICS])
-    metrics["update_norm"] = adapters.l2_norm(update)
-    weight = float(metrics["num_examples"])
-    if not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f"num_examples={weight} must be a positive number.")
-    return update, metrics
-
-
-def _federated_evaluation(
-    transport: Transport,
-    experiment: Experiment,
-    clients: list[Client],
-    global_adapter: AdapterState,
-    server_round: int,
-    run_dir: RunDir,
-) -> None:
-    if experiment.federation.fraction_evaluate == 0:
-        return
-    sampled = _sample(clients, experiment.federation.fraction_evaluate, experiment, server_round, "evaluate", {})
-    content = RecordDict({ARRAYS: ArrayRecord(global_adapter)})
-    replies = transport.send(sampled, "evaluate", lambda _: content, server_round)
-    results = [dict(r.content.metric_records[METRICS]) for r in replies]
-    if len(results) < experiment.federation.min_evaluate_clients:
-        logger.warning("Round %d: federated evaluation skipped, %d replies", server_round, len(results))
-        return
-    weights = [m.get("num_examples", 1.0) for m in results]  # without sizes (secure=masking) clients count equally
-    run_dir.log_metrics(server_round, "federated", _weighted_mean(results, weights))
-
-
-def _log_central(
-    run_dir: RunDir, experiment: Experiment, global_adapter: AdapterState, server_round: int
-) -> dict[str, float]:
-    """Evaluate the global adapter on the central held-out test set."""
-    metrics = experiment.evaluate(global_adapter, experiment.test_set)
-    run_dir.log_metrics(server_round, "central", metrics)
-    return metrics
-
-
-def _weighted_mean(metrics: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
-    total = sum(weights) or 1.0
-    keys = [k for k in metrics[0] if k != "num_examples"] if metrics else []
-    return {k: sum(m[k] * w for m, w in zip(metrics, weights, strict=True)) / total for k in keys}
+def run_federation(grid: Grid, cfg: DictConfig) -> AdapterState:
+    """Run (or resume) the experiment ``cfg`` over the nodes of ``grid``; returns the final adapter."""
+    return engine.run(GridChannel(grid, get_experiment(cfg)), cfg)
 
 
 app = make_server_app()

@@ -15,12 +15,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune import wire
+from fedtune.channel import Client, RoundFailedError
 from fedtune.experiment import Experiment
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
@@ -29,35 +29,6 @@ from fedtune.secure.session import Session
 logger = logging.getLogger("fedtune")
 
 _MIN_POLL, _MAX_POLL = 0.005, 0.5  # seconds between polls for replies (see Transport.exchange)
-
-
-class RoundFailedError(RuntimeError):
-    """Too few clients replied for a round to count; the last checkpoint is intact for resume."""
-
-
-class RoundAbandoned(RuntimeError):
-    """A round that cannot be applied after clients uploaded to it: it is recorded, never retried, and the run
-    goes on (a node uploads at most once per round, fedtune/secure/uploads.py).
-
-    Args:
-        message: Why.
-        revealed: How many clients' updates the server unmasked the sum of before giving up (0: none).
-        round_size: The clients whose keys were verified (each one's DP noise share was for them).
-    """
-
-    def __init__(self, message: str, revealed: int = 0, round_size: int = 0) -> None:
-        super().__init__(message)
-        self.revealed, self.round_size = revealed, round_size
-
-
-@dataclass(frozen=True)
-class Client:
-    """A connected node as the server knows it."""
-
-    node_id: int
-    key: str
-    public_key: str
-    info: dict[str, Any]
 
 
 @dataclass(frozen=True)

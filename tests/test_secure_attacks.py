@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune import adapters, cli, client, config, server_app, wire
+from fedtune import adapters, cli, client, config, engine, wire
 from fedtune.client_settings import ClientSettings
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
@@ -440,7 +440,7 @@ def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(
     checkpoint, asks no node to train or unmask it again, and ends where an uninterrupted run ends."""
     overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=3", "secure=masking")
     uninterrupted = _run(tmp_path / "uninterrupted", overrides, 3)
-    real = server_app._log_central
+    real = engine._log_central
 
     def crash_in_round_1(run_dir: RunDir, experiment: Experiment, adapter: dict, server_round: int) -> dict:
         if server_round == 1:
@@ -449,7 +449,7 @@ def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(
 
     nodes = make_nodes(tmp_path / "crashed", overrides, 3)
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(server_app, "_log_central", crash_in_round_1)
+        patch.setattr(engine, "_log_central", crash_in_round_1)
         run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
     resumed_nodes = make_nodes(tmp_path / "crashed", [*overrides, "resume=true"], 3)
     run_federation(InProcessGrid(resumed_nodes), config.load_experiment(resumed_nodes[0].context.run_config))
