@@ -1,7 +1,7 @@
 """The round engine's channel over Flower's Grid: requests become signed messages, replies become contributions.
 
 Plaintext rounds send each client the global adapter and its settings and read each update; masked
-rounds go through the secure-aggregation protocol (fedtune/secure_round.py) and yield only the sum.
+rounds go through the secure-aggregation protocol (fedtune/secure_server.py) and yield only the sum.
 Either way the engine gets a :class:`fedtune.channel.Collected`.
 """
 
@@ -19,7 +19,7 @@ from fedtune.aggregation import weighted_sum
 from fedtune.channel import Client, Collected, Contribution, TrainRequest
 from fedtune.experiment import Experiment
 from fedtune.run_dir import RunDir
-from fedtune.secure_round import SecureRounds
+from fedtune.secure_server import SecureRounds
 from fedtune.transport import Reply, Transport, connect
 from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, SETTINGS, payload_bytes
 

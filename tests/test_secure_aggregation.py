@@ -20,12 +20,13 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedtune import adapters, cli, client_state, config, wire
-from fedtune.client_app import SECAGG_STATE, client_key, make_client_app
+from fedtune.client_app import client_key, make_client_app
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.session import Session
+from fedtune.secure_client import SECAGG_STATE
 from fedtune.server_app import make_server_app
 from tests.conftest import tiny_overrides
 

@@ -1,7 +1,8 @@
 """Secure aggregation by masking (SecAgg: Bonawitz et al. 2017, https://eprint.iacr.org/2017/281), without Flower.
 
 The server learns the sum of the sampled clients' encoded updates and nothing else about any one of
-them. One round, as driven by fedtune/secure_round.py (U1 ⊇ U2 ⊇ U3 are the clients still present):
+them. One round, as the server (fedtune/secure_server.py) and each client (fedtune/secure_client.py) run it
+(U1 ⊇ U2 ⊇ U3 are the clients still present):
 
 1. **keys**: each client makes two X25519 key pairs for this round (one to encrypt shares, one to agree
    masks) and signs the public halves with its long-term Ed25519 identity (bound to run and round).
@@ -22,7 +23,7 @@ them. One round, as driven by fedtune/secure_round.py (U1 ⊇ U2 ⊇ U3 are the 
    A node uploads at most once per round of an experiment (fedtune/secure/uploads.py): a second masked
    upload would be a two-time pad, and a second sum of the round over other clients a difference attack.
 
-Steps 1 and 2 do not depend on the round's model, so the server pipelines them (fedtune/secure_round.py):
+Steps 1 and 2 do not depend on the round's model, so the server pipelines them (fedtune/secure_server.py):
 a client's keys for round r+1 travel in its round-r upload and its shares for r+1 in its round-r unmask
 reply, each still signed and bound to round r+1; the protocol itself is unchanged.
 

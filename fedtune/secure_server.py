@@ -1,4 +1,5 @@
-"""The server's side of securely aggregated training rounds (protocol: fedtune/secure/masking.py).
+"""The server's side of securely aggregated training rounds (protocol: fedtune/secure/masking.py; the
+client's side: fedtune/secure_client.py).
 
 A round has four steps with the sampled clients: round keys, encrypted shares, training with masked
 upload, unmasking. The first two do not depend on the round's model, so they are pipelined: a client's

@@ -1,0 +1,219 @@
+"""A node's side of securely aggregated rounds (protocol: fedtune/secure/masking.py; the server's side:
+fedtune/secure_server.py).
+
+The node keeps each round's secrets in Flower's ``Context.state`` and answers the four steps: round keys,
+encrypted shares, the masked upload, and the shares it reveals for unmasking. It also owns pipelining:
+asked to, it sends the next round's keys with its upload and deals that round's shares with its unmask
+answer. Everything that protects the node from the server is checked here, before it answers: the
+round is at least its own minimum size, the peers are the ones it trusts, it uploads at most once per
+round, and the count the server gives for its DP noise share is the count of keys it verified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedtune import client_state, wire
+from fedtune.adapters import AdapterState
+from fedtune.experiment import Experiment
+from fedtune.secure import identity, masking
+from fedtune.secure.identity import Identity
+from fedtune.secure.masking import MIN_ROUND_CLIENTS
+from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
+from fedtune.secure.uploads import UploadRecord
+
+logger = logging.getLogger("fedtune")
+
+SECAGG_STATE = "secagg"  # Context.state record holding the secrets of the rounds in progress
+
+
+class SecureClient:
+    """One node's secure aggregation for the experiment it runs.
+
+    Args:
+        context: The node's Flower context (its node config, and the state that keeps round secrets).
+        experiment: The experiment (its secure-aggregation and weighting settings).
+        name: The node's name.
+        signer: The node's identity key.
+        simulated: fedtune's in-process simulation, where one operator runs every node: the node may take
+            its peers' identity keys from the server, and "one upload per round" holds per run directory.
+    """
+
+    def __init__(self, context: Context, experiment: Experiment, name: str, signer: Identity, simulated: bool) -> None:
+        self.context, self.experiment, self.name, self.signer = context, experiment, name, signer
+        self.node_config = context.node_config
+        self.simulated = simulated
+
+    def peer_identities(self, received: ConfigRecord) -> dict[str, str]:
+        """Peers' identity keys: the node's own trusted list; only fedtune's in-process simulation may take the
+        server's (a deployed node would let the server invent peers).
+
+        Raises:
+            ProtocolError: A deployed node without its own list (node config ``trusted-keys``).
+        """
+        if "trusted-keys" in self.node_config:
+            return identity.load_trusted_keys(str(self.node_config["trusted-keys"]))
+        if not self.simulated:
+            raise ProtocolError(
+                "secure=masking needs this node's own list of its peers' identity keys, or the server could invent "
+                "them: start the SuperNode with --node-config \"... trusted-keys='/etc/fedtune/trusted_keys.json'\"."
+            )
+        return json.loads(str(received[wire.IDENTITIES]))
+
+    def keys(self, msg: Message) -> RecordDict:
+        """Step 1: this round's signed public keys."""
+        return RecordDict({wire.CONFIG: self._round_keys(session_of(msg))})
+
+    def shares(self, msg: Message) -> RecordDict:
+        """Step 2: an encrypted share of this node's secrets for each peer, and the commitments."""
+        return self._deal(session_of(msg), msg.content.config_records[wire.CONFIG])
+
+    def before_training(self, msg: Message) -> ClientRound:
+        """Step 3's checks, all before any training (fail fast): the round's secrets exist, this node has not
+        uploaded in this round, the round is big enough, and the server's count is the verified one.
+
+        Raises:
+            ProtocolError: Any of these does not hold.
+        """
+        state = self._secrets(session_of(msg))
+        received = msg.content.config_records[wire.CONFIG]
+        server_round, num_sampled = state.session.server_round, int(received[wire.NUM_SAMPLED])
+        self._uploads().check(server_round)
+        if num_sampled != state.round_size:
+            raise ProtocolError(
+                f"The server says {num_sampled} clients take part in round {server_round}, but this node verified "
+                f"the keys of {state.round_size}; a larger count would shrink its DP noise. Refused."
+            )
+        self._require_group(json.loads(str(received[wire.SURVIVORS])), "shared keys in this round")
+        return state
+
+    def upload(self, msg: Message, state: ClientRound, update: AdapterState, metrics: dict[str, float]) -> RecordDict:
+        """Step 3: the masked, weighted update (its example count masked with it), recorded on disk first; with
+        the next round's keys when the server pipelines."""
+        received = msg.content.config_records[wire.CONFIG]
+        weighting = self.experiment.weighting
+        code = self.experiment.secure.fixed_point(state.round_size, weighting.unit)
+        sealed = {name: bytes(value) for name, value in msg.content.config_records[wire.SEALED].items()}
+        committed = {k: str(v) for k, v in msg.content.config_records.get(wire.SHARE_COMMITMENTS, {}).items()}
+        survivors = json.loads(str(received[wire.SURVIVORS]))
+        encoded = code.encode(update, weighting.weight(metrics["num_examples"]))
+        masked, excluded = masking.mask_update(state, sealed, committed, survivors, encoded)
+        self._keep(state)
+        self._uploads().record(state.session.server_round, state.session.run_nonce)  # before the upload leaves
+        if excluded:
+            logger.warning(
+                "Round %d: left out %s, whose shares for this node were bad", state.session.server_round, excluded
+            )
+        return self._upload_content(msg, masked, metrics, excluded)
+
+    def reveal(self, msg: Message) -> RecordDict:
+        """Step 4: the shares that unmask the survivors' sum (once per round: then the secrets are erased); with
+        the next round's shares when the server pipelines."""
+        session = session_of(msg)
+        state = self._secrets(session)
+        received = msg.content.config_records[wire.CONFIG]
+        del self._store()[_state_key(session)]
+        survivors = json.loads(str(received[wire.SURVIVORS]))
+        self._require_group(survivors, "would be summed")
+        revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])))
+        content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
+        if wire.BUNDLES in received:
+            try:
+                dealt = self._deal(session_of(msg, next_round=True), received)
+            except (KeyError, ValueError) as error:  # ProtocolError included
+                # This round's answer stands; the server sets the next round up in steps of their own.
+                logger.warning("Round %s: not dealing the next round's shares: %s", session.server_round, error)
+            else:
+                for name in (wire.SEALED, wire.SHARE_COMMITMENTS):
+                    content.config_records[name] = dealt.config_records[name]
+                content.config_records[wire.CONFIG][wire.COMMITMENT] = dealt.config_records[wire.CONFIG][
+                    wire.COMMITMENT
+                ]
+        return content
+
+    def _upload_content(
+        self, msg: Message, masked: np.ndarray, metrics: dict[str, float], excluded: list[str]
+    ) -> RecordDict:
+        visible = {k: v for k, v in metrics.items() if k != "num_examples"}  # the count travels masked
+        content = RecordDict({wire.MASKED: ArrayRecord([masked]), wire.METRICS: MetricRecord(visible)})
+        content.config_records[wire.CONFIG] = ConfigRecord({wire.EXCLUDED: json.dumps(excluded)})
+        if msg.content.config_records[wire.CONFIG].get(wire.PREPARE_NEXT):  # the next round's keys ride along
+            next_keys = self._round_keys(session_of(msg, next_round=True), still_open=session_of(msg))
+            content.config_records[wire.CONFIG][wire.BUNDLE] = next_keys[wire.BUNDLE]
+        return content
+
+    def _deal(self, session: Session, received: ConfigRecord) -> RecordDict:
+        state = self._secrets(session)
+        bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
+        self._require_group([b.client for b in bundles], "sent round keys")
+        identities = self.peer_identities(received)
+        sealed, commitment, committed = masking.share_keys(state, bundles, identities, self.experiment.secure)
+        self._keep(state)
+        return RecordDict(
+            {
+                wire.SEALED: ConfigRecord(sealed),
+                wire.SHARE_COMMITMENTS: ConfigRecord(committed),
+                wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment}),
+            }
+        )
+
+    def _round_keys(self, session: Session, still_open: Session | None = None) -> ConfigRecord:
+        """Keys for ``session``, kept; asked again in the same round, the same keys (new ones would let the
+        server draw ring orders)."""
+        kept = self._store().get(_state_key(session))
+        if kept is not None:
+            bundle = masking.signed_bundle(ClientRound.from_json(str(kept)), self.signer)
+        else:
+            state, bundle = masking.advertise_keys(session, self.name, self.signer)
+            self._keep(state, still_open)
+        return ConfigRecord({wire.BUNDLE: bundle.to_json()})
+
+    def _store(self) -> ConfigRecord:
+        return self.context.state.config_records.setdefault(SECAGG_STATE, ConfigRecord())
+
+    def _secrets(self, session: Session) -> ClientRound:
+        text = self._store().get(_state_key(session))
+        if text is None:
+            raise ProtocolError(
+                "No secure-aggregation keys for this run and round on this node; the server skipped a step."
+            )
+        return ClientRound.from_json(str(text))
+
+    def _keep(self, state: ClientRound, still_open: Session | None = None) -> None:
+        """Keep ``state`` (and the secrets of round ``still_open``); erase those of every other round, such as one
+        abandoned or left by this node midway."""
+        store, keep = self._store(), {_state_key(state.session)} | ({_state_key(still_open)} if still_open else set())
+        for key in [k for k in store if k not in keep]:
+            del store[key]
+        store[_state_key(state.session)] = state.to_json()
+
+    def _uploads(self) -> UploadRecord:
+        """This node's record of the rounds it uploaded in (fedtune/secure/uploads.py), for "the same experiment":
+        the config hash for a deployed node, whatever run dir the server names; one run in fedtune's in-process
+        simulation, where one operator runs every node and reruns are routine."""
+        experiment = self.experiment
+        scope = f"{experiment.hash}|{experiment.cfg.run_dir}" if self.simulated else experiment.hash
+        return UploadRecord(client_state.uploads_file(self.node_config, scope, self.name))
+
+    def _require_group(self, names: list[str], what: str) -> None:
+        """Refuse a round of fewer clients than this node's own minimum (node config ``min-round-clients``)."""
+        minimum = int(self.node_config.get("min-round-clients", MIN_ROUND_CLIENTS))
+        if len(set(names)) < minimum:
+            raise ProtocolError(
+                f"{len(set(names))} clients {what}, fewer than this node's minimum of {minimum} (node config "
+                "min-round-clients): in so small a round the server and a colluding client could isolate its update."
+            )
+
+
+def session_of(msg: Message, next_round: bool = False) -> Session:
+    """The run and round ``msg`` belongs to, or the round after it (for pipelined steps)."""
+    received = msg.content.config_records[wire.CONFIG]
+    return Session(str(received[wire.RUN_NONCE]), int(received[wire.SERVER_ROUND]) + next_round)
+
+
+def _state_key(session: Session) -> str:
+    return f"{session.run_nonce}/{session.server_round}"
