@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -43,6 +44,7 @@ class Node:
         failures: ``(round, message type)`` pairs at which this node fails (raises), as a crashed node would.
         tampering: ``(round, message type)`` -> a function that changes this node's reply content before it is
             signed and sent: a malicious node (its replies still verify, they are its own).
+        app: The ClientApp to run instead of fedtune's (a wrapper that misbehaves in ways of its own).
     """
 
     def __init__(
@@ -53,10 +55,11 @@ class Node:
         simulated: bool = True,
         failures: Iterable[tuple[int, str]] = (),
         tampering: dict[tuple[int, str], Callable[[RecordDict], None]] | None = None,
+        app: ClientApp | None = None,
     ) -> None:
         self.node_id = node_id
         self.name = str(node_config["name"])
-        self.app = make_client_app(run_config if simulated else None)
+        self.app = app if app is not None else make_client_app(run_config if simulated else None)
         self.context = Context(1, node_id, node_config, RecordDict(), run_config)
         self.failures = set(failures)
         self.tampering = tampering or {}
@@ -142,12 +145,15 @@ def make_nodes(
     failures: dict[str, Iterable[tuple[int, str]]] | None = None,
     node_config: dict[str, Any] | None = None,
     tampering: dict[str, dict[tuple[int, str], Callable[[RecordDict], None]]] | None = None,
+    prefix: str = "hospital",
+    app: ClientApp | None = None,
 ) -> list[Node]:
-    """``count`` nodes named hospital-0.. on partitions 0.., with their own state dirs and identity keys, all of
-    whom trust each other's keys (``trusted-keys``); the run's config is ``overrides`` with run dir ``root/run``."""
+    """``count`` nodes named <prefix>-0.. on partitions 0.., with their own state dirs and identity keys, all of
+    whom trust each other's keys (``trusted-keys``); the run's config is ``overrides`` with run dir ``root/run``.
+    With ``prefix="partition"`` they have the names (and so the seeds) of Flower simulation's nodes."""
     run_config = config.to_run_config(overrides, str(root / "run"))
     trusted = root / "trusted_keys.json"
-    names = [f"hospital-{i}" for i in range(count)]
+    names = [f"{prefix}-{i}" for i in range(count)]
     for name in names:
         identity.add_trusted_key(trusted, name, identity.load_or_create(root / "keys" / f"{name}.pem").public_hex)
     return [
@@ -166,6 +172,7 @@ def make_nodes(
             simulated,
             (failures or {}).get(name, ()),
             (tampering or {}).get(name),
+            app,
         )
         for i, name in enumerate(names)
     ]
@@ -236,3 +243,21 @@ class HostileServer:
         request = ConfigRecord({wire.SURVIVORS: json.dumps(survivors), wire.DROPPED: json.dumps(dropped)})
         reply = self.send(name, wire.SECAGG_UNMASK, server_round, RecordDict({wire.CONFIG: request}))
         return json.loads(str(reply.config_records[wire.CONFIG][wire.REVEALED]))
+
+
+def federate(
+    root: Path,
+    overrides: list[str],
+    count: int,
+    app: Callable[[dict[str, str]], ClientApp] | None = None,
+    **options: Any,
+) -> Path:
+    """Run the experiment ``overrides`` with the real server loop over ``count`` in-process nodes (see
+    :func:`make_nodes`, which ``options`` go to), each running ``app(run_config)`` if given; returns the run
+    directory, ``root / "run"``."""
+    from fedtune.server_app import run_federation  # deferred: the server side is not needed to play a server
+
+    run_config = config.to_run_config(overrides, str(root / "run"))
+    nodes = make_nodes(root, overrides, count, app=app(run_config) if app is not None else None, **options)
+    run_federation(InProcessGrid(nodes), config.load_experiment(run_config))
+    return root / "run"

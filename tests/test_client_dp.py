@@ -9,10 +9,10 @@ import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtune import cli
 from fedtune.privacy.client_dp import ClientDP, clip_update
 from fedtune.run_dir import RunDir
 from tests.conftest import tiny_overrides
+from tests.nodes import federate
 
 
 def _norm(state: dict[str, torch.Tensor]) -> float:
@@ -76,7 +76,7 @@ def test_both_guarantees_in_one_federated_run(tiny_bert_dir: Path, tmp_path: Pat
     overrides = tiny_overrides(
         tiny_bert_dir, tmp_path / "run", "privacy=dp_sgd_client_dp", "privacy.organisation.clip_norm=0.05"
     )
-    assert cli.main(["run", *overrides]) == 0
+    federate(tmp_path, overrides, 2)
     lines = RunDir(tmp_path / "run").read_metrics()
     norms = [m["value"] for m in lines if m["metric"] == "update_norm" and m["scope"].startswith("client:")]
     assert len(norms) == 4 and max(norms) <= 0.05 * (1 + 1e-5)  # every update the server received is clipped

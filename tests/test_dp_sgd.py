@@ -221,12 +221,12 @@ def test_bad_privacy_settings_fail_at_config_time(override: str) -> None:
 
 
 def test_federated_run_reports_every_clients_epsilon_and_the_maximum(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    from fedtune import cli
     from fedtune.run_dir import RunDir
     from tests.conftest import tiny_overrides
+    from tests.nodes import federate
 
     overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "privacy=dp_sgd", "privacy.target_epsilon=2.0")
-    assert cli.main(["run", *overrides]) == 0
+    federate(tmp_path, overrides, 2, prefix="partition")
     lines = RunDir(tmp_path / "run").read_metrics()
     per_client = {(m["round"], m["scope"]): m["value"] for m in lines if m["metric"] == "epsilon"}
     maxima = {m["round"]: m["value"] for m in lines if m["metric"] == "epsilon_max"}
@@ -244,18 +244,18 @@ def test_privacy_state_survives_resume_and_a_replayed_round_is_not_charged_twice
 ) -> None:
     import shutil
 
-    from fedtune import cli
     from fedtune.run_dir import RunDir
     from tests.conftest import tiny_overrides
+    from tests.nodes import federate
 
     overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "privacy=dp_sgd", "privacy.target_epsilon=2.0")
-    assert cli.main(["run", *overrides]) == 0
+    federate(tmp_path, overrides, 2, prefix="partition")
     final = torch.load(tmp_path / "run" / "checkpoints" / "round-0002.pt", weights_only=True)["adapter"]
     before = [m for m in RunDir(tmp_path / "run").read_metrics() if m["metric"] == "epsilon"]
     # A crash during round 2: its checkpoint and outputs are gone, the clients had already trained it.
     (tmp_path / "run" / "checkpoints" / "round-0002.pt").unlink()
     shutil.rmtree(tmp_path / "run" / "adapter")
-    assert cli.main(["run", *overrides, "resume=true"]) == 0  # new Flower run: Context.state starts empty
+    federate(tmp_path, [*overrides, "resume=true"], 2, prefix="partition")  # new nodes: Context.state starts empty
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "round-0002.pt", weights_only=True)["adapter"]
     after = [m for m in RunDir(tmp_path / "run").read_metrics() if m["metric"] == "epsilon"]
     assert adapters.fingerprint(resumed) == adapters.fingerprint(final)

@@ -19,16 +19,13 @@ from fedtune.aggregation import ClientWeighting, RoundUpdates
 from fedtune.client_settings import ClientSettings
 from fedtune.experiment import get_experiment
 from fedtune.run_dir import RunDir
-from fedtune.server_app import RoundFailedError, run_federation
+from fedtune.server_app import RoundFailedError
 from tests.conftest import tiny_overrides
-from tests.nodes import InProcessGrid, make_nodes
+from tests.nodes import federate
 
 
-def _federate(root: Path, overrides: list[str], count: int, **node_options: Any) -> RunDir:
-    """Run the experiment ``overrides`` over ``count`` in-process nodes; returns its run directory."""
-    nodes = make_nodes(root, overrides, count, **node_options)
-    run_federation(InProcessGrid(nodes), config.load_experiment(nodes[0].context.run_config))
-    return RunDir(root / "run")
+def _federate(root: Path, overrides: list[str], count: int, **options: Any) -> RunDir:
+    return RunDir(federate(root, overrides, count, **options))
 
 
 def _adapter_after(run: RunDir, server_round: int) -> AdapterState:

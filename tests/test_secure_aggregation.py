@@ -1,7 +1,9 @@
-"""secure=masking in whole Flower simulations: same result as plaintext, dropouts, untrusted nodes, audit.
+"""secure=masking in whole federations: same result as plaintext, dropouts, untrusted nodes, audit.
 
-The protocol itself is tested in-process in test_masking.py; here it runs between real ServerApp and
-ClientApps (Ray actors), with nodes that fail mid-protocol or are not trusted.
+The protocol itself is tested in test_masking.py; here it runs between the real server loop and real
+ClientApps, with nodes that fail mid-protocol or are not trusted: in-process (tests/nodes.py) where the
+property does not depend on Ray, and as real Flower simulations (Ray actors as SuperNodes) for the masked
+run that the plaintext one is compared with and for the dropouts under organisation-level DP.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fedtune.secure.session import Session
 from fedtune.secure_client import SECAGG_STATE
 from fedtune.server_app import make_server_app
 from tests.conftest import tiny_overrides
+from tests.nodes import federate
 
 
 def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
@@ -43,7 +46,8 @@ def _train_metric(run_dir: Path, name: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The same 3-client experiment in the clear and masked; the masked run records what the server handled."""
+    """The same 3-client experiment in the clear (in-process) and masked (a real Flower simulation, Ray actors as
+    SuperNodes); the masked run records what the server handled."""
     root = tmp_path_factory.mktemp("secure")
     seen: dict[str, list] = {"replies": [], "decoded": []}
     verify, decode = wire.verify, FixedPoint.decode
@@ -57,14 +61,14 @@ def runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         seen["decoded"].append(total.shape)
         return decode(self, total, template)
 
-    overrides = tiny_overrides(tiny_bert_dir, root / "plain", "federation.num_clients=3")
-    assert cli.main(["run", *overrides]) == 0
+    overrides = tiny_overrides(tiny_bert_dir, root / "plain" / "run", "federation.num_clients=3")
+    plain = federate(root / "plain", overrides, 3, prefix="partition")
     overrides = [*overrides, f"run_dir={root / 'masked'}", "secure=masking"]
     with pytest.MonkeyPatch.context() as patch:  # the ServerApp runs in this process, clients in Ray actors
         patch.setattr(wire, "verify", spy_verify)
         patch.setattr(FixedPoint, "decode", spy_decode)
         assert cli.main(["run", *overrides]) == 0
-    return {"plain": root / "plain", "masked": root / "masked", "overrides": overrides, "seen": seen}
+    return {"plain": plain, "masked": root / "masked", "overrides": overrides, "seen": seen}
 
 
 def test_masked_aggregate_equals_the_plaintext_one_within_the_logged_bound(runs: dict) -> None:
@@ -111,7 +115,7 @@ def test_with_client_sampling_only_rounds_of_already_prepared_clients_are_pipeli
         "secure=masking",
         "seed=6",  # samples {0,1,2}, {1,2,3}, {1,2,3}, {0,2,3}: a new client in rounds 2 and 4, none in round 3
     )
-    assert cli.main(["run", *overrides]) == 0
+    federate(tmp_path, overrides, 4, prefix="partition")
     rounds = [e for e in Ledger(run).entries() if e["kind"] == "round"]
     participants = {e["round"]: set(e["participants"]) for e in rounds}
     assert all(len(names) == 3 for names in participants.values())
@@ -260,16 +264,15 @@ def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_pat
 
 
 def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    trusted = tmp_path / "trusted.json"
-    for partition in (0, 1):  # the keys the simulated nodes use (created here if absent)
+    trusted = tmp_path / "server_trusted.json"
+    for partition in (0, 1):  # the keys the nodes use (tests/nodes.py creates them under keys/)
         name = f"partition-{partition}"
-        key = identity.load_or_create(client_state.identity_file({}, name))
-        identity.add_trusted_key(trusted, name, key.public_hex)
+        identity.add_trusted_key(trusted, name, identity.load_or_create(tmp_path / "keys" / f"{name}.pem").public_hex)
     run = tmp_path / "run"
     overrides = tiny_overrides(
         tiny_bert_dir, run, "federation.num_clients=3", "federation.num_rounds=1", f"federation.trusted_keys={trusted}"
     )
-    assert cli.main(["run", *overrides]) == 0
+    federate(tmp_path, overrides, 3, prefix="partition")
     assert _train_metric(run, "clients") == {1: 2.0}
     assert not [m for m in RunDir(run).read_metrics() if m["scope"] == "client:partition-2"]
     assert not (run / "node_keys.json").exists()  # a trusted list is used as is, nothing is pinned
@@ -289,14 +292,8 @@ def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path
         "secure=masking",
         "secure.neighbours=2",
     )
-    run_config = config.to_run_config(overrides, str(run))
     failures = {("partition-4", 2): "train", ("partition-1", 3): "garbage:secagg_shares"}
-    run_simulation(
-        server_app=make_server_app(run_config),
-        client_app=_flaky_app(run_config, failures, observed),
-        num_supernodes=5,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+    federate(tmp_path, overrides, 5, lambda run_config: _flaky_app(run_config, failures, observed), prefix="partition")
     assert _train_metric(run, "clients") == {1: 5.0, 2: 4.0, 3: 4.0}
     assert _train_metric(run, "exchanges") == {1: 4.0, 2: 2.0, 3: 4.0}
     assert audit(run) == []
@@ -316,12 +313,7 @@ def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path
 def test_a_malformed_reply_at_connect_leaves_that_node_out(tiny_bert_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_bert_dir, run, "federation.num_clients=3", "federation.num_rounds=1")
-    run_config = config.to_run_config(overrides, str(run))
-    run_simulation(
-        server_app=make_server_app(run_config),
-        client_app=_flaky_app(run_config, {("partition-2", 0): "garbage:query"}),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+    garbage = {("partition-2", 0): "garbage:query"}
+    federate(tmp_path, overrides, 3, lambda run_config: _flaky_app(run_config, garbage), prefix="partition")
     assert _train_metric(run, "clients") == {1: 2.0}
     assert sorted(json.loads((run / "node_keys.json").read_text())) == ["partition-0", "partition-1"]

@@ -1,6 +1,7 @@
 """Whole federations in Flower's simulation engine: outputs, determinism, resume, failing clients.
 
-Each run is a real Flower simulation (Ray actors as SuperNodes) of the tiny experiment in conftest.py.
+The finished run is a real Flower simulation (Ray actors as SuperNodes) of the tiny experiment in conftest.py;
+what does not depend on Ray reruns it in-process (tests/nodes.py) and compares.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedtune.secure import identity
 from fedtune.secure.session import Session
 from fedtune.server_app import make_server_app
 from tests.conftest import tiny_overrides
+from tests.nodes import federate
 
 
 def _run(overrides: list[str]) -> Path:
@@ -86,11 +88,12 @@ def test_exported_adapter_loads_with_peft_and_equals_the_final_adapter(
     assert all(torch.equal(loaded[k], final[k]) for k in final)
 
 
-def test_same_config_and_seed_give_a_bit_identical_adapter(
+def test_same_config_and_seed_give_a_bit_identical_adapter_in_ray_and_in_process(
     finished_run: tuple[list[str], Path], tmp_path: Path
 ) -> None:
+    """Nothing in the result depends on how clients run: Ray actors in parallel, or one process in turn."""
     overrides, first = finished_run
-    second = _run([*overrides, f"run_dir={tmp_path / 'again'}"])
+    second = federate(tmp_path, overrides, 2, prefix="partition")
     assert adapters.fingerprint(_final_adapter(second)) == adapters.fingerprint(_final_adapter(first))
     assert (second / "adapter" / "adapter_model.safetensors").read_bytes() == (
         first / "adapter" / "adapter_model.safetensors"
@@ -101,12 +104,13 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(
     finished_run: tuple[list[str], Path], tmp_path: Path
 ) -> None:
     overrides, uninterrupted = finished_run
-    crashed = tmp_path / "crashed"
+    crashed = tmp_path / "run"
     shutil.copytree(uninterrupted, crashed)
     # State of a crash during round 2: round 1's checkpoint is the newest, outputs of round 2 are stale.
     (crashed / "checkpoints" / "round-0002.pt").unlink()
     shutil.rmtree(crashed / "adapter")
-    resumed = _run([*overrides, f"run_dir={crashed}", "resume=true"])
+    (crashed / "node_keys.json").unlink()  # in-process nodes have identity keys of their own: pin theirs
+    resumed = federate(tmp_path, [*overrides, "resume=true"], 2, prefix="partition")
     assert adapters.fingerprint(_final_adapter(resumed)) == adapters.fingerprint(_final_adapter(uninterrupted))
     rounds = [m["round"] for m in RunDir(resumed).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
     assert rounds == [1, 2]  # round 2 redone once, not logged twice
