@@ -6,9 +6,9 @@ same rounds, local steps, learning rate and seeds) as a real Flower simulation, 
 the last round (mean and sample standard deviation over seeds, and the worst seed), the bytes each
 client uploads per round, and the mean round time; the untrained model is the floor.
 
-    python benchmarks/strategies.py                              # every strategy, 3 seeds, ICD-10 chapters
-    python benchmarks/strategies.py --strategies fedavg,ffa_lora --seeds 0,1 --out /tmp/s.json
-    python benchmarks/strategies.py --extra secure=masking       # the same comparison under secure aggregation
+    python benchmarks/compare_strategies.py                              # every strategy, 3 seeds, ICD-10 chapters
+    python benchmarks/compare_strategies.py --strategies fedavg,ffa_lora --seeds 0,1 --out /tmp/s.json
+    python benchmarks/compare_strategies.py --extra secure=masking       # the same comparison under secure aggregation
 
 Writes JSON (every run's numbers, the summary and the machine), a markdown table beside it (``.md``) and
 a plot (``.png``).
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(names), help="comma-separated conf/strategy names")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, applied to every run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/strategies.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_strategies.json"))
     args = parser.parse_args()
     strategies, seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
     overrides = [*SCALE, *args.extra]
