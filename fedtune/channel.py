@@ -124,6 +124,9 @@ class Channel(Protocol):
         """
         ...
 
-    def evaluate(self, clients: list[Client], adapter: AdapterState, server_round: int) -> list[dict[str, float]]:
-        """Each replying client's metrics of ``adapter`` on its own validation split."""
+    def evaluate(
+        self, clients: list[Client], adapter: AdapterState, server_round: int, settings: dict[str, ClientSettings]
+    ) -> list[dict[str, float]]:
+        """Each replying client's metrics of ``adapter`` on its own validation split (with the tensors its
+        ``settings`` keep local, if any: personalised)."""
         ...

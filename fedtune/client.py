@@ -38,11 +38,15 @@ def train_round(
     privacy_state: dict[str, Any] | None = None,
     num_sampled: int = 1,
     settings: ClientSettings | None = None,
+    personal: AdapterState | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train from the global adapter on this client's data as the strategy's ``settings`` say, and return
     (update, metrics).
 
-    The update is the trained adapter minus the global one, over the tensors ``settings`` upload. Batch order and dropout are seeded from
+    The update is the trained adapter minus the one it started from, over the tensors ``settings`` upload.
+    ``personal`` holds this client's own copies of the tensors ``settings`` keep local (FedSA-LoRA): they
+    replace the global ones at the start, and are replaced by their trained values (empty: start from the
+    global ones). Batch order and dropout are seeded from
     (experiment seed, round, client), so a run is reproducible and a resumed run continues exactly as an
     uninterrupted one would; DP noise comes from a secret in ``privacy_state`` (fedtune/seeding.py), the
     client's persistent privacy state (also the DP accountant's history), updated in place. With organisation-level DP the update
@@ -54,7 +58,8 @@ def train_round(
     model = experiment.model()  # before seeding: a first-time build reseeds torch
     seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
     torch.manual_seed(seed)  # dropout
-    adapters.set_adapter(model, global_adapter)
+    start = {**global_adapter, **settings.kept(personal or {})}
+    adapters.set_adapter(model, start)
     adapters.set_trainable(model, settings.frozen)
     started = time.perf_counter()
     metrics = local_train(
@@ -70,7 +75,11 @@ def train_round(
         privacy_state=privacy_state,
         proximal_mu=settings.proximal_mu,
     )
-    update = settings.uploaded(adapters.subtract(adapters.get_adapter(model), global_adapter))
+    trained = adapters.get_adapter(model)
+    if personal is not None:
+        personal.clear()
+        personal.update(settings.kept(trained))
+    update = settings.uploaded(adapters.subtract(trained, start))
     organisation = experiment.privacy.organisation
     if organisation is not None:
         noise = noise_generator(
@@ -83,9 +92,12 @@ def train_round(
     return update, {**metrics, "train_seconds": time.perf_counter() - started, "num_examples": float(len(data.train))}
 
 
-def evaluate_round(experiment: Experiment, data: ClientData, global_adapter: AdapterState) -> dict[str, float]:
-    """Metrics of the global adapter on this client's validation split."""
+def evaluate_round(
+    experiment: Experiment, data: ClientData, global_adapter: AdapterState, personal: AdapterState | None = None
+) -> dict[str, float]:
+    """Metrics of the global adapter (with this client's ``personal`` tensors in place of the global ones, if
+    any) on this client's validation split."""
     torch.set_num_threads(experiment.train_config.torch_threads)
-    metrics = experiment.evaluate(global_adapter, data.val)
+    metrics = experiment.evaluate({**global_adapter, **(personal or {})}, data.val)
     evaluated = min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))
     return {**metrics, "num_examples": float(evaluated)}

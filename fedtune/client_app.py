@@ -113,18 +113,22 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         num_sampled = int(round_config[wire.NUM_SAMPLED])  # sizes this client's share of the DP noise
         masked = secure(context, experiment) if experiment.secure.masked else None
         secagg = masked.before_training(msg) if masked is not None else None  # every check before training
-        settings = ClientSettings.from_json(str(round_config.get(wire.SETTINGS, ClientSettings().to_json())))
-        durable = client_state.state_file(context.node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", key)
+        settings = _settings(round_config)
+        durable = client_state.state_file(context.node_config, run_key(experiment), key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         # The settings are part of the round's input: other settings on the same adapter give another update
         # with the same DP noise.
         round_input = f"{adapters.fingerprint(global_adapter)}|{settings.to_json()}"
         client_state.begin_round(privacy_state, server_round, round_input)
+        kept = client_state.personal_file(context.node_config, run_key(experiment), key)
+        personal = client_state.load_personal(kept, server_round) if settings.local else None
         update, metrics = client.train_round(
-            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings
+            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings, personal
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         client_state.save(privacy_state, durable)  # and across a resumed run
+        if personal is not None:
+            client_state.save_personal(kept, server_round, personal)
         if masked is None or secagg is None:
             content = RecordDict({wire.ARRAYS: ArrayRecord(update), wire.METRICS: MetricRecord(metrics)})
         else:
@@ -146,12 +150,29 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         experiment, data = setup(msg, context)
-        metrics = client.evaluate_round(experiment, data, msg.content.array_records[wire.ARRAYS].to_torch_state_dict())
+        settings = _settings(msg.content.config_records[wire.CONFIG])
+        personal = None
+        if settings.local:  # evaluate with what this client keeps for itself, as trained up to this round
+            kept = client_state.personal_file(context.node_config, run_key(experiment), client_key(context.node_config))
+            round_number = int(msg.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
+            personal = settings.kept(client_state.load_personal(kept, round_number + 1))
+        global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        metrics = client.evaluate_round(experiment, data, global_adapter, personal)
         if experiment.secure.masked:
             del metrics["num_examples"]  # sizes stay private; the server averages clients equally
         return reply(msg, context, RecordDict({wire.METRICS: MetricRecord(metrics)}))
 
     return app
+
+
+def run_key(experiment: Experiment) -> str:
+    """What this node's durable state of a run is keyed on: the experiment and the run directory."""
+    return f"{experiment.hash}|{experiment.cfg.run_dir}"
+
+
+def _settings(received: ConfigRecord) -> ClientSettings:
+    """The strategy's settings for this client in a train or evaluate message (defaults when absent)."""
+    return ClientSettings.from_json(str(received.get(wire.SETTINGS, ClientSettings().to_json())))
 
 
 app = make_client_app()

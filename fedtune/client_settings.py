@@ -26,6 +26,8 @@ class ClientSettings:
             they are not trained and not uploaded (their update is zero by construction).
         proximal_mu: FedProx's mu: the client minimises its loss plus ``mu/2 ||w - w_global||^2`` over the
             adapter (0 = plain local training).
+        local: Name fragments of adapter tensors the client keeps for itself (FedSA-LoRA's B and head): it
+            trains them from its own copy, never uploads them, and evaluates with them.
 
     Raises:
         ValueError: A negative or non-finite mu, or an empty fragment.
@@ -33,17 +35,27 @@ class ClientSettings:
 
     frozen: tuple[str, ...] = ()
     proximal_mu: float = 0.0
+    local: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "local", tuple(self.local))
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"proximal_mu={self.proximal_mu}: must be a finite number >= 0.")
-        if any(not fragment for fragment in self.frozen):
-            raise ValueError("frozen holds an empty name fragment, which would freeze every tensor.")
+        if any(not fragment for fragment in (*self.frozen, *self.local)):
+            raise ValueError("frozen or local holds an empty name fragment, which would match every tensor.")
 
     def uploads(self, key: str) -> bool:
         """Whether the adapter tensor ``key`` is trained and uploaded this round."""
-        return not any(fragment in key for fragment in self.frozen)
+        return not self.keeps(key) and not any(fragment in key for fragment in self.frozen)
+
+    def keeps(self, key: str) -> bool:
+        """Whether the client keeps the adapter tensor ``key`` for itself (trained, never uploaded)."""
+        return any(fragment in key for fragment in self.local)
+
+    def kept(self, adapter: Mapping[str, torch.Tensor]) -> AdapterState:
+        """The tensors of ``adapter`` the client keeps for itself."""
+        return {key: tensor for key, tensor in adapter.items() if self.keeps(key)}
 
     def uploaded(self, adapter: Mapping[str, torch.Tensor]) -> AdapterState:
         """The tensors of ``adapter`` that are uploaded this round (the layout of every update)."""
@@ -66,7 +78,7 @@ class ClientSettings:
 
     def to_json(self) -> str:
         """The wire form (one string in the train message's config record)."""
-        return json.dumps({**asdict(self), "frozen": list(self.frozen)}, sort_keys=True)
+        return json.dumps({**asdict(self), "frozen": list(self.frozen), "local": list(self.local)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ClientSettings:
@@ -77,4 +89,8 @@ class ClientSettings:
             raise ValueError(
                 f"unknown client settings {sorted(unknown)}: this node runs an older fedtune than the server."
             )
-        return cls(frozen=tuple(fields.get("frozen", ())), proximal_mu=float(fields.get("proximal_mu", 0.0)))
+        return cls(
+            frozen=tuple(fields.get("frozen", ())),
+            proximal_mu=float(fields.get("proximal_mu", 0.0)),
+            local=tuple(fields.get("local", ())),
+        )

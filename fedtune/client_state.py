@@ -10,16 +10,23 @@ bit for bit (all randomness is seeded), so publishing it again reveals nothing n
 the state it had before that round instead of spending the budget twice. The same round with another
 input is refused: its DP noise would be the same, and two updates with equal noise give a noise-free
 difference.
+
+A strategy can have a client keep some adapter tensors for itself (FedSA-LoRA's B and head): those live
+beside the privacy state, per round, so that a replayed round starts from the same ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fedtune.adapters import AdapterState
 from fedtune.assets import cache_dir
 from fedtune.files import atomic_write
 from fedtune.secure.session import ProtocolError
@@ -35,6 +42,28 @@ def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) ->
 def uploads_file(node_config: Mapping[str, Any], experiment_key: str, client_key: str) -> Path:
     """Where this client records the rounds of one experiment it uploaded a masked update in."""
     return _state_dir(node_config) / "uploads" / f"{_hashed(f'{experiment_key}|{client_key}')}.json"
+
+
+def personal_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:
+    """Where this client keeps, for one run, the adapter tensors it does not share (FedSA-LoRA's B and head)."""
+    return _state_dir(node_config) / "personal" / f"{_hashed(f'{run_key}|{client_key}')}.pt"
+
+
+def load_personal(path: Path, server_round: int) -> AdapterState:
+    """The tensors kept after the latest round before ``server_round`` (empty before the first): a round
+    replayed after a crash starts from the same ones, so it repeats bit for bit."""
+    rounds = torch.load(path, weights_only=True) if path.is_file() else {}
+    earlier = [r for r in rounds if r < server_round]
+    return dict(rounds[max(earlier)]) if earlier else {}
+
+
+def save_personal(path: Path, server_round: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Keep the tensors trained in ``server_round``, and those of the round before (what a replay starts from)."""
+    rounds = torch.load(path, weights_only=True) if path.is_file() else {}
+    kept = {r: t for r, t in rounds.items() if server_round - 1 <= r < server_round}
+    buffer = io.BytesIO()
+    torch.save({**kept, server_round: dict(tensors)}, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def identity_file(node_config: Mapping[str, Any], client_key: str) -> Path:

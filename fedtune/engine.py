@@ -81,7 +81,7 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
         )
     if unfinished is not None:
         path = run_dir.checkpoints / f"round-{unfinished.round:04d}.pt"
-        _complete_round(channel, experiment, clients, run_dir, ledger, unfinished, path, time.monotonic())
+        _complete_round(channel, experiment, strategy, clients, run_dir, ledger, unfinished, path, time.monotonic())
     for server_round in range(first_round, federation.num_rounds + 1):
         started = time.monotonic()
         global_adapter, record = _train_step(
@@ -99,7 +99,7 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
             server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state, record
         )
         checkpoint_path = run_dir.save_checkpoint(checkpoint)
-        _complete_round(channel, experiment, clients, run_dir, ledger, checkpoint, checkpoint_path, started)
+        _complete_round(channel, experiment, strategy, clients, run_dir, ledger, checkpoint, checkpoint_path, started)
     report.finish(run_dir, experiment, global_adapter)
     exported = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()] + [run_dir.path / "README.md"]
     head = ledger.append(
@@ -119,6 +119,7 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
 def _complete_round(
     channel: Channel,
     experiment: Experiment,
+    strategy: Strategy,
     clients: list[Client],
     run_dir: RunDir,
     ledger: Ledger,
@@ -131,7 +132,7 @@ def _complete_round(
     federation, server_round, adapter = experiment.federation, checkpoint.round, checkpoint.adapter
     central = {}
     if federation.evaluates_after(server_round):
-        _federated_evaluation(channel, experiment, clients, adapter, server_round, run_dir)
+        _federated_evaluation(channel, experiment, strategy, clients, adapter, server_round, run_dir)
         central = _log_central(run_dir, experiment, adapter, server_round)
     seconds = time.monotonic() - started
     run_dir.log_metrics(server_round, "server", {"round_seconds": seconds})
@@ -279,6 +280,7 @@ def _upload_layout(
 def _federated_evaluation(
     channel: Channel,
     experiment: Experiment,
+    strategy: Strategy,
     clients: list[Client],
     global_adapter: AdapterState,
     server_round: int,
@@ -287,7 +289,8 @@ def _federated_evaluation(
     if experiment.federation.fraction_evaluate == 0:
         return
     sampled = _sample(clients, experiment.federation.fraction_evaluate, experiment, server_round, "evaluate", {})
-    results = channel.evaluate(sampled, global_adapter, server_round)
+    settings = {client.key: strategy.configure(server_round, client.key) for client in sampled}
+    results = channel.evaluate(sampled, global_adapter, server_round, settings)
     if len(results) < experiment.federation.min_evaluate_clients:
         logger.warning("Round %d: federated evaluation skipped, %d replies", server_round, len(results))
         return

@@ -17,6 +17,7 @@ from fedtune import adapters
 from fedtune.adapters import AdapterState
 from fedtune.aggregation import weighted_sum
 from fedtune.channel import Client, Collected, Contribution, TrainRequest
+from fedtune.client_settings import ClientSettings
 from fedtune.experiment import Experiment
 from fedtune.run_dir import RunDir
 from fedtune.secure_server import SecureRounds
@@ -83,10 +84,16 @@ class GridChannel:
             (tuple(updates), tuple(weights)),
         )
 
-    def evaluate(self, clients: list[Client], adapter: AdapterState, server_round: int) -> list[dict[str, float]]:
+    def evaluate(
+        self, clients: list[Client], adapter: AdapterState, server_round: int, settings: dict[str, ClientSettings]
+    ) -> list[dict[str, float]]:
         """Each replying client's validation metrics."""
-        content = RecordDict({ARRAYS: ArrayRecord(adapter)})
-        replies = self.transport.send(clients, "evaluate", lambda _: content, server_round)
+
+        def content(client: Client) -> RecordDict:
+            config_record = ConfigRecord({SETTINGS: settings[client.key].to_json()})
+            return RecordDict({ARRAYS: ArrayRecord(adapter), CONFIG: config_record})
+
+        replies = self.transport.send(clients, "evaluate", content, server_round)
         return [dict(r.content.metric_records[METRICS]) for r in replies]
 
 

@@ -154,13 +154,25 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - Integrity: every client reply was signed; `ledger.jsonl` chains every round (`fedtune audit <run dir>`).{_membership_note(experiment)}
 
 ## Results (central held-out test set, final round)
-| metric | value |
+{_personalised_note(experiment)}| metric | value |
 |---|---|
 {rows}
 {baseline_rows}
 
 Per-round metrics: `metrics.jsonl`, `metrics.png`.
 """
+
+
+def _personalised_note(experiment: Experiment) -> str:
+    """For a strategy whose clients keep tensors for themselves (FedSA-LoRA): what the results here are of."""
+    kept = experiment.new_strategy().configure(1, "").local
+    if not kept:
+        return ""
+    return (
+        f"Each client kept the tensors matching {list(kept)} for itself: this adapter and the central results are "
+        "of the shared part alone (those tensors at their initial values). The federated metrics in "
+        "`metrics.jsonl` are personalised: each client's own tensors on its own validation split.\n\n"
+    )
 
 
 def experiment_component(experiment: Experiment, group: str) -> str:

@@ -1,8 +1,8 @@
 """The shared half of methods that change only what clients do: the server's side is another strategy's.
 
-FedProx, FFA-LoRA and RoLoRA differ from FedAvg in ``configure`` alone (what clients train and upload),
-so each takes the server's aggregation and step from a strategy it wraps (FedAvg by default). That also
-lets them combine with a server optimizer:
+FedProx, FFA-LoRA, RoLoRA and FedSA-LoRA differ from FedAvg in ``configure`` alone (what clients train,
+keep and upload), so each takes the server's aggregation and step from a strategy it wraps (FedAvg by
+default). That also lets them combine with a server optimizer:
 ``fedtune run strategy=ffa_lora strategy@strategy.server=fedadam`` (the YAMLs take it from conf/strategy/).
 """
 

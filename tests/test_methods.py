@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedtune import adapters, config
+from fedtune import adapters, client_state, config
 from fedtune.adapters import AdapterState
 from fedtune.aggregation import ClientWeighting, RoundUpdates
 from fedtune.client_settings import ClientSettings
@@ -105,6 +105,55 @@ def test_server_optimizer_state_survives_a_crash_and_the_resumed_run_is_bit_iden
     resumed = _federate(tmp_path / "b", [*overrides, "resume=true"], 2)
     assert _equal(_adapter_after(resumed, 3), _adapter_after(uninterrupted, 3))
     assert not _equal(_adapter_after(resumed, 3), _adapter_after(resumed, 2))
+
+
+def _personal(root: Path, overrides: list[str], name: str) -> AdapterState:
+    """What node ``name`` (of tests/nodes.py, under ``root``) keeps for itself after the last round."""
+    experiment = get_experiment(config.compose(overrides))
+    node_config = {"state-dir": str(root / "state" / name)}
+    path = client_state.personal_file(node_config, f"{experiment.hash}|{experiment.cfg.run_dir}", name)
+    return client_state.load_personal(path, experiment.federation.num_rounds + 1)
+
+
+def test_fedsa_lora_shares_a_keeps_b_and_the_head_on_each_client_and_evaluates_them(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    overrides = tiny_overrides(
+        tiny_bert_dir, tmp_path / "run", "strategy=fedsa_lora", "secure=masking", "federation.num_clients=3"
+    )
+    run = _federate(tmp_path, overrides, 3)
+    experiment = get_experiment(config.compose(overrides))
+    initial, final = experiment.initial_adapter(), _adapter_after(run, 2)
+    shared = {k: v for k, v in final.items() if "lora_A" in k}
+    assert _equal(
+        {k: v for k, v in final.items() if k not in shared}, {k: v for k, v in initial.items() if k not in shared}
+    )
+    assert not _equal(shared, _of(initial, "lora_A"))
+    kept = [_personal(tmp_path, overrides, f"hospital-{i}") for i in range(3)]
+    assert all(set(k) == set(final) - set(shared) for k in kept)
+    assert not _equal(kept[0], kept[1]) and not _equal(kept[0], {k: initial[k] for k in kept[0]})
+    # The federated metric is personalised: each client's own B and head with the shared A, on its own split.
+    accuracy = [experiment.evaluate({**final, **kept[i]}, experiment.client_data(i).val)["accuracy"] for i in range(3)]
+    federated = {
+        m["round"]: m["value"] for m in run.read_metrics() if (m["scope"], m["metric"]) == ("federated", "accuracy")
+    }
+    assert federated[2] == pytest.approx(sum(accuracy) / 3, abs=1e-9)  # masked: clients count equally
+    assert "personalised" in (run.path / "README.md").read_text()
+
+
+def test_what_fedsa_lora_clients_keep_survives_a_crash_and_the_resumed_run_is_bit_identical(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    extra = ("strategy=fedsa_lora", "federation.num_rounds=3")
+    a = tiny_overrides(tiny_bert_dir, tmp_path / "a" / "run", *extra)
+    uninterrupted = _federate(tmp_path / "a", a, 2)
+    b = tiny_overrides(tiny_bert_dir, tmp_path / "b" / "run", *extra)
+    with pytest.raises(RoundFailedError):  # hospital-0 trains round 3 (and keeps its tensors), hospital-1 is lost
+        _federate(tmp_path / "b", b, 2, failures={"hospital-1": [(3, "train")]})
+    resumed = _federate(tmp_path / "b", [*b, "resume=true"], 2)
+    assert _equal(_adapter_after(resumed, 3), _adapter_after(uninterrupted, 3))
+    for name in ("hospital-0", "hospital-1"):
+        assert _equal(_personal(tmp_path / "b", b, name), _personal(tmp_path / "a", a, name))
 
 
 class CoordinateMedian:

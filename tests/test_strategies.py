@@ -21,6 +21,7 @@ from strategies.fedadam import FedAdam
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
 from strategies.fedprox import FedProx
+from strategies.fedsa_lora import FedSALoRA
 from strategies.fedyogi import FedYogi
 from strategies.ffa_lora import FFALoRA
 from strategies.rolora import RoLoRA
@@ -159,6 +160,13 @@ def _rolora() -> None:
     ]
 
 
+def _fedsa_lora() -> None:
+    # Clients keep B and the head, share A (a real run, personalised evaluation and resume: tests/test_methods.py).
+    settings = FedSALoRA().configure(1, "c")
+    assert tuple(settings.uploaded(_adapter(0))) == ("layer.0.query.lora_A.weight",)
+    assert tuple(settings.kept(_adapter(0))) == ("layer.0.query.lora_B.weight", "classifier.weight")
+
+
 HAND_COMPUTED: dict[str, Callable[[], None]] = {
     "fedavg": _fedavg,
     "fedavgm": _fedavgm,
@@ -168,6 +176,7 @@ HAND_COMPUTED: dict[str, Callable[[], None]] = {
     "fedprox": _fedprox,
     "ffa_lora": _ffa_lora,
     "rolora": _rolora,
+    "fedsa_lora": _fedsa_lora,
 }
 
 
