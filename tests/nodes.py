@@ -2,7 +2,9 @@
 
 :class:`Node` holds one node's Flower ``Context`` and hands it each message the way a SuperNode would.
 :class:`InProcessGrid` is a Flower ``Grid`` over such nodes, so the real server loop
-(``fedtune.server_app.run_federation``) runs against them in one process, in milliseconds per step.
+(``fedtune.server_app.run_federation``) runs against them in one process, in milliseconds per step;
+:func:`federate` runs a whole experiment that way (with ``prefix="partition"`` its nodes have the names,
+and so the seeds, of a Flower simulation's: results match a Ray run bit for bit).
 Tests that play a hostile server skip the grid and send their own messages with :meth:`Node.receive`:
 what those tests do is written in the wire format (``fedtune.wire``), the contract between server and node.
 """
