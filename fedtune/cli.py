@@ -188,12 +188,15 @@ def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    logging.getLogger("fedtune").setLevel(logging.INFO)
+    fedtune_logger = logging.getLogger("fedtune")
+    fedtune_logger.setLevel(logging.INFO)
+    fedtune_logger.propagate = False
+    if any(getattr(h, "_fedtune_cli", False) for h in fedtune_logger.handlers):
+        return  # main() called again in one process (sweeps from Python, tests): one handler, one line per message
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s fedtune: %(message)s", datefmt="%H:%M:%S"))
-    fedtune_logger = logging.getLogger("fedtune")
+    handler._fedtune_cli = True  # type: ignore[attr-defined]
     fedtune_logger.addHandler(handler)
-    fedtune_logger.propagate = False
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler, at its own level
 
 
