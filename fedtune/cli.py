@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from fedtune import config
 from fedtune.secure import at_rest
@@ -184,6 +185,18 @@ def _show_partitions(overrides: list[str]) -> int:
     return 0
 
 
+class _ToStdout(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced, as tests' capture does)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        """The stream is always the current stdout."""
+
+
 def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -191,11 +204,10 @@ def _configure_logging() -> None:
     fedtune_logger = logging.getLogger("fedtune")
     fedtune_logger.setLevel(logging.INFO)
     fedtune_logger.propagate = False
-    if any(getattr(h, "_fedtune_cli", False) for h in fedtune_logger.handlers):
+    if any(isinstance(h, _ToStdout) for h in fedtune_logger.handlers):
         return  # main() called again in one process (sweeps from Python, tests): one handler, one line per message
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _ToStdout()
     handler.setFormatter(logging.Formatter("%(asctime)s fedtune: %(message)s", datefmt="%H:%M:%S"))
-    handler._fedtune_cli = True  # type: ignore[attr-defined]
     fedtune_logger.addHandler(handler)
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler, at its own level
 
