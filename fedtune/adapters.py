@@ -1,19 +1,34 @@
 """Adapter state: the only tensors that travel between clients and server.
 
 ``AdapterState`` maps PEFT's state-dict keys (adapter name stripped) to tensors: the LoRA A/B matrices
-and any modules PEFT trains in full (such as a classification head).
+and any modules PEFT trains in full (such as a classification head). A method that aggregates exactly
+(FedEx-LoRA) also keeps, per LoRA module, a dense residual ``R`` under ``<module>.lora_residual``: the
+module computes ``W + s (R + B A)``, with its frozen weight ``W`` and PEFT's scaling ``s``. Residuals are
+part of the global state (sent, checkpointed, fingerprinted) but are never trained or uploaded, and PEFT's
+adapter format cannot hold them: :func:`residual_weights` gives them as base-weight deltas for the export.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 AdapterState = dict[str, torch.Tensor]
+
+RESIDUAL = ".lora_residual"
+RESIDUAL_FILE = "base_residual.safetensors"  # the export's residuals, beside PEFT's adapter files
+# A LoRA module's frozen weight as the base model had it, kept once a residual has been folded into it.
+_ORIGINAL_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def is_residual(key: str) -> bool:
+    """Whether ``key`` names a dense residual (global state, never trained or uploaded)."""
+    return key.endswith(RESIDUAL)
 
 
 def get_adapter(model: PeftModel) -> AdapterState:
@@ -23,12 +38,16 @@ def get_adapter(model: PeftModel) -> AdapterState:
 
 
 def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
-    """Overwrite the model's adapter tensors with ``adapter`` (copied to the model's device).
+    """Overwrite the model's adapter tensors with ``adapter`` (copied to the model's device), and its LoRA
+    modules' frozen weights with the base model's plus ``adapter``'s residuals (the base model's alone where
+    ``adapter`` has none).
 
     Raises:
         ValueError: If ``adapter`` lacks a tensor the model has, has one it does not, or a shape differs:
             an adapter from another model or LoRA config must never be loaded half-way.
     """
+    _fold_residuals(model, {k: t for k, t in adapter.items() if is_residual(k)})
+    adapter = {key: tensor for key, tensor in adapter.items() if not is_residual(key)}
     expected = get_peft_model_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(adapter)), sorted(set(adapter) - set(expected))
     if missing or unexpected:
@@ -41,6 +60,47 @@ def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(model, dict(adapter))
     if result.unexpected_keys:
         raise ValueError(f"PEFT did not accept adapter keys {result.unexpected_keys[:3]}.")
+
+
+def residual_weights(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> AdapterState:
+    """``adapter``'s residuals as what to add to the model's frozen weights, ``s R``, keyed by parameter name
+    (``model.get_parameter(name).data += delta`` loads them into a PEFT model of the exported adapter)."""
+    deltas = {}
+    for key, residual in adapter.items():
+        if is_residual(key):
+            module = _lora_module(model, key)
+            name = f"{key.removesuffix(RESIDUAL)}.base_layer.weight"
+            deltas[name] = module.scaling[model.active_adapter] * residual.to(torch.float32)
+    return deltas
+
+
+def _fold_residuals(model: PeftModel, residuals: Mapping[str, torch.Tensor]) -> None:
+    """Set each LoRA module's frozen weight to the base model's plus ``s R`` (restore it where there is no R)."""
+    modules = {_lora_module(model, key): key for key in residuals}
+    if _ORIGINAL_WEIGHTS:
+        for module in model.modules():
+            if module not in modules and module in _ORIGINAL_WEIGHTS:
+                module.base_layer.weight.data.copy_(_ORIGINAL_WEIGHTS.pop(module))
+    for module, key in modules.items():
+        weight = module.base_layer.weight
+        if tuple(residuals[key].shape) != tuple(weight.shape):
+            raise ValueError(
+                f"Residual {key} has shape {tuple(residuals[key].shape)}, the weight {tuple(weight.shape)}."
+            )
+        original = _ORIGINAL_WEIGHTS.setdefault(module, weight.detach().clone())
+        delta = module.scaling[model.active_adapter] * residuals[key].to(weight.device, torch.float32)
+        weight.data.copy_((original.to(torch.float32) + delta).to(weight.dtype))
+
+
+def _lora_module(model: PeftModel, residual_key: str) -> torch.nn.Module:
+    name = residual_key.removesuffix(RESIDUAL)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is None or not hasattr(module, "base_layer"):
+        raise ValueError(f"Residual {residual_key} names no LoRA module of the model.")
+    return module
 
 
 def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> AdapterState:

@@ -77,9 +77,24 @@ class RoundUpdates:
         individual: Each contributor's update, in the clear; None under ``secure=masking``, where the server
             only ever sees their sum (so only linear strategies run there).
         weights: Each contributor's weight, beside ``individual``.
+        base: The global adapter the updates were computed from (a client's trained adapter is
+            ``base + update``).
     """
 
     mean: AdapterState
     contributors: int
     individual: tuple[AdapterState, ...] | None = None
     weights: tuple[float, ...] | None = None
+    base: AdapterState | None = None
+
+    def in_the_clear(self, method: str) -> tuple[tuple[AdapterState, ...], tuple[float, ...], AdapterState]:
+        """Each update, its share of the total weight (the shares sum to 1) and the base, for a method that
+        needs them (a non-linear strategy; the server refuses those under masking at start).
+
+        Raises:
+            ValueError: The individual updates, their weights or the base are missing.
+        """
+        if self.individual is None or self.weights is None or self.base is None:
+            raise ValueError(f"{method} needs each client's update and the global adapter (plaintext rounds only).")
+        total = sum(self.weights)
+        return self.individual, tuple(w / total for w in self.weights), self.base

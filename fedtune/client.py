@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fedtune import adapters
+from fedtune import adapters, ranks
 from fedtune.adapters import AdapterState
 from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
@@ -39,6 +39,7 @@ def train_round(
     num_sampled: int = 1,
     settings: ClientSettings | None = None,
     personal: AdapterState | None = None,
+    rank: int | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train from the global adapter on this client's data as the strategy's ``settings`` say, and return
     (update, metrics).
@@ -46,7 +47,9 @@ def train_round(
     The update is the trained adapter minus the one it started from, over the tensors ``settings`` upload.
     ``personal`` holds this client's own copies of the tensors ``settings`` keep local (FedSA-LoRA): they
     replace the global ones at the start, and are replaced by their trained values (empty: start from the
-    global ones). Batch order and dropout are seeded from
+    global ones). A client of a smaller LoRA ``rank`` than the global adapter trains the first ``rank``
+    components and uploads its trained adapter zero-padded to the global shapes (fedtune/ranks.py).
+    Batch order and dropout are seeded from
     (experiment seed, round, client), so a run is reproducible and a resumed run continues exactly as an
     uninterrupted one would; DP noise comes from a secret in ``privacy_state`` (fedtune/seeding.py), the
     client's persistent privacy state (also the DP accountant's history), updated in place. With organisation-level DP the update
@@ -55,11 +58,11 @@ def train_round(
     config, settings = experiment.train_config, settings or ClientSettings()
     settings.check(global_adapter)
     torch.set_num_threads(config.torch_threads)
-    model = experiment.model()  # before seeding: a first-time build reseeds torch
+    rank = experiment.lora_rank(rank)
+    model = experiment.model(rank)  # before seeding: a first-time build reseeds torch
     seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
     torch.manual_seed(seed)  # dropout
-    start = {**global_adapter, **settings.kept(personal or {})}
-    adapters.set_adapter(model, start)
+    adapters.set_adapter(model, ranks.truncate({**global_adapter, **settings.kept(personal or {})}, rank))
     adapters.set_trainable(model, settings.frozen)
     started = time.perf_counter()
     metrics = local_train(
@@ -79,7 +82,7 @@ def train_round(
     if personal is not None:
         personal.clear()
         personal.update(settings.kept(trained))
-    update = settings.uploaded(adapters.subtract(trained, start))
+    update = adapters.subtract(settings.uploaded(ranks.pad(trained, global_adapter)), settings.uploaded(global_adapter))
     organisation = experiment.privacy.organisation
     if organisation is not None:
         noise = noise_generator(
@@ -93,11 +96,17 @@ def train_round(
 
 
 def evaluate_round(
-    experiment: Experiment, data: ClientData, global_adapter: AdapterState, personal: AdapterState | None = None
+    experiment: Experiment,
+    data: ClientData,
+    global_adapter: AdapterState,
+    personal: AdapterState | None = None,
+    rank: int | None = None,
 ) -> dict[str, float]:
     """Metrics of the global adapter (with this client's ``personal`` tensors in place of the global ones, if
-    any) on this client's validation split."""
+    any; truncated to this client's LoRA ``rank``, the model it would use) on this client's validation split."""
     torch.set_num_threads(experiment.train_config.torch_threads)
-    metrics = experiment.evaluate({**global_adapter, **(personal or {})}, data.val)
+    rank = experiment.lora_rank(rank)
+    adapter = ranks.truncate({**global_adapter, **(personal or {})}, rank)
+    metrics = experiment.evaluate(adapter, data.val, rank)
     evaluated = min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))
     return {**metrics, "num_examples": float(evaluated)}

@@ -8,6 +8,8 @@ key file (created on first use; default beside ``state-dir``); ``state-dir`` hol
 its record of the rounds it uploaded in. Under ``secure=masking``: ``trusted-keys`` lists the peers'
 identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
 cannot invent peers), and ``min-round-clients`` (default 3) is the smallest round it takes part in.
+``lora-rank`` is the LoRA rank this node trains at (a node with less compute; at most the experiment's
+``lora.r``; default: ``federation.client_ranks`` for a simulated partition, else ``lora.r``).
 """
 
 from __future__ import annotations
@@ -122,8 +124,9 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         client_state.begin_round(privacy_state, server_round, round_input)
         kept = client_state.personal_file(context.node_config, run_key(experiment), key)
         personal = client_state.load_personal(kept, server_round) if settings.local else None
+        rank = _rank(context, experiment)
         update, metrics = client.train_round(
-            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings, personal
+            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings, personal, rank
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         client_state.save(privacy_state, durable)  # and across a resumed run
@@ -157,7 +160,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             round_number = int(msg.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
             personal = settings.kept(client_state.load_personal(kept, round_number + 1))
         global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-        metrics = client.evaluate_round(experiment, data, global_adapter, personal)
+        metrics = client.evaluate_round(experiment, data, global_adapter, personal, _rank(context, experiment))
         if experiment.secure.masked:
             del metrics["num_examples"]  # sizes stay private; the server averages clients equally
         return reply(msg, context, RecordDict({wire.METRICS: MetricRecord(metrics)}))
@@ -168,6 +171,15 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
 def run_key(experiment: Experiment) -> str:
     """What this node's durable state of a run is keyed on: the experiment and the run directory."""
     return f"{experiment.hash}|{experiment.cfg.run_dir}"
+
+
+def _rank(context: Context, experiment: Experiment) -> int:
+    """The LoRA rank this node trains at: node config ``lora-rank``, else its simulated partition's."""
+    if "lora-rank" in context.node_config:
+        return experiment.lora_rank(int(context.node_config["lora-rank"]))
+    if "partition-id" in context.node_config:
+        return experiment.simulated_rank(int(context.node_config["partition-id"]))
+    return experiment.lora_rank()
 
 
 def _settings(received: ConfigRecord) -> ClientSettings:

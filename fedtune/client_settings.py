@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, is_residual
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class ClientSettings:
             raise ValueError("frozen or local holds an empty name fragment, which would match every tensor.")
 
     def uploads(self, key: str) -> bool:
-        """Whether the adapter tensor ``key`` is trained and uploaded this round."""
-        return not self.keeps(key) and not any(fragment in key for fragment in self.frozen)
+        """Whether the adapter tensor ``key`` is trained and uploaded this round (a residual never is)."""
+        return not (is_residual(key) or self.keeps(key) or any(fragment in key for fragment in self.frozen))
 
     def keeps(self, key: str) -> bool:
         """Whether the client keeps the adapter tensor ``key`` for itself (trained, never uploaded)."""

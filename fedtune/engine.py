@@ -255,7 +255,8 @@ def _train_step(
         },
         "privacy": privacy,
     }
-    combined = strategy.aggregate(RoundUpdates(mean, len(contributions), individual, weights), server_round)
+    updates = RoundUpdates(mean, len(contributions), individual, weights, global_adapter)
+    combined = strategy.aggregate(updates, server_round)
     return strategy.step(global_adapter, combined, server_round), record
 
 

@@ -6,6 +6,7 @@ and the frozen base model are built once and reused; only the adapter changes be
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -227,27 +228,54 @@ class Experiment:
                 "raise federation.num_clients or federation.fraction_train."
             )
 
+    def lora_rank(self, declared: int | None = None) -> int:
+        """The LoRA rank a client trains at: ``declared`` (a node's ``lora-rank``, a simulated client's entry
+        in ``federation.client_ranks``), else ``lora.r``, the global adapter's rank.
+
+        Raises:
+            ValueError: ``declared`` above ``lora.r``, or below 1.
+        """
+        global_rank = int(self.cfg.lora.r)
+        if declared is None:
+            return global_rank
+        if not 1 <= declared <= global_rank:
+            raise ValueError(
+                f"a client rank of {declared}: client ranks lie between 1 and lora.r={global_rank}, the global "
+                "adapter's rank (raise lora.r to the largest client rank)."
+            )
+        return declared
+
+    def simulated_rank(self, partition_id: int) -> int:
+        """The LoRA rank of simulated client ``partition_id`` (``federation.client_ranks``, else ``lora.r``)."""
+        ranks = self.federation.client_ranks
+        return self.lora_rank(ranks[partition_id] if ranks is not None else None)
+
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer."""
         return load_tokenizer(self.model_spec)
 
-    def model(self) -> PeftModel:
-        """The base model with LoRA (cached per process; load an adapter into it before use)."""
-        return self._model_and_initial_adapter()[0]
+    def model(self, rank: int | None = None) -> PeftModel:
+        """The base model with LoRA, at ``rank`` (default ``lora.r``; cached per process; load an adapter
+        into it before use)."""
+        return self._model_and_initial_adapter(rank)[0]
 
     def initial_adapter(self) -> AdapterState:
         """The seeded initial adapter: the global adapter before round 1."""
         return self._model_and_initial_adapter()[1]
 
-    def evaluate(self, adapter: AdapterState, dataset: datasets.Dataset) -> dict[str, float]:
-        """Metrics of the model with ``adapter`` on ``dataset`` (a validation split or the central test set)."""
-        model = self.model()
+    def evaluate(self, adapter: AdapterState, dataset: datasets.Dataset, rank: int | None = None) -> dict[str, float]:
+        """Metrics of the model with ``adapter`` (of LoRA rank ``rank``, default ``lora.r``) on ``dataset`` (a
+        validation split or the central test set)."""
+        model = self.model(rank)
         set_adapter(model, adapter)
         return evaluate(model, dataset, self.corpus.task, self.tokenizer, self.model_spec.max_length, self.train_config)
 
-    def _model_and_initial_adapter(self) -> tuple[PeftModel, AdapterState]:
+    def _model_and_initial_adapter(self, rank: int | None = None) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)
+        if rank is not None and rank != lora.r:  # PEFT's scaling the same at every rank (fedtune/ranks.py)
+            ratio = (rank / lora.r) ** (0.5 if lora.use_rslora else 1.0)  # alpha/sqrt(r) with rsLoRA, else alpha/r
+            lora = dataclasses.replace(lora, r=rank, lora_alpha=lora.lora_alpha * ratio)
         precision = self.train_config.precision
         return build_model(self.model_spec, lora, self.num_labels, self.cfg.seed, self.device, precision)
 

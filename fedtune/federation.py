@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -28,6 +29,9 @@ class Federation:
         server_identity_key: The server's Ed25519 key file, which signs every ledger entry (created with
             mode 0600 on first use). None: ``$FEDTUNE_CACHE/server-identity.pem``. Publish its public key
             (``fedtune identity server KEY_FILE`` prints it) so that auditors can pin it.
+        client_ranks: The LoRA rank each simulated client trains at (partition i at ``client_ranks[i]``, at
+            most ``lora.r``, the global adapter's rank; fedtune/ranks.py). None: every client at ``lora.r``.
+            A deployed node sets its own with node config ``lora-rank``.
 
     Raises:
         ValueError: If a value is out of range; the message names the key.
@@ -46,8 +50,16 @@ class Federation:
     connect_timeout: float = 600.0
     trusted_keys: str | None = None
     server_identity_key: str | None = None
+    client_ranks: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.client_ranks is not None:
+            object.__setattr__(self, "client_ranks", tuple(int(rank) for rank in self.client_ranks))
+            if len(self.client_ranks) != self.num_clients or min(self.client_ranks) < 1:
+                raise ValueError(
+                    f"federation.client_ranks={list(self.client_ranks)}: give one rank >= 1 per client "
+                    f"(federation.num_clients={self.num_clients}), or null for lora.r everywhere."
+                )
         checks = {
             "num_clients": self.num_clients >= 1,
             "num_rounds": self.num_rounds >= 1,

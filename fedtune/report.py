@@ -10,9 +10,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from fedtune import adapters, config  # noqa: E402
-from fedtune.adapters import AdapterState  # noqa: E402
+from fedtune.adapters import RESIDUAL_FILE, AdapterState  # noqa: E402
 from fedtune.evaluation import majority_baseline  # noqa: E402
 from fedtune.experiment import Experiment  # noqa: E402
 from fedtune.run_dir import RunDir  # noqa: E402
@@ -64,6 +65,9 @@ def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState)
     model = experiment.model()
     adapters.set_adapter(model, final_adapter)
     model.save_pretrained(run_dir.path / "adapter")
+    residuals = adapters.residual_weights(model, final_adapter)
+    if residuals:  # PEFT's format has no place for them (FedEx-LoRA): a file beside it, see the model card
+        save_file(residuals, run_dir.path / "adapter" / RESIDUAL_FILE)
     metrics = run_dir.read_metrics()
     baseline = None
     if experiment.corpus.task == "classification":
@@ -132,7 +136,7 @@ Trained with fedtune. Load it with PEFT:
 from peft import PeftModel
 model = PeftModel.from_pretrained(base_model, "adapter")
 ```
-
+{_residual_note(adapter)}
 ## Base model
 - `{spec.path}` ({spec.task}), licence: {spec.licence()}
 
@@ -160,6 +164,22 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 {baseline_rows}
 
 Per-round metrics: `metrics.jsonl`, `metrics.png`.
+"""
+
+
+def _residual_note(adapter: AdapterState) -> str:
+    """For an adapter with dense residuals (FedEx-LoRA): how to add them to the base weights."""
+    if not any(adapters.is_residual(key) for key in adapter):
+        return ""
+    return f"""
+The adapted weights also carry dense residuals (exact aggregation, FedEx-LoRA) that PEFT's format cannot
+hold; add them to the base weights after loading, or the model is not the one that was evaluated:
+
+```python
+from safetensors.torch import load_file
+for name, delta in load_file("adapter/{RESIDUAL_FILE}").items():
+    model.get_parameter(name).data += delta.to(model.get_parameter(name).dtype)
+```
 """
 
 

@@ -9,21 +9,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
 from fedtune import config
+from fedtune.adapters import RESIDUAL, AdapterState, is_residual
 from fedtune.aggregation import RoundUpdates, Weighting
 from fedtune.client_settings import ClientSettings
+from fedtune.experiment import Experiment
 from fedtune.interfaces import Strategy
+from fedtune.ranks import lora_pairs
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
+from strategies.fedex_lora import FedExLoRA
 from strategies.fedprox import FedProx
 from strategies.fedsa_lora import FedSALoRA
 from strategies.fedyogi import FedYogi
 from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.hetlora import HetLoRA
 from strategies.rolora import RoLoRA
 
 NAMES = sorted(p.stem for p in (config.conf_dir() / "strategy").glob("*.yaml"))
@@ -33,20 +40,41 @@ def _strategy(name: str) -> Strategy:
     return config.instantiate(config.compose([f"strategy={name}"]).strategy)
 
 
+A, B, HEAD = "layer.0.query.lora_A.weight", "layer.0.query.lora_B.weight", "classifier.weight"
+
+
 def _adapter(seed: int) -> dict[str, torch.Tensor]:
-    """Tensors named like a LoRA adapter with a classification head."""
+    """Tensors named and shaped like a rank-2 LoRA module on a 4 x 3 weight, with a classification head."""
     generator = torch.Generator().manual_seed(seed)
-    names = ("layer.0.query.lora_A.weight", "layer.0.query.lora_B.weight", "classifier.weight")
-    return {name: torch.randn(4, 3, generator=generator) for name in names}
+    return {
+        name: torch.randn(*shape, generator=generator) for name, shape in ((A, (2, 3)), (B, (4, 2)), (HEAD, (4, 3)))
+    }
+
+
+def _updates(updates: list[AdapterState], base: AdapterState, weights: tuple[float, ...] | None = None) -> RoundUpdates:
+    """A plaintext round's updates as the engine hands them over: weighted mean, each update, base."""
+    weights = weights or (1.0,) * len(updates)
+    mean = {k: sum(w * u[k] for u, w in zip(updates, weights, strict=True)) / sum(weights) for k in updates[0]}
+    return RoundUpdates(mean, len(updates), tuple(updates), weights, base)
 
 
 def _round(strategy: Strategy, global_adapter: dict, server_round: int, seed: int) -> dict[str, torch.Tensor]:
     """One round as the server runs it: each client's settings, the updates over that layout, aggregate, step."""
     settings = strategy.configure(server_round, "hospital-0")
     updates = [settings.uploaded(_adapter(seed + i)) for i in range(3)]
-    mean = {k: sum(u[k] for u in updates) / 3 for k in updates[0]}
-    round_updates = RoundUpdates(mean, 3, tuple(updates), (1.0, 1.0, 1.0))
-    return strategy.step(global_adapter, strategy.aggregate(round_updates, server_round), server_round)
+    aggregate = strategy.aggregate(_updates(updates, global_adapter), server_round)
+    return strategy.step(global_adapter, aggregate, server_round)
+
+
+def _function(adapter: AdapterState) -> dict[str, np.ndarray]:
+    """What an adapter computes: each LoRA module's ``B A`` plus its residual, and every other tensor."""
+    pairs = lora_pairs(adapter)
+    factors = {key for pair in pairs.values() for key in pair}
+    computed = {k: v.double().numpy() for k, v in adapter.items() if k not in factors and not is_residual(k)}
+    for module, (a, b) in pairs.items():
+        residual = adapter.get(module + RESIDUAL, torch.zeros(1)).double().numpy()
+        computed[module] = adapter[b].double().numpy() @ adapter[a].double().numpy() + residual
+    return computed
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -61,21 +89,31 @@ def test_config_builds_a_strategy_with_valid_declarations(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_zero_update_leaves_the_adapter_as_it_was(name: str) -> None:
+def test_a_zero_update_leaves_what_the_adapter_computes_as_it_was(name: str) -> None:
+    """The factors themselves may be re-factorised (FlexLoRA's SVD); the products may not change."""
     strategy, start = _strategy(name), _adapter(0)
     zeros = {k: torch.zeros_like(v) for k, v in start.items()}
-    stepped = strategy.step(start, strategy.aggregate(RoundUpdates(zeros, 3), 1), 1)
-    assert all(torch.equal(stepped[k], start[k]) for k in start)
+    stepped = strategy.step(start, strategy.aggregate(_updates([zeros] * 3, start), 1), 1)
+    before, after = _function(start), _function(stepped)
+    assert before.keys() == after.keys()
+    assert all(np.allclose(after[k], before[k], rtol=0, atol=1e-6) for k in before)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_tensors_a_round_did_not_upload_stay_bit_identical(name: str) -> None:
     strategy, start = _strategy(name), _adapter(0)
-    partial = {"layer.0.query.lora_B.weight": torch.ones(4, 3)}
-    stepped = strategy.step(start, strategy.aggregate(RoundUpdates(partial, 3), 1), 1)
-    assert torch.equal(stepped["layer.0.query.lora_A.weight"], start["layer.0.query.lora_A.weight"])
-    assert torch.equal(stepped["classifier.weight"], start["classifier.weight"])
-    assert not torch.equal(stepped["layer.0.query.lora_B.weight"], start["layer.0.query.lora_B.weight"])
+    partial = [{B: torch.full((4, 2), float(i + 1))} for i in range(3)]
+    stepped = strategy.step(start, strategy.aggregate(_updates(partial, start), 1), 1)
+    assert torch.equal(stepped[A], start[A])
+    assert torch.equal(stepped[HEAD], start[HEAD])
+    assert not torch.equal(stepped[B], start[B])
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not _strategy(n).linear])
+def test_a_strategy_that_needs_each_update_is_refused_where_only_a_sum_or_a_noised_mean_exists(name: str) -> None:
+    for extra, reason in (("secure=masking", "individual update"), ("privacy=client_dp", "sensitivity of a mean")):
+        with pytest.raises(ValueError, match=reason):
+            Experiment(config.compose([f"strategy={name}", extra])).check_composition()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,7 +132,7 @@ def test_state_after_stepping_restores_a_strategy_that_continues_identically(nam
 def test_step_does_not_modify_its_inputs(name: str) -> None:
     strategy, start, update = _strategy(name), _adapter(0), _adapter(1)
     before = {k: v.clone() for k, v in start.items()}, {k: v.clone() for k, v in update.items()}
-    strategy.step(start, strategy.aggregate(RoundUpdates(update, 3), 1), 1)
+    strategy.step(start, strategy.aggregate(_updates([update, _adapter(2)], start), 1), 1)
     assert all(torch.equal(start[k], before[0][k]) and torch.equal(update[k], before[1][k]) for k in start)
 
 
@@ -167,6 +205,67 @@ def _fedsa_lora() -> None:
     assert tuple(settings.kept(_adapter(0))) == ("layer.0.query.lora_B.weight", "classifier.weight")
 
 
+def _clients(base: AdapterState) -> tuple[list[AdapterState], tuple[float, ...]]:
+    """Three clients' updates from ``base`` with example weights 1, 1, 2; the third trained at rank 1 (its
+    second component zero-padded, as fedtune/ranks.py uploads it)."""
+    updates = [{k: v - base[k] for k, v in _adapter(20 + i).items()} for i in range(3)]
+    updates[2][A][1], updates[2][B][:, 1] = -base[A][1], -base[B][:, 1]
+    return updates, (1.0, 1.0, 2.0)
+
+
+def _trained(base: AdapterState, updates: list[AdapterState], key: str) -> list[np.ndarray]:
+    return [(base[key] + u[key]).double().numpy() for u in updates]
+
+
+def _flexlora() -> None:
+    base = _adapter(0)
+    updates, weights = _clients(base)
+    stepped = FlexLoRA().step(base, FlexLoRA().aggregate(_updates(updates, base, weights), 1), 1)
+    shares = np.array(weights) / sum(weights)
+    mean_product = sum(
+        p * b @ a for p, b, a in zip(shares, _trained(base, updates, B), _trained(base, updates, A), strict=True)
+    )
+    u, s, vt = np.linalg.svd(mean_product)
+    new_a, new_b = stepped[A].double().numpy(), stepped[B].double().numpy()
+    assert np.allclose(new_b @ new_a, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)  # the best rank-2 approximation
+    assert np.allclose(new_a @ new_a.T, np.eye(2), atol=1e-5)  # A = V_r^T, B = U_r S_r
+    assert np.allclose(new_b[:, :1] @ new_a[:1], s[0] * np.outer(u[:, 0], vt[0]), atol=1e-5)  # rank-1 client
+    head = sum(p * h for p, h in zip(shares, _trained(base, updates, HEAD), strict=True))
+    assert np.allclose(stepped[HEAD].double().numpy(), head, atol=1e-6)
+
+
+def _hetlora() -> None:
+    base = _adapter(0)
+    updates, weights = _clients(base)
+    stepped = HetLoRA().step(base, HetLoRA().aggregate(_updates(updates, base, weights), 1), 1)
+    products = [b @ a for b, a in zip(_trained(base, updates, B), _trained(base, updates, A), strict=True)]
+    norms = np.array([np.linalg.norm(product, "fro") for product in products])
+    for key in (A, B):
+        expected = sum(n / norms.sum() * t for n, t in zip(norms, _trained(base, updates, key), strict=True))
+        assert np.allclose(stepped[key].double().numpy(), expected, atol=1e-6)
+    shares = np.array(weights) / sum(weights)  # the head: by examples, as FedAvg
+    assert np.allclose(
+        stepped[HEAD].double().numpy(),
+        sum(p * h for p, h in zip(shares, _trained(base, updates, HEAD), strict=True)),
+        atol=1e-6,
+    )
+
+
+def _fedex_lora() -> None:
+    adapter, strategy = _adapter(0), FedExLoRA()
+    residual = np.zeros((4, 3))
+    for server_round in (1, 2):  # clients train on W + R: after each round, W + R + the mean of their products
+        updates, weights = _clients(adapter)
+        shares = np.array(weights) / sum(weights)
+        products = [b @ a for b, a in zip(_trained(adapter, updates, B), _trained(adapter, updates, A), strict=True)]
+        aggregate = strategy.aggregate(_updates(updates, adapter, weights), server_round)
+        adapter = strategy.step(adapter, aggregate, server_round)
+        expected = residual + sum(p * m for p, m in zip(shares, products, strict=True))
+        assert np.allclose(_function(adapter)["layer.0.query"], expected, atol=1e-5)
+        residual = adapter["layer.0.query" + RESIDUAL].double().numpy()
+    assert adapter["layer.0.query" + RESIDUAL].shape == (4, 3)
+
+
 HAND_COMPUTED: dict[str, Callable[[], None]] = {
     "fedavg": _fedavg,
     "fedavgm": _fedavgm,
@@ -177,6 +276,9 @@ HAND_COMPUTED: dict[str, Callable[[], None]] = {
     "ffa_lora": _ffa_lora,
     "rolora": _rolora,
     "fedsa_lora": _fedsa_lora,
+    "flexlora": _flexlora,
+    "hetlora": _hetlora,
+    "fedex_lora": _fedex_lora,
 }
 
 

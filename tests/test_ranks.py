@@ -1,0 +1,206 @@
+"""Clients of different LoRA ranks, and exact aggregation with a dense residual (FedEx-LoRA), in real models
+and real rounds (the server loop and ClientApps in-process, tests/nodes.py).
+
+The properties: a client of a smaller rank computes the truncation of the global adapter; it uploads its
+factors zero-padded, so FlexLoRA, HetLoRA and (under masking) FedAvg all get one layout; FedEx-LoRA's global
+model computes exactly the mean of the clients' products, and its export loads back into that model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from fedtune import adapters, config, ranks
+from fedtune.adapters import RESIDUAL, RESIDUAL_FILE, AdapterState
+from fedtune.aggregation import RoundUpdates
+from fedtune.experiment import Experiment, get_experiment
+from fedtune.run_dir import RunDir
+from strategies.fedex_lora import FedExLoRA
+from strategies.flexlora import FlexLoRA
+from tests.conftest import tiny_overrides
+from tests.nodes import federate
+
+TEXTS = ["Type 2 diabetes mellitus with hyperglycemia", "Fracture of the left femur", "Acute bronchitis"]
+
+
+class RecordingFlexLoRA(FlexLoRA):
+    """FlexLoRA that keeps what the server handed it (the test reads the clients' uploads from it)."""
+
+    seen: ClassVar[list[RoundUpdates]] = []
+
+    def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
+        RecordingFlexLoRA.seen.append(updates)
+        return super().aggregate(updates, server_round)
+
+
+class RecordingFedExLoRA(FedExLoRA):
+    """FedEx-LoRA that keeps what the server handed it."""
+
+    seen: ClassVar[list[RoundUpdates]] = []
+
+    def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
+        RecordingFedExLoRA.seen.append(updates)
+        return super().aggregate(updates, server_round)
+
+
+def _logits(experiment: Experiment, adapter: AdapterState, rank: int | None = None) -> torch.Tensor:
+    model = experiment.model(rank)
+    adapters.set_adapter(model, adapter)
+    batch = experiment.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _random_adapter(experiment: Experiment, seed: int) -> AdapterState:
+    """The initial adapter with every tensor drawn at random (B is zero at initialisation)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator) * 0.2 for k, v in experiment.initial_adapter().items()}
+
+
+def _checkpoint(run: Path, server_round: int) -> AdapterState:
+    return torch.load(RunDir(run).checkpoints / f"round-{server_round:04d}.pt", weights_only=True)["adapter"]
+
+
+def test_pad_and_truncate_keep_the_first_components_and_zero_the_rest() -> None:
+    generator = torch.Generator().manual_seed(0)
+    full = {
+        "m.lora_A.weight": torch.randn(4, 3, generator=generator),
+        "m.lora_B.weight": torch.randn(5, 4, generator=generator),
+    }
+    small = ranks.truncate(full, 2)
+    assert small["m.lora_A.weight"].shape == (2, 3) and small["m.lora_B.weight"].shape == (5, 2)
+    padded = ranks.pad(small, full)
+    assert torch.equal(padded["m.lora_A.weight"][:2], full["m.lora_A.weight"][:2])
+    assert not padded["m.lora_A.weight"][2:].any() and not padded["m.lora_B.weight"][:, 2:].any()
+    assert ranks.rank_of(full) == 4 and ranks.rank_of(small) == 2
+    with pytest.raises(ValueError, match="cannot truncate"):
+        ranks.truncate(small, 3)
+
+
+def test_a_client_of_a_smaller_rank_computes_the_truncation_of_the_global_adapter(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Its lora_alpha is scaled with its rank, so PEFT's alpha / r matches the global adapter's."""
+    experiment = Experiment(config.compose(tiny_overrides(tiny_bert_dir, tmp_path / "run", "lora.r=4")))
+    global_adapter = _random_adapter(experiment, 1)
+    zeroed = ranks.pad(ranks.truncate(global_adapter, 2), global_adapter)  # components 2 and 3 removed
+    expected = _logits(experiment, zeroed)
+    assert torch.allclose(_logits(experiment, ranks.truncate(global_adapter, 2), rank=2), expected, atol=1e-5)
+    assert not torch.allclose(_logits(experiment, global_adapter), expected, atol=1e-3)  # the truncation matters
+    with pytest.raises(ValueError, match="between 1 and lora.r=4"):
+        experiment.lora_rank(5)
+
+
+def test_flexlora_with_client_ranks_gets_zero_padded_uploads_and_the_svd_of_the_mean_product(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    RecordingFlexLoRA.seen.clear()
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        tmp_path / "run",
+        "strategy=flexlora",
+        f"strategy._target_={__name__}.RecordingFlexLoRA",
+        "lora.r=4",
+        "federation.num_clients=3",
+        "federation.client_ranks=[2,4,4]",
+        "federation.num_rounds=1",
+    )
+    run = federate(tmp_path, overrides, 3)
+    first = RecordingFlexLoRA.seen[0]
+    pairs = ranks.lora_pairs(first.base)
+
+    def trained(update: AdapterState, key: str) -> torch.Tensor:
+        return first.base[key] + update[key]
+
+    padded = [
+        all(not trained(u, a)[2:].any() and not trained(u, b)[:, 2:].any() for a, b in pairs.values())
+        for u in first.individual
+    ]
+    assert sorted(padded) == [False, False, True]  # the rank-2 client, and only it, sent padded factors
+    final, shares = _checkpoint(run, 1), np.array(first.weights) / sum(first.weights)
+    for a, b in pairs.values():
+        mean = sum(
+            p * trained(u, b).double().numpy() @ trained(u, a).double().numpy()
+            for u, p in zip(first.individual, shares, strict=True)
+        )
+        left, singular, right = np.linalg.svd(mean)
+        best = (left[:, :4] * singular[:4]) @ right[:4]
+        assert np.allclose(final[b].double().numpy() @ final[a].double().numpy(), best, atol=1e-5)
+
+
+def test_fedavg_with_client_ranks_runs_under_masking_and_gives_the_plaintext_mean(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    common = ("lora.r=4", "federation.num_clients=3", "federation.client_ranks=[2,4,4]", "federation.num_rounds=1")
+    results = {}
+    for secure in ("none", "masking"):
+        overrides = tiny_overrides(tiny_bert_dir, tmp_path / secure / "run", *common, f"secure={secure}")
+        results[secure] = _checkpoint(federate(tmp_path / secure, overrides, 3), 1)
+    initial = get_experiment(config.compose(overrides)).initial_adapter()
+    assert not adapters.fingerprint(results["none"]) == adapters.fingerprint(initial)
+    for key, value in results["none"].items():  # equal up to the masked sum's fixed-point encoding
+        assert torch.allclose(results["masking"][key], value, atol=1e-5), key
+
+
+def _fedex_run(tiny_bert_dir: Path, tmp_path: Path, *extra: str) -> tuple[Path, list[str]]:
+    RecordingFedExLoRA.seen.clear()
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        tmp_path / "run",
+        "strategy=fedex_lora",
+        f"strategy._target_={__name__}.RecordingFedExLoRA",
+        "federation.num_clients=3",
+        "train.lr=0.05",  # updates large enough that mean(B_i A_i) and mean(B) mean(A) differ clearly
+        *extra,
+    )
+    return federate(tmp_path, overrides, 3), overrides
+
+
+def test_fedex_lora_makes_the_global_model_the_mean_of_the_clients_products(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    run, overrides = _fedex_run(tiny_bert_dir, tmp_path)
+    experiment = get_experiment(config.compose(overrides))
+    residual: dict[str, Any] = {}
+    for server_round, updates in enumerate(RecordingFedExLoRA.seen, start=1):
+        final, shares = _checkpoint(run, server_round), np.array(updates.weights) / sum(updates.weights)
+        for module, (a, b) in ranks.lora_pairs(updates.base).items():
+            products = [
+                (updates.base[b] + u[b]).double().numpy() @ (updates.base[a] + u[a]).double().numpy()
+                for u in updates.individual
+            ]
+            expected = residual.get(module, 0.0) + sum(p * m for p, m in zip(shares, products, strict=True))
+            got = final[module + RESIDUAL].double().numpy() + final[b].double().numpy() @ final[a].double().numpy()
+            assert np.allclose(got, expected, atol=1e-5)
+            naive = final[b].double().numpy() @ final[a].double().numpy()
+            assert not np.allclose(naive, expected, atol=1e-5)  # FedAvg of the factors alone is not exact
+            residual[module] = final[module + RESIDUAL].double().numpy()
+    # the residual reached the model: logits differ from the same factors without it, and go back without it
+    final = _checkpoint(run, 2)
+    factors_only = {k: v for k, v in final.items() if not adapters.is_residual(k)}
+    before = _logits(experiment, factors_only)
+    assert not torch.allclose(_logits(experiment, final), before, atol=1e-4)
+    assert torch.equal(_logits(experiment, factors_only), before)
+
+
+def test_fedex_lora_export_loads_back_into_the_servers_model(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    run, overrides = _fedex_run(tiny_bert_dir, tmp_path)
+    experiment = get_experiment(config.compose(overrides))
+    server = _logits(experiment, _checkpoint(run, 2))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=experiment.num_labels)
+    base.config.pad_token_id = experiment.tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, run / "adapter").eval()
+    for name, delta in load_file(run / "adapter" / RESIDUAL_FILE).items():  # as the model card says
+        model.get_parameter(name).data += delta.to(model.get_parameter(name).dtype)
+    batch = experiment.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, server, atol=1e-5)
+    assert RESIDUAL_FILE in (run / "README.md").read_text()
