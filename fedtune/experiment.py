@@ -192,9 +192,11 @@ class Experiment:
         calls this at the start of every run, however it was launched; it loads no model or data).
 
         Raises:
-            ValueError: A non-linear strategy with ``secure=masking`` or organisation-level DP, or masked rounds
-                allowed to sum a single update.
+            ValueError: A non-linear strategy with ``secure=masking`` or organisation-level DP, masked rounds
+                allowed to sum a single update, or a client rank above ``lora.r``.
         """
+        for rank in self.federation.client_ranks or ():
+            self.lora_rank(rank)  # every simulated client's rank within the global adapter's
         strategy = self.cfg.strategy._target_
         if not self.new_strategy().linear:
             if self.secure.masked:

@@ -204,3 +204,15 @@ def test_fedex_lora_export_loads_back_into_the_servers_model(tiny_bert_dir: Path
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, server, atol=1e-5)
     assert RESIDUAL_FILE in (run / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("ranks_override", "message"),
+    [
+        ("federation.client_ranks=[2,8]", "between 1 and lora.r=4"),
+        ("federation.client_ranks=[2]", "one rank >= 1 per client"),
+    ],
+)
+def test_client_ranks_that_cannot_work_are_refused_at_start_with_the_key(ranks_override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # ConfigError, a ValueError, from compose or the check
+        Experiment(config.compose(["lora.r=4", "federation.num_clients=2", ranks_override])).check_composition()
