@@ -16,6 +16,7 @@ from fedtune import adapters, config  # noqa: E402
 from fedtune.adapters import RESIDUAL_FILE, AdapterState  # noqa: E402
 from fedtune.evaluation import majority_baseline  # noqa: E402
 from fedtune.experiment import Experiment  # noqa: E402
+from fedtune.federation import Federation  # noqa: E402
 from fedtune.run_dir import RunDir  # noqa: E402
 
 logger = logging.getLogger("fedtune")
@@ -150,7 +151,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr}, precision {experiment.train_config.precision} (device `{experiment.train_config.device}` on each node).
 - LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or "PEFT default for the architecture"};
   {adapters.num_parameters(adapter):,} adapter parameters ({adapters.num_bytes(adapter) / 1e6:.2f} MB), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
-- Seed {cfg.seed}; full resolved config in `config.yaml`.
+{_ranks_note(federation)}- Seed {cfg.seed}; full resolved config in `config.yaml`.
 
 ## Privacy and security
 - Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(experiment, metrics)}
@@ -165,6 +166,15 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 
 Per-round metrics: `metrics.jsonl`, `metrics.png`.
 """
+
+
+def _ranks_note(federation: Federation) -> str:
+    """For simulated clients of different LoRA ranks: which ranks trained the adapter."""
+    if federation.client_ranks is None:
+        return ""
+    return (
+        f"- Simulated clients trained at LoRA ranks {list(federation.client_ranks)} (zero-padded to the adapter's r).\n"
+    )
 
 
 def _residual_note(adapter: AdapterState) -> str:

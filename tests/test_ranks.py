@@ -125,6 +125,7 @@ def test_flexlora_with_client_ranks_gets_zero_padded_uploads_and_the_svd_of_the_
         for u in first.individual
     ]
     assert sorted(padded) == [False, False, True]  # the rank-2 client, and only it, sent padded factors
+    assert "LoRA ranks [2, 4, 4]" in (run / "README.md").read_text()  # the model card says who trained at what
     final, shares = _checkpoint(run, 1), np.array(first.weights) / sum(first.weights)
     for a, b in pairs.values():
         mean = sum(
