@@ -44,56 +44,78 @@ def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
 
     Raises:
         ValueError: If ``adapter`` lacks a tensor the model has, has one it does not, or a shape differs:
-            an adapter from another model or LoRA config must never be loaded half-way.
+            an adapter from another model or LoRA config must never be loaded half-way (nothing is changed).
     """
-    _fold_residuals(model, {k: t for k, t in adapter.items() if is_residual(k)})
-    adapter = {key: tensor for key, tensor in adapter.items() if not is_residual(key)}
+    trained = {key: tensor for key, tensor in adapter.items() if not is_residual(key)}
     expected = get_peft_model_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(adapter)), sorted(set(adapter) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(trained)), sorted(set(trained) - set(expected))
     if missing or unexpected:
         raise ValueError(f"Adapter does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
-    for key, tensor in adapter.items():
+    for key, tensor in trained.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
                 f"Adapter tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}."
             )
-    result = set_peft_model_state_dict(model, dict(adapter))
+    deltas = _residual_deltas(model, adapter)  # validated before anything is written
+    _fold_residuals(model, dict(deltas.values()))
+    result = set_peft_model_state_dict(model, trained)
     if result.unexpected_keys:
         raise ValueError(f"PEFT did not accept adapter keys {result.unexpected_keys[:3]}.")
 
 
 def residual_weights(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> AdapterState:
-    """``adapter``'s residuals as what to add to the model's frozen weights, ``s R``, keyed by parameter name
-    (``model.get_parameter(name).data += delta`` loads them into a PEFT model of the exported adapter)."""
+    """``adapter``'s residuals as what to add to the model's frozen weights (``s R``, transposed for a layer
+    that stores its weight fan-in first), keyed by parameter name (``model.get_parameter(name).data +=
+    delta`` loads them into a PEFT model of the exported adapter)."""
+    return {
+        f"{_module_name(key)}.base_layer.weight": delta for key, (_, delta) in _residual_deltas(model, adapter).items()
+    }
+
+
+def _residual_deltas(
+    model: PeftModel, adapter: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """Each residual of ``adapter`` (by key) as its LoRA module and the float32 CPU delta of that module's
+    frozen weight.
+
+    Raises:
+        ValueError: A residual that names no LoRA module, or whose shape is not the module's ``out x in``.
+    """
     deltas = {}
     for key, residual in adapter.items():
-        if is_residual(key):
-            module = _lora_module(model, key)
-            name = f"{key.removesuffix(RESIDUAL)}.base_layer.weight"
-            deltas[name] = module.scaling[model.active_adapter] * residual.to(torch.float32)
+        if not is_residual(key):
+            continue
+        module = _lora_module(model, key)
+        delta = module.scaling[model.active_adapter] * residual.to("cpu", torch.float32)
+        if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W as in x out
+            delta = delta.T
+        weight = module.base_layer.weight
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise ValueError(f"Residual {key} has shape {tuple(residual.shape)}, the weight {tuple(weight.shape)}.")
+        deltas[key] = (module, delta.contiguous())
     return deltas
 
 
-def _fold_residuals(model: PeftModel, residuals: Mapping[str, torch.Tensor]) -> None:
-    """Set each LoRA module's frozen weight to the base model's plus ``s R`` (restore it where there is no R)."""
-    modules = {_lora_module(model, key): key for key in residuals}
+def _fold_residuals(model: PeftModel, deltas: Mapping[torch.nn.Module, torch.Tensor]) -> None:
+    """Set each LoRA module's frozen weight to the base model's plus its delta (restore it where there is none)."""
     if _ORIGINAL_WEIGHTS:
         for module in model.modules():
-            if module not in modules and module in _ORIGINAL_WEIGHTS:
+            if module not in deltas and module in _ORIGINAL_WEIGHTS:
                 module.base_layer.weight.data.copy_(_ORIGINAL_WEIGHTS.pop(module))
-    for module, key in modules.items():
+    for module, delta in deltas.items():
         weight = module.base_layer.weight
-        if tuple(residuals[key].shape) != tuple(weight.shape):
-            raise ValueError(
-                f"Residual {key} has shape {tuple(residuals[key].shape)}, the weight {tuple(weight.shape)}."
-            )
-        original = _ORIGINAL_WEIGHTS.setdefault(module, weight.detach().clone())
-        delta = module.scaling[model.active_adapter] * residuals[key].to(weight.device, torch.float32)
-        weight.data.copy_((original.to(torch.float32) + delta).to(weight.dtype))
+        if module not in _ORIGINAL_WEIGHTS:
+            _ORIGINAL_WEIGHTS[module] = weight.detach().clone()
+        original = _ORIGINAL_WEIGHTS[module]
+        weight.data.copy_((original.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
+
+
+def _module_name(residual_key: str) -> str:
+    return residual_key.removesuffix(RESIDUAL)
 
 
 def _lora_module(model: PeftModel, residual_key: str) -> torch.nn.Module:
-    name = residual_key.removesuffix(RESIDUAL)
+    name = _module_name(residual_key)
     try:
         module = model.get_submodule(name)
     except AttributeError:

@@ -57,6 +57,7 @@ def train_round(
     """
     config, settings = experiment.train_config, settings or ClientSettings()
     settings.check(global_adapter)
+    check_residuals(experiment, global_adapter)
     torch.set_num_threads(config.torch_threads)
     rank = experiment.lora_rank(rank)
     model = experiment.model(rank)  # before seeding: a first-time build reseeds torch
@@ -104,9 +105,28 @@ def evaluate_round(
 ) -> dict[str, float]:
     """Metrics of the global adapter (with this client's ``personal`` tensors in place of the global ones, if
     any; truncated to this client's LoRA ``rank``, the model it would use) on this client's validation split."""
+    check_residuals(experiment, global_adapter)
     torch.set_num_threads(experiment.train_config.torch_threads)
     rank = experiment.lora_rank(rank)
     adapter = ranks.truncate({**global_adapter, **(personal or {})}, rank)
     metrics = experiment.evaluate(adapter, data.val, rank)
     evaluated = min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))
     return {**metrics, "num_examples": float(evaluated)}
+
+
+def check_residuals(experiment: Experiment, global_adapter: AdapterState) -> None:
+    """Refuse dense residuals unless this node's experiment composes a strategy that folds them (FedEx-LoRA).
+
+    A residual rewrites the frozen base weights a node trains and evaluates, to anything the sender chooses;
+    a node accepts that only from the method it agreed to run (which is refused at start under
+    ``secure=masking`` and organisation-level DP).
+
+    Raises:
+        ValueError: ``global_adapter`` holds a residual and the experiment's strategy folds none.
+    """
+    residuals = [key for key in global_adapter if adapters.is_residual(key)]
+    if residuals and not experiment.folds_residuals:
+        raise ValueError(
+            f"the global adapter holds dense residuals ({residuals[0]}) but strategy "
+            f"{experiment.cfg.strategy._target_} folds none: refused, as they would rewrite this node's base weights."
+        )

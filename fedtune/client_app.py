@@ -118,13 +118,13 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         settings = _settings(round_config)
         durable = client_state.state_file(context.node_config, run_key(experiment), key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
-        # The settings are part of the round's input: other settings on the same adapter give another update
-        # with the same DP noise.
-        round_input = f"{adapters.fingerprint(global_adapter)}|{settings.to_json()}"
+        rank = _rank(context, experiment)
+        # The settings and rank are part of the round's input: other settings on the same adapter give
+        # another update with the same DP noise.
+        round_input = f"{adapters.fingerprint(global_adapter)}|{settings.to_json()}|rank={rank}"
         client_state.begin_round(privacy_state, server_round, round_input)
         kept = client_state.personal_file(context.node_config, run_key(experiment), key)
         personal = client_state.load_personal(kept, server_round) if settings.local else None
-        rank = _rank(context, experiment)
         update, metrics = client.train_round(
             experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings, personal, rank
         )

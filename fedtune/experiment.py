@@ -88,6 +88,11 @@ class Experiment:
         return fedtune_config.instantiate(self.cfg.strategy)
 
     @cached_property
+    def folds_residuals(self) -> bool:
+        """Whether the strategy sends dense residuals for clients to fold into their frozen weights (FedEx-LoRA)."""
+        return self.new_strategy().folds_residuals
+
+    @cached_property
     def weighting(self) -> Weighting:
         """How clients count in each round's mean: as the privacy mechanism requires, else as the strategy declares."""
         return self.privacy.weighting or Weighting.of(self.new_strategy().weighting)
@@ -193,11 +198,14 @@ class Experiment:
 
         Raises:
             ValueError: A non-linear strategy with ``secure=masking`` or organisation-level DP, masked rounds
-                allowed to sum a single update, or a client rank above ``lora.r``.
+                allowed to sum a single update, a client rank the experiment cannot train, or dense
+                residuals on weights that cannot hold them exactly.
         """
         for rank in self.federation.client_ranks or ():
-            self.lora_rank(rank)  # every simulated client's rank within the global adapter's
+            self.lora_rank(rank, "federation.client_ranks")
         strategy = self.cfg.strategy._target_
+        if self.folds_residuals:
+            self._check_residuals_fit(strategy)
         if not self.new_strategy().linear:
             if self.secure.masked:
                 raise ValueError(
@@ -216,6 +224,20 @@ class Experiment:
                 "secure=masking needs federation.min_train_clients >= 2: the sum of one update is that update."
             )
 
+    def _check_residuals_fit(self, strategy: str) -> None:
+        """Residuals folded into the frozen weights are exact only in float32, on plain LoRA layers."""
+        if self.train_config.precision != "fp32":
+            raise ValueError(
+                f"strategy {strategy} folds dense residuals into the frozen base weights, and "
+                f"train.precision={self.train_config.precision} stores those in bfloat16, which rounds the "
+                "residuals away (aggregation would no longer be exact). Set train.precision=fp32."
+            )
+        if self.cfg.lora.get("use_dora", False):
+            raise ValueError(
+                f"strategy {strategy} folds dense residuals into the frozen weights, which would change DoRA's "
+                "weight norm as well: its aggregation is not exact with DoRA. Set lora.use_dora=false."
+            )
+
     def _check_masked_round_size(self) -> None:
         """Fedtune's simulated nodes take part in masked rounds of at least MIN_ROUND_CLIENTS (a deployed node
         sets its own minimum, node config ``min-round-clients``, and refuses smaller rounds itself)."""
@@ -230,27 +252,35 @@ class Experiment:
                 "raise federation.num_clients or federation.fraction_train."
             )
 
-    def lora_rank(self, declared: int | None = None) -> int:
+    def lora_rank(self, declared: int | None = None, source: str = "node config lora-rank") -> int:
         """The LoRA rank a client trains at: ``declared`` (a node's ``lora-rank``, a simulated client's entry
-        in ``federation.client_ranks``), else ``lora.r``, the global adapter's rank.
+        in ``federation.client_ranks``, as ``source`` names), else ``lora.r``, the global adapter's rank.
 
         Raises:
-            ValueError: ``declared`` above ``lora.r``, or below 1.
+            ValueError: ``declared`` above ``lora.r`` or below 1, or below ``lora.r`` under organisation-level
+                DP (a smaller client's update also zeroes the components it does not train, which would
+                spend its clip norm on a data-independent term).
         """
         global_rank = int(self.cfg.lora.r)
-        if declared is None:
+        if declared is None or declared == global_rank:
             return global_rank
         if not 1 <= declared <= global_rank:
             raise ValueError(
-                f"a client rank of {declared}: client ranks lie between 1 and lora.r={global_rank}, the global "
-                "adapter's rank (raise lora.r to the largest client rank)."
+                f"{source}: a client rank of {declared}, but client ranks lie between 1 and lora.r={global_rank}, "
+                "the global adapter's rank (raise lora.r to the largest client rank)."
+            )
+        if self.privacy.organisation is not None:
+            raise ValueError(
+                f"{source}: a client rank of {declared} below lora.r={global_rank} with organisation-level DP: "
+                "its update would zero the components it does not train, and clipping would spend the clip "
+                "norm on that. Train every client at lora.r, or use privacy=dp_sgd."
             )
         return declared
 
     def simulated_rank(self, partition_id: int) -> int:
         """The LoRA rank of simulated client ``partition_id`` (``federation.client_ranks``, else ``lora.r``)."""
         ranks = self.federation.client_ranks
-        return self.lora_rank(ranks[partition_id] if ranks is not None else None)
+        return self.lora_rank(ranks[partition_id] if ranks is not None else None, "federation.client_ranks")
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -259,7 +289,8 @@ class Experiment:
 
     def model(self, rank: int | None = None) -> PeftModel:
         """The base model with LoRA, at ``rank`` (default ``lora.r``; cached per process; load an adapter
-        into it before use)."""
+        into it before use). Each rank is its own copy of the base model: a process that simulates clients
+        of several ranks holds one per rank (a deployed node trains at one)."""
         return self._model_and_initial_adapter(rank)[0]
 
     def initial_adapter(self) -> AdapterState:
@@ -276,6 +307,11 @@ class Experiment:
     def _model_and_initial_adapter(self, rank: int | None = None) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)
         if rank is not None and rank != lora.r:  # PEFT's scaling the same at every rank (fedtune/ranks.py)
+            if lora.rank_pattern or lora.alpha_pattern:
+                raise ValueError(
+                    "client ranks below lora.r truncate every module to one rank, which lora.rank_pattern and "
+                    "lora.alpha_pattern contradict: remove them, or train every client at lora.r."
+                )
             ratio = (rank / lora.r) ** (0.5 if lora.use_rslora else 1.0)  # alpha/sqrt(r) with rsLoRA, else alpha/r
             lora = dataclasses.replace(lora, r=rank, lora_alpha=lora.lora_alpha * ratio)
         precision = self.train_config.precision

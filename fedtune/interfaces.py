@@ -24,10 +24,14 @@ class Strategy(Protocol):
             calibrated to the mean); the server refuses any other combination at start.
         weighting: How clients count in the mean: ``examples`` (by training examples, FedAvg) or
             ``uniform``. Organisation-level DP overrides it with unit weights over a fixed denominator.
+        folds_residuals: True if ``step`` puts dense residuals (``<module>.lora_residual``) into the global
+            adapter for clients to fold into their frozen weights (FedEx-LoRA). Clients refuse residuals
+            from any other strategy: a server could otherwise rewrite their base model at will.
     """
 
     linear: bool
     weighting: ClientWeighting
+    folds_residuals: bool
 
     def configure(self, server_round: int, client: str) -> ClientSettings:
         """What client ``client`` (its name) does in ``server_round``: frozen tensors, proximal term..."""

@@ -123,6 +123,7 @@ def model_card(
     """The run's README: what was trained, on what, how, and how well."""
     cfg, spec, federation = experiment.cfg, experiment.model_spec, experiment.federation
     lora = cfg.lora
+    trained = {key: tensor for key, tensor in adapter.items() if not adapters.is_residual(key)}
     final = _final_central(metrics)
     partitions = (
         " (clients' sizes withheld: secure aggregation)" if experiment.secure.masked else " (see `partitions.json`)"
@@ -150,7 +151,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit(".", 1)[-1]}`.
 - Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr}, precision {experiment.train_config.precision} (device `{experiment.train_config.device}` on each node).
 - LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or "PEFT default for the architecture"};
-  {adapters.num_parameters(adapter):,} adapter parameters ({adapters.num_bytes(adapter) / 1e6:.2f} MB), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
+  {adapters.num_parameters(trained):,} adapter parameters ({adapters.num_bytes(trained) / 1e6:.2f} MB{_residual_size(adapter)}), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
 {_ranks_note(federation)}- Seed {cfg.seed}; full resolved config in `config.yaml`.
 
 ## Privacy and security
@@ -173,7 +174,18 @@ def _ranks_note(federation: Federation) -> str:
     if federation.client_ranks is None:
         return ""
     return (
-        f"- Simulated clients trained at LoRA ranks {list(federation.client_ranks)} (zero-padded to the adapter's r).\n"
+        f"- `federation.client_ranks={list(federation.client_ranks)}`: in simulation, the clients' LoRA ranks "
+        "(zero-padded to the adapter's r); deployed nodes set their own with node config `lora-rank`.\n"
+    )
+
+
+def _residual_size(adapter: AdapterState) -> str:
+    """The dense residuals' size, which the adapter count leaves out (they are not trained)."""
+    residuals = {key: tensor for key, tensor in adapter.items() if adapters.is_residual(key)}
+    if not residuals:
+        return ""
+    return (
+        f"; plus {adapters.num_parameters(residuals):,} residual values, {adapters.num_bytes(residuals) / 1e6:.2f} MB"
     )
 
 
@@ -188,7 +200,8 @@ hold; add them to the base weights after loading, or the model is not the one th
 ```python
 from safetensors.torch import load_file
 for name, delta in load_file("adapter/{RESIDUAL_FILE}").items():
-    model.get_parameter(name).data += delta.to(model.get_parameter(name).dtype)
+    weight = model.get_parameter(name)
+    weight.data += delta.to(weight.device, weight.dtype)
 ```
 """
 

@@ -36,6 +36,11 @@ class ClientSideMethod:
         """As the server's strategy."""
         return self.server.weighting
 
+    @property
+    def folds_residuals(self) -> bool:
+        """As the server's strategy."""
+        return self.server.folds_residuals
+
     def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
         """The server strategy's aggregate."""
         return self.server.aggregate(updates, server_round)

@@ -9,7 +9,10 @@ weighted covariance of the updates. The residuals accumulate in the global adapt
 ``<module>.lora_residual`` (fedtune/adapters.py): sent to every client each round (a dense out x in
 matrix per LoRA module, so the download grows to about the size of the adapted weights), checkpointed,
 and exported beside the PEFT adapter as ``adapter/base_residual.safetensors`` (the model card shows how to
-load it). Plaintext only: products of each client's own factors cannot be formed from a masked sum.
+load it). Plaintext only: products of each client's own factors cannot be formed from a masked sum. Exact
+only where the folded weight can hold the residual: the server refuses ``train.precision=bf16`` (bfloat16
+weights round small residuals away) and DoRA (folding would change its weight norm) at start. Embedding
+LoRA (``lora_embedding_A/B``) gets no residual and is averaged as in FedAvg.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class FedExLoRA(FedAvg):
     """FedAvg of the factors plus the exact residual (server_lr 1)."""
 
     linear = False
+    folds_residuals = True
 
     def __init__(self) -> None:
         super().__init__(server_lr=1.0)  # exactness holds for the mean itself, not a scaled step

@@ -3,8 +3,9 @@ EMNLP 2024, https://arxiv.org/abs/2401.06432): sparsity-weighted aggregation of 
 
 Clients train at their own ranks (fedtune/ranks.py: the first ``r_i`` components of the global adapter,
 uploaded zero-padded to the global rank). The server averages the padded A and B, each client weighted by
-``S_i = ||B_i A_i||_F`` over all its LoRA modules, so that a client whose adapter does little (a small rank,
-a near-zero update) counts less; tensors outside LoRA pairs (a classifier head) are averaged as in FedAvg.
+``S_i = ||B_i A_i||_F`` over all its LoRA modules, the norm of the product its trained adapter computes (not
+of its update), so that a client whose adapter does less (typically a smaller rank, which drops the other
+components) counts less; tensors outside LoRA pairs (a classifier head) are averaged as in FedAvg.
 The paper's rank self-pruning on the clients is not implemented. Plaintext only: the server computes each
 ``S_i`` from the client's update (a client that weighted itself under masking could not be checked), so the
 server refuses ``secure=masking`` and organisation-level DP at start.

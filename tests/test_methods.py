@@ -94,10 +94,13 @@ def test_fedprox_keeps_client_updates_closer_to_the_global_adapter(tiny_bert_dir
     assert all(norms[50.0][client] < 0.7 * norms[0.0][client] for client in norms[0.0])
 
 
-def test_server_optimizer_state_survives_a_crash_and_the_resumed_run_is_bit_identical(
-    tiny_bert_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("strategy", ["fedadam", "fedex_lora"])
+def test_server_state_survives_a_crash_and_the_resumed_run_is_bit_identical(
+    tiny_bert_dir: Path, tmp_path: Path, strategy: str
 ) -> None:
-    extra = ("strategy=fedadam", "federation.num_rounds=3")
+    """FedAdam's moments live in the strategy's state, FedEx-LoRA's residuals in the global adapter: both are
+    in every checkpoint."""
+    extra = (f"strategy={strategy}", "federation.num_rounds=3")
     uninterrupted = _federate(tmp_path / "a", tiny_overrides(tiny_bert_dir, tmp_path / "a" / "run", *extra), 2)
     overrides = tiny_overrides(tiny_bert_dir, tmp_path / "b" / "run", *extra)
     with pytest.raises(RoundFailedError):  # one of the two clients is lost in round 3: the round fails
@@ -161,6 +164,7 @@ class CoordinateMedian:
 
     linear = False
     weighting: ClientWeighting = "uniform"
+    folds_residuals = False
     seen: list[RoundUpdates] = []
 
     def __init__(self, server_lr: float = 1.0) -> None:

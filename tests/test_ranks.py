@@ -8,17 +8,19 @@ model computes exactly the mean of the clients' products, and its export loads b
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
+from transformers.pytorch_utils import Conv1D
 
-from fedtune import adapters, config, ranks
+from fedtune import adapters, client, config, ranks
 from fedtune.adapters import RESIDUAL, RESIDUAL_FILE, AdapterState
 from fedtune.aggregation import RoundUpdates
 from fedtune.experiment import Experiment, get_experiment
@@ -125,7 +127,9 @@ def test_flexlora_with_client_ranks_gets_zero_padded_uploads_and_the_svd_of_the_
         for u in first.individual
     ]
     assert sorted(padded) == [False, False, True]  # the rank-2 client, and only it, sent padded factors
-    assert "LoRA ranks [2, 4, 4]" in (run / "README.md").read_text()  # the model card says who trained at what
+    assert (
+        "federation.client_ranks=[2, 4, 4]" in (run / "README.md").read_text()
+    )  # the model card says who trained at what
     final, shares = _checkpoint(run, 1), np.array(first.weights) / sum(first.weights)
     for a, b in pairs.values():
         mean = sum(
@@ -165,10 +169,17 @@ def _fedex_run(tiny_bert_dir: Path, tmp_path: Path, *extra: str) -> tuple[Path, 
     return federate(tmp_path, overrides, 3), overrides
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("lora.r=4", "federation.client_ranks=[2,4,4]"), ("privacy=dp_sgd",)],
+    ids=["equal-ranks", "client-ranks", "dp-sgd"],
+)
 def test_fedex_lora_makes_the_global_model_the_mean_of_the_clients_products(
-    tiny_bert_dir: Path, tmp_path: Path
+    tiny_bert_dir: Path, tmp_path: Path, extra: tuple[str, ...]
 ) -> None:
-    run, overrides = _fedex_run(tiny_bert_dir, tmp_path)
+    """Exact whatever the clients' ranks (their padded factors multiply to their own products) and under
+    DP-SGD (which clips and noises inside each client; the residual is formed from what they upload)."""
+    run, overrides = _fedex_run(tiny_bert_dir, tmp_path, *extra)
     experiment = get_experiment(config.compose(overrides))
     residual: dict[str, Any] = {}
     for server_round, updates in enumerate(RecordingFedExLoRA.seen, start=1):
@@ -200,20 +211,101 @@ def test_fedex_lora_export_loads_back_into_the_servers_model(tiny_bert_dir: Path
     base.config.pad_token_id = experiment.tokenizer.pad_token_id
     model = PeftModel.from_pretrained(base, run / "adapter").eval()
     for name, delta in load_file(run / "adapter" / RESIDUAL_FILE).items():  # as the model card says
-        model.get_parameter(name).data += delta.to(model.get_parameter(name).dtype)
+        weight = model.get_parameter(name)
+        weight.data += delta.to(weight.device, weight.dtype)
     batch = experiment.tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, server, atol=1e-5)
     assert RESIDUAL_FILE in (run / "README.md").read_text()
 
 
+def test_a_client_trains_from_the_servers_model_with_the_residual_folded_in(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The residual must reach the clients' models too, at every rank, or they would train from another model
+    than the one the server holds: after a round-2 ``train_round`` the client's frozen weights are the
+    pretrained ones (read afresh from disk) plus ``s R``."""
+    run, overrides = _fedex_run(tiny_bert_dir, tmp_path, "lora.r=4", "federation.client_ranks=[2,4,4]")
+    experiment = get_experiment(config.compose(overrides))
+    global_adapter = _checkpoint(run, 1)
+    pretrained = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=experiment.num_labels)
+    residuals = {k: v for k, v in global_adapter.items() if adapters.is_residual(k)}
+    assert residuals
+    for rank in (2, 4):
+        client.train_round(experiment, experiment.client_data(0), global_adapter, 2, "hospital-0", {}, rank=rank)
+        model = experiment.model(rank)
+        for key, residual in residuals.items():
+            module = model.get_submodule(key.removesuffix(RESIDUAL))
+            name = key.removesuffix(RESIDUAL).removeprefix("base_model.model.") + ".weight"
+            expected = pretrained.get_parameter(name) + module.scaling["default"] * residual
+            assert torch.allclose(module.base_layer.weight, expected, atol=1e-6), (rank, key)
+
+
+def test_a_residual_on_a_layer_that_stores_its_weight_fan_in_first_is_transposed() -> None:
+    """GPT-2's Conv1D keeps W as (in, out) and PEFT's LoRA on it runs with ``fan_in_fan_out``; a residual is
+    (out, in), as ``B A`` is. The folded layer must compute ``x W + b + s x R^T``."""
+    torch.manual_seed(0)
+    model = get_peft_model(_Conv1DNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], fan_in_fan_out=True))
+    adapter = adapters.get_adapter(model)
+    (module_name,) = ranks.lora_pairs(adapter)
+    residual = torch.randn(5, 3)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        before = model(x)
+        adapters.set_adapter(model, {**adapter, module_name + RESIDUAL: residual})
+        assert torch.allclose(model(x), before + 2.0 * x @ residual.T, atol=1e-6)  # s = alpha / r = 2
+        weight_delta = adapters.residual_weights(model, {**adapter, module_name + RESIDUAL: residual})
+        assert torch.equal(next(iter(weight_delta.values())), 2.0 * residual.T)
+        adapters.set_adapter(model, adapter)  # without the residual: the layer is the base one again
+        assert torch.allclose(model(x), before, atol=1e-6)
+
+
+class _Conv1DNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = Conv1D(nf=5, nx=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_a_malformed_residual_changes_nothing() -> None:
+    """Validated before any weight is written: a bad residual key or shape leaves the model as it was."""
+    torch.manual_seed(0)
+    model = get_peft_model(_Conv1DNet(), LoraConfig(r=2, target_modules=["layer"], fan_in_fan_out=True))
+    adapter = adapters.get_adapter(model)
+    (module_name,) = ranks.lora_pairs(adapter)
+    weight = model.get_submodule(module_name).base_layer.weight.detach().clone()
+    good = {module_name + RESIDUAL: torch.ones(5, 3)}
+    for bad in ({"base_model.model.nothing" + RESIDUAL: torch.ones(5, 3)}, {module_name + RESIDUAL: torch.ones(3, 5)}):
+        with pytest.raises(ValueError, match="Residual"):
+            adapters.set_adapter(model, {**adapter, **good, **bad})
+        assert torch.equal(model.get_submodule(module_name).base_layer.weight, weight)
+
+
 @pytest.mark.parametrize(
-    ("ranks_override", "message"),
+    ("overrides", "message"),
     [
-        ("federation.client_ranks=[2,8]", "between 1 and lora.r=4"),
-        ("federation.client_ranks=[2]", "one rank >= 1 per client"),
+        (
+            ["federation.client_ranks=[2,8]"],
+            "federation.client_ranks: a client rank of 8, but client ranks lie between",
+        ),
+        (["federation.client_ranks=[2]"], "one rank >= 1 per client"),
+        (["federation.client_ranks=[2,4]", "privacy=client_dp"], "below lora.r=4 with organisation-level DP"),
+        (["strategy=fedex_lora", "train.precision=bf16"], "Set train.precision=fp32"),
+        (["strategy=fedex_lora", "lora.use_dora=true"], "Set lora.use_dora=false"),
     ],
 )
-def test_client_ranks_that_cannot_work_are_refused_at_start_with_the_key(ranks_override: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):  # ConfigError, a ValueError, from compose or the check
-        Experiment(config.compose(["lora.r=4", "federation.num_clients=2", ranks_override])).check_composition()
+def test_ranks_and_residuals_that_cannot_work_are_refused_at_start_with_the_key(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):  # ConfigError, a ValueError, from compose or the check
+        Experiment(config.compose(["lora.r=4", "federation.num_clients=2", *overrides])).check_composition()
+
+
+def test_a_deployed_node_of_a_smaller_rank_refuses_organisation_level_dp() -> None:
+    """A node's own ``lora-rank`` is checked where the node starts, not only the simulated ranks."""
+    experiment = Experiment(config.compose(["lora.r=4", "privacy=client_dp"]))
+    assert experiment.lora_rank(4) == 4
+    with pytest.raises(ValueError, match="node config lora-rank: a client rank of 2 below lora.r=4"):
+        experiment.lora_rank(2)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune import adapters, cli, client, config, engine, wire
+from fedtune import adapters, cli, client, config, engine, ranks, wire
 from fedtune.client_settings import ClientSettings
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
@@ -468,3 +468,24 @@ def test_a_masked_simulation_with_rounds_too_small_for_the_nodes_is_refused_at_s
     assert cli.main(["run", *overrides]) == 2
     assert "samples 2 clients a round here, and a node refuses masked rounds of fewer than 3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_server_cannot_rewrite_a_nodes_base_model_with_a_residual(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """FedEx-LoRA's dense residuals are folded into the frozen weights a node trains and evaluates. A server
+    running FedAvg that slipped one into the global adapter would set the node's base weights to whatever it
+    chose (a full-rank rewrite, far beyond what the LoRA factors can express). A node accepts residuals only
+    from the strategy its own experiment composes: here it refuses, and its model is left as it was."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=3")
+    experiment = _experiment(overrides)
+    server = HostileServer(make_nodes(tmp_path, overrides, 3), experiment.hash)
+    adapter = experiment.initial_adapter()
+    module = next(iter(ranks.lora_pairs(adapter)))
+    layer = experiment.model().get_submodule(module).base_layer
+    rewrite = {**adapter, module + adapters.RESIDUAL: torch.randn(layer.weight.shape) * 10}
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="folds none"):
+        server.train(VICTIM, 1, rewrite, [VICTIM], {}, **{wire.NUM_SAMPLED: 3})
+    request = RecordDict({wire.ARRAYS: ArrayRecord(rewrite)})
+    with pytest.raises(ValueError, match="folds none"):
+        server.send(VICTIM, "evaluate", 1, request)
+    assert torch.equal(layer.weight, before)
