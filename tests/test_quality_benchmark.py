@@ -1,0 +1,39 @@
+"""benchmarks/quality.py compares arms fairly: the same split, equal compute, no test row in training, and
+the DP arms spend the epsilon they are labelled with, over the rows they train on."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from fedtune import config
+from fedtune.experiment import get_experiment
+from tests.conftest import tiny_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+quality = importlib.import_module("quality")  # a script beside compare_strategies.py, which it imports
+
+
+def test_the_arms_train_on_the_federations_rows_at_equal_compute(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "federation.num_clients=3", "train.local_steps=5")
+    experiment = get_experiment(config.compose(overrides))
+    central, *alone = quality.solo_arms(experiment)
+    hospitals = [experiment.client_data(partition) for partition in range(3)]
+    assert [arm.rows.train["text"] for arm in alone] == [data.train["text"] for data in hospitals]
+    assert sorted(central.rows.train["text"]) == sorted(t for data in hospitals for t in data.train["text"])
+    assert not set(central.rows.train["text"]) & set(experiment.test_set["text"])  # nothing of the test set
+    rounds = experiment.federation.num_rounds
+    assert [arm.steps for arm in alone] == [rounds * 5] * 3  # what each hospital takes in the federation
+    assert central.steps == 3 * rounds * 5  # the federation's total
+
+
+def test_a_dp_arm_spends_its_epsilon_over_the_rows_it_trains_on(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "privacy=dp_sgd", "privacy.target_epsilon=3")
+    experiment = get_experiment(config.compose(overrides))
+    central, hospital, _ = quality.solo_arms(experiment)
+    for arm in (central, hospital):
+        result = quality.train_alone(overrides, arm)
+        assert result["train_rows"] == len(arm.rows.train) and result["steps"] == arm.steps
+        assert 2.7 < result["epsilon"] <= 3.0  # calibrated for exactly these steps on these rows
+        assert 0.0 <= result["macro_f1"] <= 1.0
