@@ -78,6 +78,7 @@ def train_round(
         total_steps=config.local_steps * experiment.federation.num_rounds,
         privacy_state=privacy_state,
         proximal_mu=settings.proximal_mu,
+        first_step=(server_round - 1) * config.local_steps,
     )
     trained = adapters.get_adapter(model)
     if personal is not None:

@@ -149,7 +149,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 
 ## Training
 - {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit(".", 1)[-1]}`.
-- Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr}, precision {experiment.train_config.precision} (device `{experiment.train_config.device}` on each node).
+- Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr} ({experiment.train_config.lr_schedule}), precision {experiment.train_config.precision} (device `{experiment.train_config.device}` on each node).
 - LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or "PEFT default for the architecture"};
   {adapters.num_parameters(trained):,} adapter parameters ({adapters.num_bytes(trained) / 1e6:.2f} MB{_residual_size(adapter)}), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
 {_ranks_note(federation)}- Seed {cfg.seed}; full resolved config in `config.yaml`.

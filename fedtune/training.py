@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # a type only: training needs no dataset library (GPU machine
     import datasets
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,10 @@ class TrainConfig:
     Args:
         local_steps: Optimizer steps each sampled client takes per round.
         batch_size: Examples per step.
-        lr: AdamW learning rate for the adapter.
+        lr: AdamW learning rate for the adapter (the peak, with a schedule).
+        lr_schedule: ``constant``, or ``cosine``: the rate follows a cosine from ``lr`` to 0 over the whole
+            run's local steps (round after round, as a centralized trainer's would over its steps; the
+            FlowerTune baselines anneal across rounds too).
         weight_decay: AdamW weight decay.
         eval_batch_size: Examples per forward pass during evaluation.
         eval_max_examples: Evaluate on at most this many examples of a split (the first ones; 0 = all).
@@ -46,6 +51,7 @@ class TrainConfig:
     local_steps: int = 40
     batch_size: int = 16
     lr: float = 5e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     eval_max_examples: int = 500
@@ -63,6 +69,8 @@ class TrainConfig:
         for key in ("weight_decay", "eval_max_examples", "generation_examples"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must not be negative.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}.")
         devices.check_device_name(self.device)
         if self.precision not in devices.PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: use one of {', '.join(devices.PRECISIONS)}.")
@@ -147,14 +155,17 @@ def local_train(
     total_steps: int | None = None,
     privacy_state: dict[str, Any] | None = None,
     proximal_mu: float = 0.0,
+    first_step: int = 0,
 ) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters for ``config.local_steps`` steps, on the model's device.
 
     Args:
         privacy: The privacy mechanism that plans batches, optimizer and per-record gradients (none if None).
-        total_steps: Local steps planned for this client over the whole run (DP calibrates noise for them).
+        total_steps: Local steps planned for this client over the whole run (DP calibrates noise for them,
+            and the learning-rate schedule spans them).
         privacy_state: The client's persistent privacy state (DP accounting), updated in place.
         proximal_mu: FedProx's mu (see :func:`add_proximal_term`); 0 trains on the loss alone.
+        first_step: Where this round's first step lies among the ``total_steps`` (the schedule's position).
 
     Returns:
         ``train_loss``: mean loss over the non-empty steps; ``train_loss_last``: loss of the last one; plus
@@ -169,10 +180,13 @@ def local_train(
     plan = (privacy or NoPrivacy()).plan(request)
     proximal = add_proximal_term(optimizer, proximal_mu) if proximal_mu > 0 else None
     device = devices.of(model)
+    rates = iter(learning_rates(config, first_step, total_steps or config.local_steps))
     model.train()
     losses = []
     try:
         for indices in plan.batches:
+            for group in optimizer.param_groups:  # the DP wrappers step this optimizer's groups
+                group["lr"] = next(rates)
             # Poisson sampling can draw an empty batch: the step still adds (and accounts) noise
             batch = encode(dataset[indices], task, tokenizer, max_length, device) if indices else None
             loss = train_step(plan, batch, task, config.precision)
@@ -185,6 +199,15 @@ def local_train(
         model.eval()
     values = torch.stack(losses).tolist() if losses else [float("nan")]
     return {"train_loss": sum(values) / len(values), "train_loss_last": values[-1], **plan.report()}
+
+
+def learning_rates(config: TrainConfig, first_step: int, total_steps: int) -> list[float]:
+    """The learning rate of each of this round's ``config.local_steps`` steps, from step ``first_step`` of
+    ``total_steps`` (cosine: ``lr (1 + cos(pi t / total_steps)) / 2`` at step t)."""
+    steps = range(first_step, first_step + config.local_steps)
+    if config.lr_schedule == "constant":
+        return [config.lr for _ in steps]
+    return [config.lr * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)) / 2 for t in steps]
 
 
 def add_proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> RemovableHandle:

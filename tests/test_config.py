@@ -78,6 +78,7 @@ def test_unknown_group_option_lists_the_available_ones() -> None:
         ("federation.fraction_train=1.5", "federation.fraction_train"),
         ("federation.min_train_clients=9", "federation.min_train_clients"),
         ("train.lr=-1", "train.lr"),
+        ("train.lr_schedule=linear", "train.lr_schedule"),
         ("data.val_fraction=1.0", "data.val_fraction"),
         ("model.task=translation", "model.task"),
     ],

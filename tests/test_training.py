@@ -9,12 +9,15 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from fedtune import adapters
+from fedtune import adapters, client, config
 from fedtune.evaluation import evaluate, macro_f1, majority_baseline
+from fedtune.experiment import get_experiment
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import shuffled_batches
 from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sequence_loss
+from tests.conftest import tiny_overrides
 
 QA = datasets.Dataset.from_dict(
     {"prompt": ["capital of France?", "two plus two?"] * 8, "response": ["paris", "four"] * 8}
@@ -91,3 +94,24 @@ def test_causal_lm_metrics_are_consistent(tiny_llama_dir: Path) -> None:
     metrics = evaluate(model, QA, "causal_lm", load_tokenizer(spec), 32, TrainConfig(generation_examples=2))
     assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
     assert 0.0 <= metrics["exact_match"] <= 1.0
+
+
+@pytest.mark.parametrize("privacy", ["privacy=none", "privacy=dp_sgd"])
+def test_a_cosine_schedule_spans_the_whole_run_round_after_round(
+    tiny_bert_dir: Path, tmp_path: Path, privacy: str
+) -> None:
+    """Each round continues the schedule where the last ended (the position comes from the round, so a
+    resumed round takes the same rates), under DP-SGD's wrapped optimizer too."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path, "train.lr_schedule=cosine", "train.lr=0.01", privacy)
+    experiment = get_experiment(config.compose(overrides))
+    rates: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda optimizer, *_: rates.append(optimizer.param_groups[0]["lr"]))
+    try:
+        adapter, state = experiment.initial_adapter(), {}
+        for server_round in (1, 2):
+            update, _ = client.train_round(experiment, experiment.client_data(0), adapter, server_round, "c", state)
+            adapter = adapters.apply(adapter, update)
+    finally:
+        hook.remove()
+    total = 2 * 3  # rounds x local steps
+    assert rates == pytest.approx([0.01 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)])
