@@ -149,7 +149,7 @@ def timed_round(case: Case, mechanism: PrivacyMechanism, precision: str) -> list
         for index, batch in enumerate([case.batches[0], *case.batches]):
             _synchronize(device)
             started = time.perf_counter()
-            train_step(plan, batch, case.task, precision)
+            train_step(plan, [batch], case.task, precision)
             _synchronize(device)
             if index:
                 times.append(time.perf_counter() - started)

@@ -27,7 +27,10 @@ class TrainConfig:
 
     Args:
         local_steps: Optimizer steps each sampled client takes per round.
-        batch_size: Examples per step.
+        batch_size: Examples per step (the expected number under DP-SGD's Poisson sampling).
+        physical_batch_size: Examples per forward and backward pass (0: the whole batch at once). A larger
+            step's batch is split into passes of this size whose gradients add up to the step's, under DP
+            each record still clipped alone and the noise added once: memory stays bounded at any batch size.
         lr: AdamW learning rate for the adapter (the peak, with a schedule).
         lr_schedule: ``constant``, or ``cosine``: the rate follows a cosine from ``lr`` to 0 over the whole
             run's local steps (round after round, as a centralized trainer's would over its steps; the
@@ -50,6 +53,7 @@ class TrainConfig:
 
     local_steps: int = 40
     batch_size: int = 16
+    physical_batch_size: int = 0
     lr: float = 5e-3
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
@@ -66,7 +70,7 @@ class TrainConfig:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be positive.")
-        for key in ("weight_decay", "eval_max_examples", "generation_examples"):
+        for key in ("weight_decay", "eval_max_examples", "generation_examples", "physical_batch_size"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must not be negative.")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -188,8 +192,12 @@ def local_train(
             for group in optimizer.param_groups:  # the DP wrappers step this optimizer's groups
                 group["lr"] = next(rates)
             # Poisson sampling can draw an empty batch: the step still adds (and accounts) noise
-            batch = encode(dataset[indices], task, tokenizer, max_length, device) if indices else None
-            loss = train_step(plan, batch, task, config.precision)
+            physical = config.physical_batch_size or max(1, len(indices))
+            batches = [
+                encode(dataset[indices[start : start + physical]], task, tokenizer, max_length, device)
+                for start in range(0, len(indices), physical)
+            ]
+            loss = train_step(plan, batches, task, config.precision)
             if loss is not None:
                 losses.append(loss)
     finally:
@@ -231,20 +239,25 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> RemovableH
 
 
 def train_step(
-    plan: LocalPlan, batch: dict[str, torch.Tensor] | None, task: Task, precision: str
+    plan: LocalPlan, batches: list[dict[str, torch.Tensor]], task: Task, precision: str
 ) -> torch.Tensor | None:
-    """One optimizer step of ``plan`` on an encoded ``batch`` (None: an empty batch); returns its mean loss.
+    """One optimizer step of ``plan`` over one batch, given as its encoded physical batches (none: an empty
+    Poisson batch, which still steps); returns the batch's mean loss (None if empty).
 
     The loss stays a tensor on the device: reading it here would make the CPU wait for the GPU every step.
     """
-    loss = None
-    if batch is not None:
+    records = sum(len(batch["labels"]) for batch in batches)
+    total = None
+    for index, batch in enumerate(batches):
         inputs = dict(batch)
         labels, input_ids = inputs.pop("labels"), inputs.pop("input_ids")
         with devices.autocast(input_ids.device, precision):
             per_record = sequence_loss(plan.module(input_ids, **inputs).logits, labels, task)
-        loss = per_record.detach().mean()
-        plan.backward(per_record)
+        summed = per_record.detach().sum()
+        total = summed if total is None else total + summed
+        plan.backward(per_record, len(labels) / records)
+        if index < len(batches) - 1:
+            plan.accumulate()
     plan.optimizer.step()
     plan.optimizer.zero_grad(set_to_none=True)
-    return loss
+    return None if total is None else total / records

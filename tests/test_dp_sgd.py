@@ -37,20 +37,31 @@ def model_and_tokenizer(tiny_bert_dir: Path):  # noqa: ANN201
 
 
 def _one_step_gradient(
-    model, tokenizer, mechanism: DPSGD, indices: list[int], seed: int = 0, precision: str = "fp32"
-) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices``."""
+    model,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    mechanism: DPSGD,
+    indices: list[int],
+    seed: int = 0,
+    precision: str = "fp32",
+    physical: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices`` (in physical
+    batches of ``physical`` records, each but the last accumulated, as the training loop does)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # flat turns requires_grad off
     optimizer = torch.optim.SGD([p for _, p in named], lr=0.0)
     plan = mechanism.plan(PlanRequest(model, optimizer, len(ROWS), 8, 1, 1, torch.Generator().manual_seed(seed), {}))
     model.train()  # Opacus records activations in training mode only
     try:
-        if indices:
-            batch = encode(ROWS[indices], "classification", tokenizer, 32)
+        size = physical or max(1, len(indices))
+        chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        for number, chunk in enumerate(chunks):
+            batch = encode(ROWS[chunk], "classification", tokenizer, 32)
             labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
             with devices.autocast(input_ids.device, precision):
                 losses = sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification")
-            plan.backward(losses)
+            plan.backward(losses, len(chunk) / len(indices))
+            if number < len(chunks) - 1:
+                plan.accumulate()
         plan.optimizer.pre_step()
         return {n: p.grad.detach().clone() for n, p in named}
     finally:
@@ -84,6 +95,48 @@ def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_an
     expected_batch = 8 / len(ROWS) * len(ROWS)  # the optimizer divides by the expected Poisson batch size
     for n, _ in named:
         assert torch.allclose(dp[n], reference[n] / expected_batch, atol=1e-7, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("mode", ["flat", "hooks", "functorch", "ew", "ghost"])
+def test_a_batch_in_physical_batches_gives_the_step_of_the_whole_batch(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
+    """Large logical batches in bounded memory: split into passes of 2 and 3 records (sizes that differ, as
+    Poisson batches' last pass does), every record is still clipped alone and the clipped sums add up to
+    the whole batch's; the noise is drawn once (checked with a noise multiplier near 0, and in
+    test_dp_training_in_physical_batches_matches_the_whole_batch_bit_for_bit_of_noise)."""
+    model, tokenizer = model_and_tokenizer
+    mechanism = DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=0.01, grad_sample_mode=mode)  # type: ignore[arg-type]
+    indices = [0, 5, 11, 17, 23, 31, 37]
+    whole = _one_step_gradient(model, tokenizer, mechanism, indices)
+    for physical in (2, 3):
+        split = _one_step_gradient(model, tokenizer, mechanism, indices, physical=physical)
+        for name, gradient in whole.items():
+            assert torch.allclose(split[name], gradient, atol=1e-8, rtol=1e-4), (physical, name)
+
+
+@pytest.mark.parametrize("mode", ["flat", "hooks", "ghost"])
+def test_dp_training_in_physical_batches_matches_the_whole_batch_bit_for_bit_of_noise(
+    model_and_tokenizer,  # noqa: ANN001
+    mode: str,
+) -> None:
+    """With reproducible noise, a run whose steps are split into passes of 3 draws the same noise, takes the
+    same steps and accounts the same epsilon as the unsplit run: one noise draw and one accounted step per
+    logical batch, not per pass."""
+    model, tokenizer = model_and_tokenizer
+    initial = adapters.get_adapter(model)
+    results = []
+    for physical in (0, 3):
+        adapters.set_adapter(model, initial)
+        mechanism = DPSGD(target_epsilon=4.0, grad_sample_mode=mode, reproducible_noise=True)  # type: ignore[arg-type]
+        config, state = TrainConfig(local_steps=4, batch_size=8, lr=0.01, physical_batch_size=physical), {}
+        metrics = local_train(model, ROWS, "classification", tokenizer, 32, config, torch.Generator().manual_seed(0),
+                              mechanism, total_steps=4, privacy_state=state)  # fmt: skip
+        results.append((adapters.get_adapter(model), metrics, json.loads(state[STATE_KEY])["history"]))
+    (whole, whole_metrics, whole_history), (split, split_metrics, split_history) = results
+    assert split_history == whole_history and split_metrics["epsilon"] == whole_metrics["epsilon"]
+    assert math.isclose(split_metrics["train_loss"], whole_metrics["train_loss"], rel_tol=1e-5)
+    assert not torch.equal(whole[next(iter(whole))], initial[next(iter(initial))])  # the steps moved the adapter
+    for name, tensor in whole.items():
+        assert torch.allclose(split[name], tensor, atol=1e-6, rtol=1e-4), name
 
 
 @pytest.mark.parametrize("mode", ["flat", "hooks"])

@@ -115,3 +115,23 @@ def test_a_cosine_schedule_spans_the_whole_run_round_after_round(
         hook.remove()
     total = 2 * 3  # rounds x local steps
     assert rates == pytest.approx([0.01 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)])
+
+
+def test_a_batch_in_physical_batches_trains_as_the_whole_batch(tiny_bert_dir: Path) -> None:
+    """Without DP, passes of 3 records (batches of 8: passes of 3, 3 and 2) accumulate each pass's mean
+    weighted by its share, so the steps equal the whole batch's."""
+    spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), num_labels=4, seed=0)
+    trained = []
+    for physical in (0, 3):
+        adapters.set_adapter(model, initial)
+        config = TrainConfig(local_steps=3, batch_size=8, lr=0.01, physical_batch_size=physical)
+        metrics = local_train(
+            model, TEXTS, "classification", load_tokenizer(spec), 32, config, torch.Generator().manual_seed(0)
+        )
+        trained.append((adapters.get_adapter(model), metrics["train_loss"]))
+    (whole, whole_loss), (split, split_loss) = trained
+    assert math.isclose(split_loss, whole_loss, rel_tol=1e-5)
+    assert adapters.fingerprint(whole) != adapters.fingerprint(initial)
+    for name, tensor in whole.items():
+        assert torch.allclose(split[name], tensor, atol=1e-6, rtol=1e-4), name

@@ -16,9 +16,20 @@ import torch
 from fedtune.aggregation import Weighting
 
 
-def mean_backward(losses: torch.Tensor) -> None:
-    """Backpropagate the batch's mean loss (gradients of every record at once)."""
+def mean_backward(losses: torch.Tensor, share: float = 1.0) -> None:
+    """Backpropagate a physical batch's part of its step's mean loss: its own mean, weighted by ``share``,
+    its fraction of the step's records (gradients accumulate over a step's physical batches)."""
+    (losses.mean() * share).backward()
+
+
+def per_record_backward(losses: torch.Tensor, share: float = 1.0) -> None:
+    """Backpropagate a physical batch's mean loss, whatever its ``share``: a DP engine reads each record's own
+    gradient from it, and divides the clipped sum by the expected batch size at the step."""
     losses.mean().backward()
+
+
+def no_accumulation() -> None:
+    """Nothing to do between physical batches: their gradients add up in ``.grad`` by themselves."""
 
 
 class StepOptimizer(Protocol):
@@ -43,7 +54,10 @@ class LocalPlan:
         batches: Row indices of each step's batch; an empty list is a step on an empty batch.
         close: Called once after the last step (removes hooks from the cached model).
         report: Metrics the mechanism adds to the client's reply (epsilon spent, noise...).
-        backward: Leaves the step's gradient in the trainable parameters, given each record's loss (B,).
+        backward: Leaves a physical batch's gradient in the trainable parameters, given each of its records'
+            loss (B,) and its share of the step's records.
+        accumulate: Called after each physical batch but a step's last: folds what its backward left into the
+            step (a DP engine clips its records and keeps their sum) without stepping or accounting.
     """
 
     module: torch.nn.Module
@@ -51,7 +65,8 @@ class LocalPlan:
     batches: Iterator[list[int]]
     close: Callable[[], None] = lambda: None
     report: Callable[[], dict[str, float]] = dict
-    backward: Callable[[torch.Tensor], None] = mean_backward
+    backward: Callable[[torch.Tensor, float], None] = mean_backward
+    accumulate: Callable[[], None] = no_accumulation
 
 
 @dataclass

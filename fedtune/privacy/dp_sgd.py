@@ -169,6 +169,7 @@ class DPSGD:
             close,
             ledger.report,
             step.backward,
+            step.accumulate,
         )
 
     def reproducible_seed(self, config_seed: int) -> int | None:

@@ -28,7 +28,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-from fedtune.privacy import StepOptimizer, mean_backward
+from fedtune.privacy import StepOptimizer, per_record_backward
 from fedtune.privacy.flat import FlatDPOptimizer, FlatPerRecordGradients, trainable_layers, unsupported_layer
 
 MODES = ("flat", "hooks", "functorch", "ew", "ghost")
@@ -41,13 +41,15 @@ class PrivateStep:
     Attributes:
         module: What to run forward (the model itself, or Opacus's wrapper of it).
         optimizer: Clips, noises and steps.
-        backward: Leaves the step's gradient, given each record's loss.
+        backward: Leaves a physical batch's gradient, given each record's loss and the batch's share.
+        accumulate: Clips a physical batch's records and adds them to the step's sum, without stepping.
         cleanup: Removes the engine's hooks from the (cached) model.
     """
 
     module: torch.nn.Module
     optimizer: StepOptimizer
-    backward: Callable[[torch.Tensor], None]
+    backward: Callable[[torch.Tensor, float], None]
+    accumulate: Callable[[], None]
     cleanup: Callable[[], None]
 
 
@@ -70,7 +72,7 @@ def private_step(
         flat = FlatDPOptimizer(
             optimizer, gradients, noise_multiplier, max_grad_norm, expected_batch_size, generator, on_step
         )
-        return PrivateStep(model, flat, mean_backward, gradients.close)
+        return PrivateStep(model, flat, per_record_backward, flat.accumulate, gradients.close)
     module = _grad_sample_module(model, mode, max_grad_norm)
     optimizer_class = _GhostDPOptimizer if mode == "ghost" else _PerRecordDPOptimizer
     dp_optimizer = optimizer_class(
@@ -82,8 +84,17 @@ def private_step(
         generator=generator,
     )
     dp_optimizer.attach_step_hook(lambda _: on_step())
-    backward = partial(_ghost_backward, module, dp_optimizer) if mode == "ghost" else mean_backward
-    return PrivateStep(module, dp_optimizer, backward, module.cleanup)
+    backward = partial(_ghost_backward, module, dp_optimizer) if mode == "ghost" else per_record_backward
+    return PrivateStep(module, dp_optimizer, backward, partial(_skipped_step, dp_optimizer), module.cleanup)
+
+
+def _skipped_step(optimizer: DPOptimizer) -> None:
+    """Opacus's gradient accumulation (as its BatchMemoryManager drives it): a step told to skip clips the
+    physical batch's records into ``summed_grad`` and stops there; ``zero_grad`` after a skipped step drops
+    the per-record gradients and keeps the sum. Neither noise nor accounting happens until the real step."""
+    optimizer.signal_skip_step(do_skip=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def refuse_unsupported(mode: str, model: torch.nn.Module) -> None:
@@ -185,13 +196,17 @@ class _GhostDPOptimizer(_StepsOnEmptyBatches, DPOptimizerFastGradientClipping):
 
 
 def _ghost_backward(
-    module: GradSampleModuleFastGradientClipping, optimizer: _GhostDPOptimizer, losses: torch.Tensor
+    module: GradSampleModuleFastGradientClipping,
+    optimizer: _GhostDPOptimizer,
+    losses: torch.Tensor,
+    share: float = 1.0,
 ) -> None:
     """Ghost clipping's two passes: per-record gradient norms, then the gradient of the clipped loss.
 
-    The first pass only fills the norms (its parameter gradients are dropped); the second, with the hooks
-    off, backpropagates sum_i c_i * loss_i with c_i = min(1, C / ||g_i||), whose gradient is the sum of
-    the clipped per-record gradients.
+    The first pass only fills the norms (its parameter gradients are dropped; after a skipped step the
+    accumulated sum survives ``zero_grad``); the second, with the hooks off, backpropagates
+    sum_i c_i * loss_i with c_i = min(1, C / ||g_i||), whose gradient is the sum of the clipped per-record
+    gradients. ``share`` plays no part (see :func:`fedtune.privacy.per_record_backward`).
     """
     losses.mean().backward(retain_graph=True)
     optimizer.zero_grad()

@@ -175,10 +175,18 @@ class FlatDPOptimizer:
         self.expected_batch_size = expected_batch_size
         self.generator = generator
         self.on_step = on_step
+        self._accumulated: torch.Tensor | None = None
+
+    def accumulate(self) -> None:
+        """Clip the records of the physical batch backward just ran and keep their sum for the step."""
+        summed = self.gradients.take_clipped_sum(self.max_grad_norm)
+        self._accumulated = summed if self._accumulated is None else self._accumulated + summed
 
     def pre_step(self) -> None:
         """Leave the clipped, noised, averaged gradient in every trainable parameter's ``.grad``; account the step."""
         summed = self.gradients.take_clipped_sum(self.max_grad_norm)
+        if self._accumulated is not None:  # the step's earlier physical batches
+            summed, self._accumulated = summed + self._accumulated, None
         noise = torch.normal(
             0.0,
             self.noise_multiplier * self.max_grad_norm,
