@@ -123,12 +123,13 @@ def summarise(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
 
 
 def table(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown: one row per arm, one column per privacy setting (macro-F1 mean ± sd, worst seed)."""
+    """Markdown: one row per arm, one column per privacy setting (macro-F1 mean ± sd, worst seed; seeds)."""
     settings = list(summaries)
     order = ["centralized", *[a for a in summaries[settings[0]] if a.startswith("federated:")]]
     order += ["best hospital alone", "hospitals alone (mean)"]
+    seeds = [summaries[s]["centralized"]["seeds"] for s in settings]
     rows = [
-        "| arm | " + " | ".join(f"macro-F1, {s}" for s in settings) + " |",
+        "| arm | " + " | ".join(f"macro-F1, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True)) + " |",
         "|---|" + "---|" * len(settings),
     ]
     for arm in order:
@@ -190,20 +191,24 @@ def main() -> None:
     base = [*SCALE, *args.extra]
     runs: dict[str, list[dict[str, dict]]] = {}
     with tempfile.TemporaryDirectory() as root:
-        for seed in seeds:
+        for seed in seeds:  # seeds outermost, results written after each: a cut-short run keeps what it has
             for index, privacy in enumerate(args.privacy):
                 results = run_seed(seed, privacy, strategies, base, Path(root) / f"privacy-{index}")
                 runs.setdefault(privacy, []).append(results)
-                print(json.dumps({"seed": seed, "privacy": privacy, **runs[privacy][-1]}), flush=True)
+                write(args.out, base, seeds, runs)
+
+
+def write(out: Path, overrides: list[str], seeds: list[int], runs: dict[str, list[dict[str, dict]]]) -> None:
+    """The JSON, the markdown table and the plot of the runs so far (each summary says over how many seeds)."""
     summaries = {privacy: summarise(results) for privacy, results in runs.items()}
     markdown = table(summaries)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
-    record = {"overrides": base, "seeds": seeds, "machine": machine, "summary": summaries, "runs": runs}
-    args.out.write_text(json.dumps(record, indent=2))
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(summaries, args.out.with_suffix(".png"))
-    print(markdown)
+    record = {"overrides": overrides, "seeds": seeds, "machine": machine, "summary": summaries, "runs": runs}
+    out.write_text(json.dumps(record, indent=2))
+    out.with_suffix(".md").write_text(markdown + "\n")
+    plot(summaries, out.with_suffix(".png"))
+    print(markdown, flush=True)
 
 
 if __name__ == "__main__":
