@@ -31,6 +31,7 @@ from fedtune.tasks import Task
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+POOLINGS = ("cls", "mean")
 _TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
 # transformers 5 deprecation that PEFT triggers on every forward; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -46,18 +47,27 @@ class ModelSpec:
         path: A local Hugging Face model directory, or ``builtin:minilm`` / ``builtin:smollm2``.
         task: ``classification`` (sequence classifier head) or ``causal_lm``.
         max_length: Inputs are truncated to this many tokens.
+        pooling: What a classifier's head reads: ``cls``, the model's own pooler over the first token (as
+            Hugging Face builds it), or ``mean``, the mean of the last hidden states over the real tokens
+            (what sentence-embedding models such as all-MiniLM-L6-v2 were trained to produce; see
+            :func:`use_mean_pooling`).
 
     Raises:
-        ValueError: Unknown built-in, missing directory, unknown task, or a non-positive length.
+        ValueError: Unknown built-in, missing directory, unknown task or pooling, or a non-positive length.
     """
 
     path: str
     task: Task = "classification"
     max_length: int = 128
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         if self.task not in _TASK_TYPES:
             raise ValueError(f"model.task={self.task!r}: must be one of {sorted(_TASK_TYPES)}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}.")
+        if self.pooling != "cls" and self.task != "classification":
+            raise ValueError(f"model.pooling={self.pooling} applies to classifiers; a causal LM has no pooled output.")
         if self.max_length < 8:
             raise ValueError(f"model.max_length={self.max_length}: must be at least 8 tokens.")
         if self.path.startswith(BUILTIN_PREFIX):
@@ -120,12 +130,54 @@ def build_model(
             (LoRA matrices, a classifier head) are float32 either way.
     """
     lora = _with_task_type(lora, spec.task)
-    key = json.dumps([spec.path, spec.task, num_labels, seed, _lora_key(lora), str(device), precision], sort_keys=True)
+    key = json.dumps(
+        [spec.path, spec.task, spec.pooling, num_labels, seed, _lora_key(lora), str(device), precision], sort_keys=True
+    )
     if key not in _MODEL_CACHE:
         model = _build(spec, lora, num_labels, seed, devices.weights_dtype(precision))
         initial = get_adapter(model)
         _MODEL_CACHE[key] = (model.to(device), initial)
     return _MODEL_CACHE[key]
+
+
+class MeanPooler(torch.nn.Module):
+    """In place of a BERT-style pooler: the mean of the last hidden states over the tokens the attention mask
+    keeps (no parameters). The encoder's forward pre-hook :meth:`capture_mask` hands it each batch's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mask: torch.Tensor | None = None
+
+    def capture_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Keep the attention mask of the encoder call that is starting (None: every token counts)."""
+        self._mask = kwargs.get("attention_mask")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, hidden) -> (batch, hidden): each record's mean over its real tokens."""
+        mask, self._mask = self._mask, None
+        if mask is None:
+            return hidden_states.mean(dim=1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: transformers.PreTrainedModel) -> None:
+    """Make a BERT-style sequence classifier's head read the mean of its last hidden states over the real
+    tokens instead of its pooler's transform of the first token. Apply it to the base model before loading
+    an adapter trained with ``model.pooling=mean`` (the model card says so).
+
+    Raises:
+        ValueError: The model has no pooler to replace (e.g. RoBERTa's classifier reads the first token
+            itself): use ``model.pooling=cls``.
+    """
+    encoder = getattr(model, model.base_model_prefix, None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ValueError(
+            f"model.pooling=mean replaces a BERT-style pooler, and {type(model).__name__} has none; use model.pooling=cls."
+        )
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+    encoder.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -143,6 +195,8 @@ def _build(spec: ModelSpec, lora: LoraConfig, num_labels: int | None, seed: int,
             raise ValueError(f"A classification model needs at least 2 labels, got {num_labels}.")
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
         base.config.pad_token_id = load_tokenizer(spec).pad_token_id
+        if spec.pooling == "mean":
+            use_mean_pooling(base)
     else:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     base.eval()

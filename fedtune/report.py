@@ -17,6 +17,7 @@ from fedtune.adapters import RESIDUAL_FILE, AdapterState  # noqa: E402
 from fedtune.evaluation import majority_baseline  # noqa: E402
 from fedtune.experiment import Experiment  # noqa: E402
 from fedtune.federation import Federation  # noqa: E402
+from fedtune.models import ModelSpec  # noqa: E402
 from fedtune.run_dir import RunDir  # noqa: E402
 
 logger = logging.getLogger("fedtune")
@@ -138,7 +139,7 @@ Trained with fedtune. Load it with PEFT:
 from peft import PeftModel
 model = PeftModel.from_pretrained(base_model, "adapter")
 ```
-{_residual_note(adapter)}
+{_pooling_note(spec)}{_residual_note(adapter)}
 ## Base model
 - `{spec.path}` ({spec.task}), licence: {spec.licence()}
 
@@ -187,6 +188,21 @@ def _residual_size(adapter: AdapterState) -> str:
     return (
         f"; plus {adapters.num_parameters(residuals):,} residual values, {adapters.num_bytes(residuals) / 1e6:.2f} MB"
     )
+
+
+def _pooling_note(spec: ModelSpec) -> str:
+    """For a classifier trained with mean pooling: the base model needs it too before the adapter loads."""
+    if spec.pooling != "mean":
+        return ""
+    return """
+The head was trained on mean-pooled tokens (`model.pooling=mean`): give the base model the same pooling
+before loading the adapter, or its predictions are not the evaluated model's:
+
+```python
+from fedtune.models import use_mean_pooling
+use_mean_pooling(base_model)  # then PeftModel.from_pretrained(base_model, "adapter")
+```
+"""
 
 
 def _residual_note(adapter: AdapterState) -> str:

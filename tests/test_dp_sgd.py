@@ -29,8 +29,9 @@ ROWS = datasets.Dataset.from_dict(
 
 
 @pytest.fixture
-def model_and_tokenizer(tiny_bert_dir: Path):  # noqa: ANN201
-    spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
+def model_and_tokenizer(tiny_bert_dir: Path, request: pytest.FixtureRequest):  # noqa: ANN201
+    """The tiny classifier (pooling ``cls``, or the test's indirect parameter)."""
+    spec = ModelSpec(str(tiny_bert_dir), "classification", 32, pooling=getattr(request, "param", "cls"))
     model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), num_labels=3, seed=0)
     adapters.set_adapter(model, initial)  # random LoRA B as well, so every adapter tensor has a gradient
     return model, load_tokenizer(spec)
@@ -70,6 +71,7 @@ def _one_step_gradient(
         model.eval()
 
 
+@pytest.mark.parametrize("model_and_tokenizer", ["cls", "mean"], indirect=True)  # a mean stays within its record
 @pytest.mark.parametrize("mode", ["flat", "hooks", "functorch", "ew", "ghost"])
 def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_and_tokenizer, mode: str) -> None:  # noqa: ANN001
     model, tokenizer = model_and_tokenizer

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fedtune import adapters, assets
-from fedtune.models import ModelSpec, build_model, count_parameters, load_tokenizer
+from fedtune.models import ModelSpec, build_model, count_parameters, load_tokenizer, use_mean_pooling
 
 
 def test_builtin_minilm_builds_offline_with_a_trainable_head() -> None:
@@ -51,3 +51,36 @@ def test_smollm2_safetensors_copy_gives_the_same_logits_as_the_gguf(
     ids = tokenizer("Fever and a stiff neck suggest", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(reference(ids).logits, copy(ids).logits)
+
+
+def test_mean_pooling_feeds_the_head_the_mean_over_real_tokens(tiny_bert_dir: Path) -> None:
+    """Against an independent computation: the plain encoder's last hidden states, averaged over the tokens
+    the attention mask keeps (records of different lengths, so padding would show), then the trained head."""
+    spec = ModelSpec(str(tiny_bert_dir), "classification", 32, pooling="mean")
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), num_labels=3, seed=0)
+    adapters.set_adapter(model, initial)
+    batch = load_tokenizer(spec)(
+        ["short", "a much longer record with many more tokens"], return_tensors="pt", padding=True
+    )
+    assert not bool(batch["attention_mask"].all())  # padding present
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = AutoModel.from_pretrained(tiny_bert_dir)(**batch).last_hidden_state  # LoRA B is 0 at start
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        head = model.base_model.model.classifier.modules_to_save["default"]
+        expected = head((hidden * mask).sum(1) / mask.sum(1))
+    assert torch.allclose(logits, expected, atol=1e-5)
+    cls_model, _ = build_model(ModelSpec(str(tiny_bert_dir), "classification", 32), LoraConfig(r=4, lora_alpha=8), 3, 0)
+    with torch.no_grad():
+        assert not torch.allclose(cls_model(**batch).logits, logits, atol=1e-3)  # another model, not a cache hit
+
+
+def test_mean_pooling_is_refused_where_there_is_no_pooler_or_no_classifier(tiny_bert_dir: Path) -> None:
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
+    base.bert.pooler = None  # as RoBERTa's classifier, which reads the first token itself
+    with pytest.raises(ValueError, match="model.pooling=cls"):
+        use_mean_pooling(base)
+    with pytest.raises(ValueError, match="model.pooling=mean applies to classifiers"):
+        ModelSpec(str(tiny_bert_dir), "causal_lm", 32, pooling="mean")
+    with pytest.raises(ValueError, match="model.pooling='max'"):
+        ModelSpec(str(tiny_bert_dir), "classification", 32, pooling="max")
