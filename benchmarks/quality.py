@@ -17,7 +17,8 @@ federated training is compared with). The local-only arm without DP is the bar a
 clear: a hospital that trains alone needs no DP, as nothing leaves the building.
 
     python benchmarks/quality.py                                   # no DP and DP-SGD at epsilon 8, 3 seeds
-    python benchmarks/quality.py --privacy none "privacy=dp_sgd privacy.target_epsilon=1" --seeds 0
+    python benchmarks/quality.py --privacy privacy=none "privacy=dp_sgd privacy.target_epsilon=1" --seeds 0
+    python benchmarks/quality.py --no-hospitals --extra model.pooling=mean --out /tmp/mean_pooling.json
     python benchmarks/quality.py --extra data=hpo_systems --out benchmarks/results/quality_hpo.json
 
 Writes JSON (every run, the summary, the machine), a markdown table beside it (``.md``) and a plot of
@@ -87,11 +88,15 @@ def train_alone(overrides: list[str], arm: SoloArm) -> dict[str, float]:
     }
 
 
-def run_seed(seed: int, privacy: str, strategies: list[str], base: list[str], root: Path) -> dict[str, dict]:
-    """Every arm for one seed under one privacy setting (``root``: this setting's own directory)."""
+def run_seed(
+    seed: int, privacy: str, strategies: list[str], base: list[str], root: Path, hospitals: bool = True
+) -> dict[str, dict]:
+    """Every arm for one seed under one privacy setting (``root``: this setting's own directory; without
+    ``hospitals``, not the hospitals alone)."""
     overrides = [*base, *shlex.split(privacy), f"seed={seed}", f"run_dir={root / 'solo'}"]
     experiment = get_experiment(config.compose(overrides))
-    results: dict[str, dict] = {arm.name: train_alone(overrides, arm) for arm in solo_arms(experiment)}
+    solo = solo_arms(experiment) if hospitals else solo_arms(experiment)[:1]
+    results: dict[str, dict] = {arm.name: train_alone(overrides, arm) for arm in solo}
     for strategy in strategies:
         federated = run_one(strategy, seed, [*base, *shlex.split(privacy)], root)
         results[f"federated:{strategy}"] = {metric: federated[metric] for metric in METRICS}
@@ -106,11 +111,13 @@ def summarise(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
         for arm, values in run.items():
             arms.setdefault(arm, []).append(values)
     hospitals = sorted(arm for arm in arms if arm.startswith("hospital-"))
-    best = max(hospitals, key=lambda arm: statistics.mean(v["macro_f1"] for v in arms[arm]))
-    arms["best hospital alone"] = arms[best]
-    arms["hospitals alone (mean)"] = [
-        {metric: statistics.mean(arms[h][i][metric] for h in hospitals) for metric in METRICS} for i in range(len(runs))
-    ]
+    best = max(hospitals, key=lambda arm: statistics.mean(v["macro_f1"] for v in arms[arm]), default=None)
+    if best is not None:
+        arms["best hospital alone"] = arms[best]
+        arms["hospitals alone (mean)"] = [
+            {metric: statistics.mean(arms[h][i][metric] for h in hospitals) for metric in METRICS}
+            for i in range(len(runs))
+        ]
     summary: dict[str, dict] = {}
     for arm, values in arms.items():
         summary[arm] = {"seeds": len(values), **({"which": best} if arm == "best hospital alone" else {})}
@@ -126,7 +133,7 @@ def table(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
     """Markdown: one row per arm, one column per privacy setting (macro-F1 mean ± sd, worst seed; seeds)."""
     settings = list(summaries)
     order = ["centralized", *[a for a in summaries[settings[0]] if a.startswith("federated:")]]
-    order += ["best hospital alone", "hospitals alone (mean)"]
+    order += [a for a in ("best hospital alone", "hospitals alone (mean)") if a in summaries[settings[0]]]
     seeds = [summaries[s]["centralized"]["seeds"] for s in settings]
     rows = [
         "| arm | " + " | ".join(f"macro-F1, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True)) + " |",
@@ -185,6 +192,7 @@ def main() -> None:
     parser.add_argument("--privacy", nargs="+", default=["privacy=none", "privacy=dp_sgd privacy.target_epsilon=8"])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, applied to every arm")
+    parser.add_argument("--no-hospitals", action="store_true", help="skip the hospitals alone (a quicker comparison)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     args = parser.parse_args()
     strategies, seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
@@ -193,7 +201,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for seed in seeds:  # seeds outermost, results written after each: a cut-short run keeps what it has
             for index, privacy in enumerate(args.privacy):
-                results = run_seed(seed, privacy, strategies, base, Path(root) / f"privacy-{index}")
+                directory = Path(root) / f"privacy-{index}"
+                results = run_seed(seed, privacy, strategies, base, directory, not args.no_hospitals)
                 runs.setdefault(privacy, []).append(results)
                 write(args.out, base, seeds, runs)
 
