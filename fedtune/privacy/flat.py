@@ -71,6 +71,16 @@ class FlatPerRecordGradients:
         for p in self.parameters:
             p.requires_grad_(False)
 
+    def columns_of(self, parameter: torch.nn.Parameter) -> tuple[int, int]:
+        """Where ``parameter``'s values lie in a record's row (start, end)."""
+        return self._columns[id(parameter)]
+
+    def take_per_record(self) -> torch.Tensor | None:
+        """The step's unclipped per-record gradients (records x values), releasing them; None without a batch
+        (for measurements: the training step uses :meth:`take_clipped_sum`)."""
+        buffer, self._buffer = self._buffer, None
+        return buffer
+
     def take_clipped_sum(self, max_grad_norm: float) -> torch.Tensor:
         """The sum over records of each record's gradient scaled to L2 norm at most ``max_grad_norm``, flat.
 
