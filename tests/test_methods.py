@@ -44,25 +44,30 @@ def _equal(a: AdapterState, b: AdapterState) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ffa_lora_under_masking_and_dp_sgd_never_moves_a_and_uploads_b_only(
-    tiny_bert_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(("strategy", "frozen"), [("ffa_lora", ("lora_A",)), ("head_only", ("lora_A", "lora_B"))])
+def test_frozen_factors_under_masking_and_dp_sgd_never_move_and_are_not_uploaded(
+    tiny_bert_dir: Path, tmp_path: Path, strategy: str, frozen: tuple[str, ...]
 ) -> None:
+    """FFA-LoRA freezes A, head-only training both factors: they stay at the shared initialisation, what is
+    trained moves, and the masked upload is smaller than FedAvg's by exactly the frozen values."""
     masked = ("federation.num_clients=3", "secure=masking")
-    ffa = _federate(
-        tmp_path / "ffa",
-        tiny_overrides(tiny_bert_dir, tmp_path / "ffa" / "run", *masked, "strategy=ffa_lora", "privacy=dp_sgd"),
+    method = _federate(
+        tmp_path / strategy,
+        tiny_overrides(tiny_bert_dir, tmp_path / strategy / "run", *masked, f"strategy={strategy}", "privacy=dp_sgd"),
         3,
     )
     fedavg_overrides = tiny_overrides(tiny_bert_dir, tmp_path / "fedavg" / "run", *masked)
     fedavg = _federate(tmp_path / "fedavg", fedavg_overrides, 3)
     initial = get_experiment(config.compose(fedavg_overrides)).initial_adapter()
-    final = _adapter_after(ffa, 2)
-    assert _equal(_of(final, "lora_A"), _of(initial, "lora_A"))  # A stays at the shared initialisation
-    assert not _equal(_of(final, "lora_B"), _of(initial, "lora_B"))
-    # A masked upload is one uint32 per uploaded value: FFA-LoRA sends A's values fewer than FedAvg does.
-    saved = adapters.num_parameters(_of(initial, "lora_A")) * 4
-    difference = _train_metric(fedavg, "upload_bytes_per_client")[1] - _train_metric(ffa, "upload_bytes_per_client")[1]
-    assert abs(difference - saved) < 0.02 * saved
+    final = _adapter_after(method, 2)
+    for fragment in frozen:
+        assert _equal(_of(final, fragment), _of(initial, fragment))  # at the shared initialisation
+    trained = "lora_B" if strategy == "ffa_lora" else "classifier"
+    assert not _equal(_of(final, trained), _of(initial, trained))
+    # A masked upload is one uint32 per uploaded value: the frozen values are what is not sent.
+    saved = sum(adapters.num_parameters(_of(initial, fragment)) for fragment in frozen) * 4
+    uploads = (_train_metric(run, "upload_bytes_per_client")[1] for run in (fedavg, method))
+    assert abs(next(uploads) - next(uploads) - saved) < 0.02 * saved
 
 
 def test_rolora_trains_b_in_odd_rounds_and_a_in_even_ones(tiny_bert_dir: Path, tmp_path: Path) -> None:

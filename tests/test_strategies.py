@@ -30,6 +30,7 @@ from strategies.fedsa_lora import FedSALoRA
 from strategies.fedyogi import FedYogi
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
+from strategies.head_only import HeadOnly
 from strategies.hetlora import HetLoRA
 from strategies.rolora import RoLoRA
 
@@ -189,6 +190,13 @@ def _ffa_lora() -> None:
     }
 
 
+def _head_only() -> None:
+    # Every round freezes both LoRA factors: only the head is trained and uploaded.
+    assert {tuple(HeadOnly().configure(r, "c").uploaded(_adapter(0))) for r in (1, 2, 3)} == {("classifier.weight",)}
+    with pytest.raises(ValueError, match="nothing would be trained"):  # a causal LM: no head, nothing to train
+        HeadOnly().configure(1, "c").check({k: v for k, v in _adapter(0).items() if "lora" in k})
+
+
 def _rolora() -> None:
     uploads = [tuple(RoLoRA().configure(r, "c").uploaded(_adapter(0))) for r in (1, 2, 3)]
     assert uploads == [
@@ -274,6 +282,7 @@ HAND_COMPUTED: dict[str, Callable[[], None]] = {
     "fedadagrad": _fedadagrad,
     "fedprox": _fedprox,
     "ffa_lora": _ffa_lora,
+    "head_only": _head_only,
     "rolora": _rolora,
     "fedsa_lora": _fedsa_lora,
     "flexlora": _flexlora,
