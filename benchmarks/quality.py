@@ -130,20 +130,26 @@ def summarise(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
 
 
 def table(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown: one row per arm, one column per privacy setting (macro-F1 mean ± sd, worst seed; seeds)."""
+    """Markdown: one row per arm, one column per privacy setting (macro-F1 mean ± sd with the worst seed, then
+    accuracy mean ± sd; the header says over how many seeds)."""
     settings = list(summaries)
     order = ["centralized", *[a for a in summaries[settings[0]] if a.startswith("federated:")]]
     order += [a for a in ("best hospital alone", "hospitals alone (mean)") if a in summaries[settings[0]]]
     seeds = [summaries[s]["centralized"]["seeds"] for s in settings]
     rows = [
-        "| arm | " + " | ".join(f"macro-F1, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True)) + " |",
+        "| arm | "
+        + " | ".join(f"macro-F1 / accuracy, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True))
+        + " |",
         "|---|" + "---|" * len(settings),
     ]
     for arm in order:
         cells = []
         for setting in settings:
             s = summaries[setting][arm]
-            cells.append(f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f} ({s['macro_f1_min']:.3f})")
+            cells.append(
+                f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f} ({s['macro_f1_min']:.3f}) / "
+                f"{s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f}"
+            )
         rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
