@@ -10,7 +10,8 @@ this measures, at the initial adapter and for each ``model.pooling``:
 - for each (batch size B, steps T) at epsilon 1 and 8: the noise multiplier sigma that spends that epsilon
   over T steps of Poisson rate B/n (fedtune's own calibration), and each part's signal-to-noise ratio over
   the run, ``sqrt(T) ||sum of B clipped gradients restricted to the part|| / (sigma C sqrt(d_part))``
-  (the clipped sum estimated as B times the mean clipped gradient of 256 sampled records).
+  (the clipped sum estimated as B times the mean clipped gradient of 256 sampled records), and the noise
+  multiplier the PRV accountant needs for the same guarantee (``privacy.accountant=prv``).
 
     python benchmarks/dp_signal.py                          # writes benchmarks/results/dp_signal.json
 """
@@ -94,8 +95,16 @@ def measure(pooling: str, clip: float) -> dict:
                 / (sigma * clip * math.sqrt(int(mask.sum())))
                 for part, mask in parts.items()
             }
+            prv = DPSGD(target_epsilon=epsilon, accountant="prv").calibrate(rows, batch, steps)
             result["settings"].append(
-                {"batch": batch, "steps": steps, "epsilon": epsilon, "noise_multiplier": sigma, "snr": snr}
+                {
+                    "batch": batch,
+                    "steps": steps,
+                    "epsilon": epsilon,
+                    "noise_multiplier": sigma,
+                    "noise_multiplier_prv": prv,
+                    "snr": snr,
+                }
             )
     return result
 
