@@ -44,6 +44,7 @@ def test_every_config_option_composes_and_binds_to_its_signature(
 def test_defaults_describe_the_demo() -> None:
     cfg = config.compose()
     assert cfg.model.path == "builtin:minilm"
+    assert cfg.model.pooling == "mean"  # as MiniLM was trained; its checkpoint's pooler is untrained
     assert cfg.data.loader._target_.endswith("icd10_chapters")
     assert cfg.partition._target_.endswith("DirichletPartitioner")
     assert cfg.federation.num_clients == 4

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fedtune import adapters, assets
+from fedtune import adapters, assets, config
+from fedtune.experiment import get_experiment
 from fedtune.models import ModelSpec, build_model, count_parameters, load_tokenizer, use_mean_pooling
+from fedtune.run_dir import RunDir
+from tests.conftest import tiny_overrides
+from tests.nodes import federate
 
 
 def test_builtin_minilm_builds_offline_with_a_trainable_head() -> None:
@@ -84,3 +88,21 @@ def test_mean_pooling_is_refused_where_there_is_no_pooler_or_no_classifier(tiny_
         ModelSpec(str(tiny_bert_dir), "causal_lm", 32, pooling="mean")
     with pytest.raises(ValueError, match="model.pooling='max'"):
         ModelSpec(str(tiny_bert_dir), "classification", 32, pooling="max")
+
+
+def test_an_adapter_trained_with_mean_pooling_loads_back_as_its_model_card_says(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "model.pooling=mean")
+    run = federate(tmp_path, overrides, 2)
+    assert "use_mean_pooling(base_model)" in (run / "README.md").read_text()
+    experiment = get_experiment(config.compose(overrides))
+    final = torch.load(RunDir(run).checkpoints / "round-0002.pt", weights_only=True)["adapter"]
+    server = experiment.model()
+    adapters.set_adapter(server, final)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=experiment.num_labels)
+    use_mean_pooling(base)  # as the card says, then PEFT's loader
+    loaded = PeftModel.from_pretrained(base, run / "adapter").eval()
+    batch = experiment.tokenizer(["short", "a much longer record with more tokens"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, server(**batch).logits, atol=1e-5)
