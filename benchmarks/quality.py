@@ -73,13 +73,13 @@ def solo_arms(experiment: Experiment) -> list[SoloArm]:
     return [SoloArm("centralized", union, per_round * federation.num_rounds * local_steps), *alone]
 
 
-def train_alone(overrides: list[str], arm: SoloArm) -> dict[str, float]:
+def train_alone(overrides: list[str], arm: SoloArm, test_set: datasets.Dataset) -> dict[str, float]:
     """Train ``arm`` as one client's single long round (``client.train_round``, so DP-SGD calibrates its
-    noise for exactly these steps on these rows); its central test metrics."""
+    noise for exactly these steps on these rows); its metrics on the federation's central ``test_set``."""
     solo = get_experiment(config.compose([*overrides, f"train.local_steps={arm.steps}", "federation.num_rounds=1"]))
     initial = solo.initial_adapter()
     update, metrics = client.train_round(solo, arm.rows, initial, 1, arm.name, privacy_state={})
-    central = solo.evaluate(adapters.apply(initial, update), solo.test_set)
+    central = solo.evaluate(adapters.apply(initial, update), test_set)
     return {
         **{metric: central[metric] for metric in METRICS},
         "steps": float(arm.steps),
@@ -96,7 +96,7 @@ def run_seed(
     overrides = [*base, *shlex.split(privacy), f"seed={seed}", f"run_dir={root / 'solo'}"]
     experiment = get_experiment(config.compose(overrides))
     solo = solo_arms(experiment) if hospitals else solo_arms(experiment)[:1]
-    results: dict[str, dict] = {arm.name: train_alone(overrides, arm) for arm in solo}
+    results: dict[str, dict] = {arm.name: train_alone(overrides, arm, experiment.test_set) for arm in solo}
     for strategy in strategies:
         federated = run_one(strategy, seed, [*base, *shlex.split(privacy)], root)
         results[f"federated:{strategy}"] = {metric: federated[metric] for metric in METRICS}

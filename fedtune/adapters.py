@@ -31,6 +31,14 @@ def is_residual(key: str) -> bool:
     return key.endswith(RESIDUAL)
 
 
+def split_residuals(adapter: Mapping[str, torch.Tensor]) -> tuple[AdapterState, AdapterState]:
+    """``adapter`` as (its trained tensors, its dense residuals)."""
+    trained, residuals = {}, {}
+    for key, tensor in adapter.items():
+        (residuals if is_residual(key) else trained)[key] = tensor
+    return trained, residuals
+
+
 def get_adapter(model: PeftModel) -> AdapterState:
     """A detached CPU copy of the model's trainable adapter tensors, in a fixed key order (whatever the model's device)."""
     state = get_peft_model_state_dict(model)
@@ -46,7 +54,7 @@ def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
         ValueError: If ``adapter`` lacks a tensor the model has, has one it does not, or a shape differs:
             an adapter from another model or LoRA config must never be loaded half-way (nothing is changed).
     """
-    trained = {key: tensor for key, tensor in adapter.items() if not is_residual(key)}
+    trained, residuals = split_residuals(adapter)
     expected = get_peft_model_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(trained)), sorted(set(trained) - set(expected))
     if missing or unexpected:
@@ -56,7 +64,7 @@ def set_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(
                 f"Adapter tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}."
             )
-    deltas = _residual_deltas(model, adapter)  # validated before anything is written
+    deltas = _residual_deltas(model, residuals)  # validated before anything is written
     _fold_residuals(model, dict(deltas.values()))
     result = set_peft_model_state_dict(model, trained)
     if result.unexpected_keys:
@@ -67,24 +75,21 @@ def residual_weights(model: PeftModel, adapter: Mapping[str, torch.Tensor]) -> A
     """``adapter``'s residuals as what to add to the model's frozen weights (``s R``, transposed for a layer
     that stores its weight fan-in first), keyed by parameter name (``model.get_parameter(name).data +=
     delta`` loads them into a PEFT model of the exported adapter)."""
-    return {
-        f"{_module_name(key)}.base_layer.weight": delta for key, (_, delta) in _residual_deltas(model, adapter).items()
-    }
+    deltas = _residual_deltas(model, split_residuals(adapter)[1])
+    return {f"{_module_name(key)}.base_layer.weight": delta for key, (_, delta) in deltas.items()}
 
 
 def _residual_deltas(
-    model: PeftModel, adapter: Mapping[str, torch.Tensor]
+    model: PeftModel, residuals: Mapping[str, torch.Tensor]
 ) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
-    """Each residual of ``adapter`` (by key) as its LoRA module and the float32 CPU delta of that module's
+    """Each of the ``residuals`` (by key) as its LoRA module and the float32 CPU delta of that module's
     frozen weight.
 
     Raises:
         ValueError: A residual that names no LoRA module, or whose shape is not the module's ``out x in``.
     """
     deltas = {}
-    for key, residual in adapter.items():
-        if not is_residual(key):
-            continue
+    for key, residual in residuals.items():
         module = _lora_module(model, key)
         delta = module.scaling[model.active_adapter] * residual.to("cpu", torch.float32)
         if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W as in x out

@@ -125,9 +125,9 @@ def check_residuals(experiment: Experiment, global_adapter: AdapterState) -> Non
     Raises:
         ValueError: ``global_adapter`` holds a residual and the experiment's strategy folds none.
     """
-    residuals = [key for key in global_adapter if adapters.is_residual(key)]
+    residuals = adapters.split_residuals(global_adapter)[1]
     if residuals and not experiment.folds_residuals:
         raise ValueError(
-            f"the global adapter holds dense residuals ({residuals[0]}) but strategy "
+            f"the global adapter holds dense residuals ({next(iter(residuals))}) but strategy "
             f"{experiment.cfg.strategy._target_} folds none: refused, as they would rewrite this node's base weights."
         )

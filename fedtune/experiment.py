@@ -257,9 +257,9 @@ class Experiment:
         in ``federation.client_ranks``, as ``source`` names), else ``lora.r``, the global adapter's rank.
 
         Raises:
-            ValueError: ``declared`` above ``lora.r`` or below 1, or below ``lora.r`` under organisation-level
-                DP (a smaller client's update also zeroes the components it does not train, which would
-                spend its clip norm on a data-independent term).
+            ValueError: ``declared`` above ``lora.r`` or below 1, or below ``lora.r`` with per-module rank or
+                alpha patterns, or under organisation-level DP (a smaller client's update also zeroes the
+                components it does not train, which would spend its clip norm on a data-independent term).
         """
         global_rank = int(self.cfg.lora.r)
         if declared is None or declared == global_rank:
@@ -268,6 +268,11 @@ class Experiment:
             raise ValueError(
                 f"{source}: a client rank of {declared}, but client ranks lie between 1 and lora.r={global_rank}, "
                 "the global adapter's rank (raise lora.r to the largest client rank)."
+            )
+        if self.cfg.lora.get("rank_pattern") or self.cfg.lora.get("alpha_pattern"):
+            raise ValueError(
+                f"{source}: client ranks below lora.r truncate every module to one rank, which lora.rank_pattern "
+                "and lora.alpha_pattern contradict: remove them, or train every client at lora.r."
             )
         if self.privacy.organisation is not None:
             raise ValueError(
@@ -307,11 +312,6 @@ class Experiment:
     def _model_and_initial_adapter(self, rank: int | None = None) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)
         if rank is not None and rank != lora.r:  # PEFT's scaling the same at every rank (fedtune/ranks.py)
-            if lora.rank_pattern or lora.alpha_pattern:
-                raise ValueError(
-                    "client ranks below lora.r truncate every module to one rank, which lora.rank_pattern and "
-                    "lora.alpha_pattern contradict: remove them, or train every client at lora.r."
-                )
             ratio = (rank / lora.r) ** (0.5 if lora.use_rslora else 1.0)  # alpha/sqrt(r) with rsLoRA, else alpha/r
             lora = dataclasses.replace(lora, r=rank, lora_alpha=lora.lora_alpha * ratio)
         precision = self.train_config.precision

@@ -124,7 +124,7 @@ def model_card(
     """The run's README: what was trained, on what, how, and how well."""
     cfg, spec, federation = experiment.cfg, experiment.model_spec, experiment.federation
     lora = cfg.lora
-    trained = {key: tensor for key, tensor in adapter.items() if not adapters.is_residual(key)}
+    trained, residuals = adapters.split_residuals(adapter)
     final = _final_central(metrics)
     partitions = (
         " (clients' sizes withheld: secure aggregation)" if experiment.secure.masked else " (see `partitions.json`)"
@@ -139,7 +139,7 @@ Trained with fedtune. Load it with PEFT:
 from peft import PeftModel
 model = PeftModel.from_pretrained(base_model, "adapter")
 ```
-{_pooling_note(spec)}{_residual_note(adapter)}
+{_pooling_note(spec)}{_residual_note(residuals)}
 ## Base model
 - `{spec.path}` ({spec.task}), licence: {spec.licence()}
 
@@ -152,7 +152,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit(".", 1)[-1]}`.
 - Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr} ({experiment.train_config.lr_schedule}), precision {experiment.train_config.precision} (device `{experiment.train_config.device}` on each node).
 - LoRA: r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, target modules {lora.target_modules or "PEFT default for the architecture"};
-  {adapters.num_parameters(trained):,} adapter parameters ({adapters.num_bytes(trained) / 1e6:.2f} MB{_residual_size(adapter)}), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
+  {adapters.num_parameters(trained):,} adapter parameters ({adapters.num_bytes(trained) / 1e6:.2f} MB{_residual_size(residuals)}), fingerprint `{adapters.fingerprint(adapter)[:16]}`.
 {_ranks_note(federation)}- Seed {cfg.seed}; full resolved config in `config.yaml`.
 
 ## Privacy and security
@@ -180,9 +180,8 @@ def _ranks_note(federation: Federation) -> str:
     )
 
 
-def _residual_size(adapter: AdapterState) -> str:
+def _residual_size(residuals: AdapterState) -> str:
     """The dense residuals' size, which the adapter count leaves out (they are not trained)."""
-    residuals = {key: tensor for key, tensor in adapter.items() if adapters.is_residual(key)}
     if not residuals:
         return ""
     return (
@@ -205,9 +204,9 @@ use_mean_pooling(base_model)  # then PeftModel.from_pretrained(base_model, "adap
 """
 
 
-def _residual_note(adapter: AdapterState) -> str:
+def _residual_note(residuals: AdapterState) -> str:
     """For an adapter with dense residuals (FedEx-LoRA): how to add them to the base weights."""
-    if not any(adapters.is_residual(key) for key in adapter):
+    if not residuals:
         return ""
     return f"""
 The adapted weights also carry dense residuals (exact aggregation, FedEx-LoRA) that PEFT's format cannot

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.adapters import RESIDUAL, AdapterState, is_residual
+from fedtune.adapters import RESIDUAL, AdapterState, split_residuals
 from fedtune.aggregation import RoundUpdates
 from fedtune.ranks import lora_pairs
 from strategies.fedavg import FedAvg
@@ -50,9 +50,8 @@ class FedExLoRA(FedAvg):
 
     def step(self, global_adapter: AdapterState, aggregate: AdapterState, server_round: int) -> AdapterState:
         """FedAvg's step on the factors; each residual increment added to the module's residual (0 at first)."""
-        factors = {key: value for key, value in aggregate.items() if not is_residual(key)}
+        factors, increments = split_residuals(aggregate)
         stepped = super().step(global_adapter, factors, server_round)
-        for key, increment in aggregate.items():
-            if is_residual(key):
-                stepped[key] = global_adapter[key] + increment if key in global_adapter else increment.clone()
+        for key, increment in increments.items():
+            stepped[key] = global_adapter[key] + increment if key in global_adapter else increment.clone()
         return stepped

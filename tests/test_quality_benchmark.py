@@ -33,7 +33,7 @@ def test_a_dp_arm_spends_its_epsilon_over_the_rows_it_trains_on(tiny_bert_dir: P
     experiment = get_experiment(config.compose(overrides))
     central, hospital, _ = quality.solo_arms(experiment)
     for arm in (central, hospital):
-        result = quality.train_alone(overrides, arm)
+        result = quality.train_alone(overrides, arm, experiment.test_set)
         assert result["train_rows"] == len(arm.rows.train) and result["steps"] == arm.steps
         assert 2.7 < result["epsilon"] <= 3.0  # calibrated for exactly these steps on these rows
         assert 0.0 <= result["macro_f1"] <= 1.0

@@ -292,6 +292,7 @@ def test_a_malformed_residual_changes_nothing() -> None:
         ),
         (["federation.client_ranks=[2]"], "one rank >= 1 per client"),
         (["federation.client_ranks=[2,4]", "privacy=client_dp"], "below lora.r=4 with organisation-level DP"),
+        (["federation.client_ranks=[2,4]", "+lora.rank_pattern={query:2}"], "lora.rank_pattern"),
         (["strategy=fedex_lora", "train.precision=bf16"], "Set train.precision=fp32"),
         (["strategy=fedex_lora", "lora.use_dora=true"], "Set lora.use_dora=false"),
     ],
