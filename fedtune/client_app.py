@@ -142,6 +142,10 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def advertise_keys(msg: Message, context: Context) -> Message:
         return reply(msg, context, secure(context, experiment_of(msg, context)).keys(msg))
 
+    @app.train("secagg_ring")
+    def reveal_ring(msg: Message, context: Context) -> Message:
+        return reply(msg, context, secure(context, experiment_of(msg, context)).ring(msg))
+
     @app.train("secagg_shares")
     def share_keys(msg: Message, context: Context) -> Message:
         return reply(msg, context, secure(context, experiment_of(msg, context)).shares(msg))

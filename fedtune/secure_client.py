@@ -2,9 +2,9 @@
 fedtune/secure_server.py).
 
 The node keeps each round's secrets in Flower's ``Context.state`` and answers the four steps: round keys,
-encrypted shares, the masked upload, and the shares it reveals for unmasking. It also owns pipelining:
-asked to, it sends the next round's keys with its upload and deals that round's shares with its unmask
-answer. Everything that protects the node from the server is checked here, before it answers: the
+encrypted shares, the masked upload, and the shares it reveals for unmasking (with SecAgg+ rings also the
+ring step between keys and shares). It also owns pipelining: asked to, it sends the next round's keys with
+its upload and deals that round's shares with its unmask answer. Everything that protects the node from the server is checked here, before it answers: the
 round is at least its own minimum size, the peers are the ones it trusts, it uploads at most once per
 round, and the count the server gives for its DP noise share is the count of keys it verified.
 """
@@ -23,7 +23,7 @@ from fedtune.experiment import Experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
 from fedtune.secure.masking import MIN_ROUND_CLIENTS
-from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, Session
+from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, RingReveal, Session
 from fedtune.secure.uploads import UploadRecord
 
 logger = logging.getLogger("fedtune")
@@ -67,6 +67,10 @@ class SecureClient:
     def keys(self, msg: Message) -> RecordDict:
         """Step 1: this round's signed public keys."""
         return RecordDict({wire.CONFIG: self._round_keys(session_of(msg))})
+
+    def ring(self, msg: Message) -> RecordDict:
+        """The ring step (SecAgg+): this node's ring secret for the round keys it is shown, once per round."""
+        return self._reveal_ring(session_of(msg), msg.content.config_records[wire.CONFIG])
 
     def shares(self, msg: Message) -> RecordDict:
         """Step 2: an encrypted share of this node's secrets for each peer, and the commitments."""
@@ -146,12 +150,23 @@ class SecureClient:
             content.config_records[wire.CONFIG][wire.BUNDLE] = next_keys[wire.BUNDLE]
         return content
 
+    def _reveal_ring(self, session: Session, received: ConfigRecord) -> RecordDict:
+        state = self._secrets(session)
+        bundles = self._bundles(received)
+        reveal = masking.reveal_ring(state, bundles, self.peer_identities(received), self.signer)
+        self._keep(state)
+        return RecordDict({wire.CONFIG: ConfigRecord({wire.RING_REVEAL: reveal.to_json()})})
+
     def _deal(self, session: Session, received: ConfigRecord) -> RecordDict:
         state = self._secrets(session)
-        bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
-        self._require_group([b.client for b in bundles], "sent round keys")
+        bundles = self._bundles(received)
+        ring = None
+        if wire.RING_REVEALS in received:
+            ring = {
+                name: RingReveal.from_json(text) for name, text in json.loads(str(received[wire.RING_REVEALS])).items()
+            }
         identities = self.peer_identities(received)
-        sealed, commitment, committed = masking.share_keys(state, bundles, identities, self.experiment.secure)
+        sealed, commitment, committed = masking.share_keys(state, bundles, identities, self.experiment.secure, ring)
         self._keep(state)
         return RecordDict(
             {
@@ -161,9 +176,15 @@ class SecureClient:
             }
         )
 
+    def _bundles(self, received: ConfigRecord) -> list[KeyBundle]:
+        """The round keys the server forwards, once there are enough of them for this node."""
+        bundles = [KeyBundle.from_json(text) for text in json.loads(str(received[wire.BUNDLES]))]
+        self._require_group([b.client for b in bundles], "sent round keys")
+        return bundles
+
     def _round_keys(self, session: Session, still_open: Session | None = None) -> ConfigRecord:
-        """Keys for ``session``, kept; asked again in the same round, the same keys (new ones would let the
-        server draw ring orders)."""
+        """Keys for ``session``, kept; asked again in the same round, the same keys (and the same ring secret,
+        which this node reveals for one set of clients only)."""
         kept = self._store().get(_state_key(session))
         if kept is not None:
             bundle = masking.signed_bundle(ClientRound.from_json(str(kept)), self.signer)

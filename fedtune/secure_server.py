@@ -2,10 +2,14 @@
 client's side: fedtune/secure_client.py).
 
 A round has four steps with the sampled clients: round keys, encrypted shares, training with masked
-upload, unmasking. The first two do not depend on the round's model, so they are pipelined: a client's
-train reply carries its keys for the next round, and its unmask reply its encrypted shares for it. A
-steady round is then two exchanges (train, unmask) instead of four; a round whose sampled clients did not
-all prepare that way (the first, the first after a resume, one after a dropout) runs all four steps.
+upload, unmasking (a SecAgg+ ring round has a fifth, the ring step, between keys and shares). The steps
+before training do not depend on the round's model, so they are pipelined: a client's train reply carries
+its keys for the next round, and its unmask reply its encrypted shares for it. A steady round is then two
+exchanges (train, unmask) instead of four; a round whose sampled clients did not all prepare that way
+(the first, the first after a resume, one after a dropout) runs every step. On a ring only the keys are
+pipelined and a steady round takes four exchanges (ring, shares, train, unmask): a ring secret, once
+revealed for a set of clients, binds its client to that set, so it is asked for only when the round
+starts, from the clients that are still there.
 The server only ever holds masked uploads and their unmasked sum; clients that drop out before the
 upload or before unmasking are handled while at least t of them remain.
 """
@@ -27,12 +31,13 @@ from fedtune.adapters import AdapterState, l2_norm
 from fedtune.channel import Client, RoundAbandoned, RoundFailedError
 from fedtune.secure import fixed_point, primitives
 from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask
-from fedtune.secure.session import KeyBundle, ProtocolError, Session
+from fedtune.secure.session import KeyBundle, ProtocolError, RingReveal, Session, view_digest
 from fedtune.transport import Reply, Transport
 
 logger = logging.getLogger("fedtune")
 
 T = TypeVar("T")
+Step = Callable[[list[Client], str, Callable[[Client], RecordDict]], list[Reply]]  # one exchange of a round
 
 
 @dataclass(frozen=True)
@@ -45,15 +50,22 @@ class MaskedSum:
     uploads: list[Reply]  # the contributors' masked uploads (metrics in the clear, update masked)
     round_size: int  # |U1|: the clients whose round keys were verified (each client's DP noise share is for them)
     upload_bytes: float  # mean bytes a contributor sent in this round's messages
-    exchanges: int  # message exchanges the round took (2 when its keys and shares came pipelined)
+    exchanges: int  # message exchanges the round took (2 when its keys and shares came pipelined, 4 on a ring)
 
 
 @dataclass(frozen=True)
-class _Setup:
-    """Steps 1 and 2 of a round done: verified round keys (U1), and the shares and commitments of U2."""
+class _Keys:
+    """Step 1 of a round done (and, on a ring, the ring step): verified round keys (U1) and ring secrets."""
 
     session: Session
     bundles: dict[str, KeyBundle]
+    ring: dict[str, RingReveal] | None  # every client's verified ring secret (ring rounds), else None
+
+
+@dataclass(frozen=True)
+class _Setup(_Keys):
+    """Steps 1 and 2 of a round done: verified round keys (U1), and the shares and commitments of U2."""
+
     sealed: dict[str, dict[str, bytes]]  # sender -> receiver -> encrypted share
     commitments: dict[str, bytes]  # sender -> commitment to its self-mask seed
     share_commitments: dict[str, dict[str, str]]  # sender -> receiver -> commitments to the two shares it dealt
@@ -69,7 +81,7 @@ class SecureRounds:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.secure: SecureAggregation = transport.experiment.secure
-        self._prepared: _Setup | None = None
+        self._prepared: _Keys | None = None  # the next round's, made during this one
 
     def collect(
         self,
@@ -94,21 +106,31 @@ class SecureRounds:
         """
         session = Session(self.transport.run_nonce, server_round)
         sent: Counter[str] = Counter()
+        exchanges = 0
 
         def step(targets: list[Client], message_type: str, content: Callable[[Client], RecordDict]) -> list[Reply]:
+            nonlocal exchanges
+            exchanges += 1
             replies = self.transport.send(targets, message_type, content, server_round)
             sent.update({reply.client.key: wire.payload_bytes(reply.content) for reply in replies})
             return replies
 
         prepared, self._prepared = self._prepared, None
-        pipelined = prepared is not None and prepared.session == session and set(prepared.sealed) == _keys(sampled)
-        setup = prepared if pipelined else self._set_up(step, sampled, session)
+        made = set(prepared.sealed if isinstance(prepared, _Setup) else prepared.bundles) if prepared else set()
+        if prepared is None or prepared.session != session or made != _keys(sampled):
+            prepared = None  # not made, or not by every sampled client: set this round up from its first step
+        if isinstance(prepared, _Setup):
+            setup = prepared
+        else:
+            keys = prepared if prepared is not None else self._round_keys(step, sampled, session)
+            round_clients = [c for c in sampled if c.key in keys.bundles]
+            setup = self._share(step, round_clients, self._fix_ring(step, round_clients, keys))
         threshold = self.secure.round_minimum(len(setup.bundles))
         needed = max(threshold, self.transport.experiment.federation.min_train_clients)  # t, and the run's minimum
         _require(len(setup.sealed), needed, server_round, "shared their keys")
         survivors = sorted(setup.sealed)
         next_session = Session(self.transport.run_nonce, server_round + 1)
-        # Pipelining needs every next-round client in this round; otherwise the next round runs all four steps.
+        # Pipelining needs every next-round client in this round; otherwise the next round runs every step.
         pipelining = next_sampled is not None and _keys(next_sampled) <= _keys(sampled)
         next_clients = _keys(next_sampled) if pipelining else set()
 
@@ -159,9 +181,10 @@ class SecureRounds:
             "next-round keys",
         )
         preparing = pipelining and set(next_keys) == next_clients
+        next_ring = self.secure.uses_ring(len(next_keys))  # only the keys are pipelined (module docstring)
         unmask_fields = {wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)}
         next_fields = {}
-        if preparing:  # the next round's clients get its keys with this request and answer with their shares
+        if preparing and not next_ring:  # the next round's clients get its keys and answer with their shares
             next_fields = _keys_message({c.key: c.public_key for c in next_sampled}, next_keys)
 
         def unmask_request(client: Client) -> RecordDict:
@@ -171,8 +194,11 @@ class SecureRounds:
         unmask_replies = step([r.client for r in uploads], wire.SECAGG_UNMASK, unmask_request)
         revealed = _accepted(unmask_replies, _read_revealed, server_round)
         if preparing:
-            dealers = [r for r in unmask_replies if r.client.key in next_clients]
-            self._prepared = self._dealt(dealers, next_session, next_keys, server_round, "next-round shares")
+            preparers = [r for r in unmask_replies if r.client.key in next_clients]
+            if next_ring:  # the keys of those still here (the next round starts from its first step otherwise)
+                self._prepared = _Keys(next_session, {r.client.key: next_keys[r.client.key] for r in preparers}, None)
+            else:
+                self._prepared = self._dealt(preparers, _Keys(next_session, next_keys, None), "next-round shares")
         _require(len(revealed), threshold, server_round, "revealed their shares", RoundAbandoned)
         try:
             total, liars = unmask(
@@ -184,6 +210,7 @@ class SecureRounds:
                 self.secure,
                 setup.share_commitments,
                 excluded_by,
+                setup.ring,
             )
         except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
             raise RoundAbandoned(f"Round {server_round}: unmasking failed ({error})") from error
@@ -210,35 +237,55 @@ class SecureRounds:
             uploads,
             len(setup.bundles),
             sum(sent[key] for key in uploaders) / len(uploaders),
-            2 if pipelined else 4,
+            exchanges,
         )
 
-    def _set_up(
-        self,
-        step: Callable[[list[Client], str, Callable[[Client], RecordDict]], list[Reply]],
-        sampled: list[Client],
-        session: Session,
-    ) -> _Setup:
-        """Steps 1 and 2 as their own exchanges (when they were not pipelined into the previous round)."""
+    def _round_keys(self, step: Step, sampled: list[Client], session: Session) -> _Keys:
+        """Step 1 as its own exchange (when not pipelined into the previous round).
+
+        Raises:
+            RoundFailedError: Too few clients sent keys.
+        """
         bundles = _accepted(
             step(sampled, wire.SECAGG_KEYS, lambda c: RecordDict()),
             lambda reply: _read_bundle(reply, session),
             session.server_round,
         )
         _require(len(bundles), self.secure.round_minimum(len(bundles)), session.server_round, "sent round keys")
-        round_clients = [c for c in sampled if c.key in bundles]
-        config = ConfigRecord(_keys_message({c.key: c.public_key for c in round_clients}, bundles))
-        replies = step(round_clients, wire.SECAGG_SHARES, lambda c: RecordDict({wire.CONFIG: config}))
-        return self._dealt(replies, session, bundles, session.server_round, "reply")
+        return _Keys(session, bundles, None)
 
-    def _dealt(
-        self, replies: list[Reply], session: Session, bundles: dict[str, KeyBundle], server_round: int, what: str
-    ) -> _Setup:
-        """The set-up of ``session`` from replies that carry encrypted shares (malformed ones logged, left out)."""
-        shared = _accepted(replies, _shares_reader(self.secure.peers(bundles)), server_round, what)
+    def _fix_ring(self, step: Step, clients: list[Client], keys: _Keys) -> _Keys:
+        """The ring step with ``clients`` (those of ``keys``) on a ring; ``keys`` as they are otherwise.
+
+        Raises:
+            RoundFailedError: A client of U1 did not reveal its ring secret. Nothing was uploaded; U1 cannot
+                shrink now without letting the server choose the ring from the secrets already out.
+        """
+        if not self.secure.uses_ring(len(keys.bundles)):
+            return keys
+        config = ConfigRecord(_keys_message({c.key: c.public_key for c in clients}, keys.bundles))
+        replies = step(clients, wire.SECAGG_RING, lambda c: _request(config))
+        server_round = keys.session.server_round
+        ring = _accepted(replies, _ring_reader(keys.session, keys.bundles), server_round, "ring secret")
+        _require(len(ring), len(keys.bundles), server_round, "of the ring revealed their ring secrets")
+        return _Keys(keys.session, keys.bundles, ring)
+
+    def _share(self, step: Step, clients: list[Client], keys: _Keys) -> _Setup:
+        """Step 2 as its own exchange with ``clients`` (those of ``keys``)."""
+        fields = _keys_message({c.key: c.public_key for c in clients}, keys.bundles)
+        if keys.ring is not None:
+            fields[wire.RING_REVEALS] = json.dumps({name: reveal.to_json() for name, reveal in keys.ring.items()})
+        config = ConfigRecord(fields)
+        return self._dealt(step(clients, wire.SECAGG_SHARES, lambda c: _request(config)), keys, "reply")
+
+    def _dealt(self, replies: list[Reply], keys: _Keys, what: str) -> _Setup:
+        """The set-up of ``keys`` from replies that carry encrypted shares (malformed ones logged, left out)."""
+        peers = self.secure.peers(keys.bundles, keys.ring)
+        shared = _accepted(replies, _shares_reader(peers), keys.session.server_round, what)
         return _Setup(
-            session,
-            bundles,
+            keys.session,
+            keys.bundles,
+            keys.ring,
             {name: shares for name, (shares, _, _) in shared.items()},
             {name: commitment for name, (_, commitment, _) in shared.items()},
             {name: committed for name, (_, _, committed) in shared.items()},
@@ -282,6 +329,10 @@ def _keys(clients: list[Client]) -> set[str]:
     return {c.key for c in clients}
 
 
+def _request(config: ConfigRecord) -> RecordDict:
+    return RecordDict({wire.CONFIG: config})
+
+
 def _keys_message(identities: dict[str, str], bundles: dict[str, KeyBundle]) -> dict[str, str]:
     """What a client needs to deal its shares: every round client's signed keys and identity key."""
     return {
@@ -296,6 +347,19 @@ def _read_bundle(reply: Reply, session: Session) -> KeyBundle:
         raise ProtocolError(f"keys announced for {bundle.client}")
     bundle.verify(session, reply.client.public_key)
     return bundle
+
+
+def _ring_reader(session: Session, bundles: dict[str, KeyBundle]) -> Callable[[Reply], RingReveal]:
+    view = view_digest(session, bundles.values())
+
+    def read(reply: Reply) -> RingReveal:
+        reveal = RingReveal.from_json(str(reply.content.config_records[wire.CONFIG][wire.RING_REVEAL]))
+        if reveal.client != reply.client.key:
+            raise ProtocolError(f"a ring secret revealed for {reveal.client}")
+        reveal.verify(session, view, reply.client.public_key, bundles[reveal.client])
+        return reveal
+
+    return read
 
 
 def _shares_reader(

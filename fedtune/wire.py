@@ -24,6 +24,8 @@ SETTINGS = "settings"  # in a train message: the strategy's ClientSettings for t
 SIGNATURE = "signature"
 # Secure aggregation steps (message types) and their records.
 SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "train.secagg_keys", "train.secagg_shares", "train.secagg_unmask"
+SECAGG_RING = "train.secagg_ring"  # SecAgg+ only, between keys and shares: each client reveals its ring secret
+RING_REVEAL, RING_REVEALS = "ring-reveal", "ring-reveals"  # one client's revealed ring secret; all of U1's
 BUNDLE, BUNDLES, IDENTITIES, SEALED, COMMITMENT = "bundle", "bundles", "identities", "sealed", "commitment"
 SURVIVORS, DROPPED, REVEALED, MASKED = "survivors", "dropped", "revealed", "masked"
 SHARE_COMMITMENTS, EXCLUDED = "share-commitments", "excluded"  # per-share commitments; peers a client left out

@@ -207,17 +207,33 @@ class HostileServer:
         """The protocol session of ``server_round`` in this server's run."""
         return Session(self.run_nonce, server_round)
 
-    def set_up(self, names: list[str], server_round: int) -> dict[str, Any]:
-        """Steps 1 and 2 with ``names``: their round keys, then their encrypted shares and commitments."""
-        bundles = {
+    def round_keys(self, names: list[str], server_round: int) -> dict[str, str]:
+        """Step 1 with ``names``: each one's signed round keys (wire form)."""
+        return {
             name: str(self.send(name, wire.SECAGG_KEYS, server_round).config_records[wire.CONFIG][wire.BUNDLE])
             for name in names
         }
+
+    def forward(self, bundles: dict[str, str], **fields: str) -> RecordDict:
+        """A request carrying ``bundles`` as the round's keys (U1); identities empty: nodes hold their own."""
+        listed = json.dumps([bundles[n] for n in sorted(bundles)])
+        return RecordDict({wire.CONFIG: ConfigRecord({wire.BUNDLES: listed, wire.IDENTITIES: "{}", **fields})})
+
+    def ring(self, name: str, server_round: int, bundles: dict[str, str]) -> str:
+        """The ring step: ``name`` shown ``bundles`` as U1; returns the ring secret it reveals (wire form)."""
+        reply = self.send(name, wire.SECAGG_RING, server_round, self.forward(bundles))
+        return str(reply.config_records[wire.CONFIG][wire.RING_REVEAL])
+
+    def set_up(self, names: list[str], server_round: int, ring: bool = False) -> dict[str, Any]:
+        """Steps 1 and 2 with ``names``: their round keys, (``ring``: their ring secrets,) then their encrypted
+        shares and commitments."""
+        bundles = self.round_keys(names, server_round)
+        fields = {}
+        if ring:
+            fields[wire.RING_REVEALS] = json.dumps({name: self.ring(name, server_round, bundles) for name in names})
         sealed, commitments, committed = {}, {}, {}
-        for name in names:  # the identities the server forwards are empty: nodes hold their own trusted keys
-            listed = json.dumps([bundles[n] for n in sorted(bundles)])
-            config_record = ConfigRecord({wire.BUNDLES: listed, wire.IDENTITIES: "{}"})
-            reply = self.send(name, wire.SECAGG_SHARES, server_round, RecordDict({wire.CONFIG: config_record}))
+        for name in names:
+            reply = self.send(name, wire.SECAGG_SHARES, server_round, self.forward(bundles, **fields))
             sealed[name] = {k: bytes(v) for k, v in reply.config_records[wire.SEALED].items()}
             commitments[name] = bytes(reply.config_records[wire.CONFIG][wire.COMMITMENT])
             committed[name] = {k: str(v) for k, v in reply.config_records[wire.SHARE_COMMITMENTS].items()}

@@ -7,7 +7,9 @@ independently of the fixed-point code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import secrets
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from fedtune.secure import masking, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
 from fedtune.secure.masking import SecureAggregation
-from fedtune.secure.session import ProtocolError, Session
+from fedtune.secure.session import ProtocolError, RingReveal, Session, view_digest
 
 CONFIG = SecureAggregation(threshold=0.6, value_range=1.0, max_examples=1000)
 RING = SecureAggregation(threshold=0.6, value_range=1.0, max_examples=1000, neighbours=4)  # SecAgg+
@@ -37,10 +39,16 @@ class Round:
         for name in self.names:
             state, bundle = masking.advertise_keys(SESSION, name, self.identities[name])
             self.states[name], self.bundles = state, [*self.bundles, bundle]
+        self.ring = None  # on a ring, every client's revealed ring secret
+        if config.uses_ring(num_clients):
+            self.ring = {
+                n: masking.reveal_ring(self.states[n], self.bundles, self.public, self.identities[n])
+                for n in self.names
+            }
         self.sealed, self.commitments, self.committed = {}, {}, {}
         for name in self.names:
             self.sealed[name], self.commitments[name], self.committed[name] = masking.share_keys(
-                self.states[name], self.bundles, self.public, config
+                self.states[name], self.bundles, self.public, config, self.ring
             )
         generator = torch.Generator().manual_seed(seed)
         self.updates = {
@@ -73,7 +81,7 @@ class Round:
         revealed = {n: masking.reveal_shares(self.states[n], survivors, dropped) for n in revealers}
         bundles = {b.client: b for b in self.bundles}
         total, liars = masking.unmask(
-            self.session, uploads, bundles, self.commitments, revealed, self.config, self.committed, {}
+            self.session, uploads, bundles, self.commitments, revealed, self.config, self.committed, {}, self.ring
         )
         assert liars == []
         return total
@@ -159,9 +167,10 @@ def test_forged_or_replayed_round_keys_are_rejected() -> None:
     with pytest.raises(ProtocolError, match="not signed by its known identity key"):
         masking.share_keys(parties.states[parties.names[0]], bundles, parties.public, CONFIG)
     next_round = Session(SESSION.run_nonce, SESSION.server_round + 1)
-    state, _ = masking.advertise_keys(next_round, parties.names[0], parties.identities[parties.names[0]])
-    state.mask_private = parties.states[parties.names[0]].mask_private
-    with pytest.raises(ProtocolError, match="not signed"):  # round-3 keys replayed in round 4
+    state, own = masking.advertise_keys(next_round, parties.names[0], parties.identities[parties.names[0]])
+    with pytest.raises(ProtocolError, match="not signed"):  # the peers' round-3 keys replayed in round 4
+        masking.share_keys(state, [own, *parties.bundles[1:]], parties.public, CONFIG)
+    with pytest.raises(ProtocolError, match="own round keys unchanged"):  # and its own
         masking.share_keys(state, parties.bundles, parties.public, CONFIG)
 
 
@@ -241,33 +250,67 @@ def test_shamir_any_t_shares_reconstruct_and_fewer_do_not() -> None:
 def test_ring_neighbourhoods_are_symmetric_of_size_k_and_agreed_by_everyone() -> None:
     parties = Round(12, RING)
     names, bundles = parties.names, {b.client: b for b in parties.bundles}
-    peers = RING.peers(bundles)
+    peers = RING.peers(bundles, parties.ring)
     assert all(len(peers[name]) == 4 and name not in peers[name] for name in names)
     assert all(a in peers[b] for a in names for b in peers[a])
-    assert RING.peers(dict(reversed(list(bundles.items())))) == peers  # every party computes the same graph
+    assert RING.peers(dict(reversed(list(bundles.items()))), parties.ring) == peers  # everyone: the same graph
     assert CONFIG.peers(bundles)[names[0]] == frozenset(names[1:])
     first_five = {name: bundles[name] for name in names[:5]}
-    assert SecureAggregation(neighbours=4).peers(first_five)[names[0]] == frozenset(names[1:5])
+    assert SecureAggregation(neighbours=4).peers(first_five)[names[0]] == frozenset(names[1:5])  # complete
 
 
-def test_the_ring_follows_the_round_keys_not_anything_the_server_picks() -> None:
-    """The ring order is a hash of every client's fresh round keys: the server cannot grind run nonces for an
-    order that puts its accomplices around a victim; new keys (another round, another run) give a new ring."""
+def test_the_ring_is_ordered_by_secrets_revealed_after_the_round_is_fixed() -> None:
+    """The keys the server forwards do not fix the ring: each client's ring secret, committed to in its keys and
+    revealed only for the round's set of keys, does; another secret for one client gives another ring."""
     parties = Round(12, RING)
     bundles = {b.client: b for b in parties.bundles}
     rings = set()
-    for _ in range(3):  # one client's keys drawn again, everything else unchanged
-        _, bundle = masking.advertise_keys(SESSION, parties.names[0], parties.identities[parties.names[0]])
-        rings.add(
-            tuple(sorted((k, tuple(sorted(v))) for k, v in RING.peers({**bundles, bundle.client: bundle}).items()))
-        )
+    for _ in range(3):  # the same keys, one client's secret drawn again (a new round of the same clients)
+        secret = secrets.token_bytes(32)
+        ring = {**parties.ring, parties.names[0]: dataclasses.replace(parties.ring[parties.names[0]], secret=secret)}
+        rings.add(tuple(sorted((k, tuple(sorted(v))) for k, v in RING.peers(bundles, ring).items())))
     assert len(rings) == 3
+    with pytest.raises(ProtocolError, match="ring secret of every client"):
+        RING.peers(bundles)
+
+
+def test_a_client_reveals_its_ring_secret_for_one_set_of_clients_and_checks_everyone_elses() -> None:
+    """Shown a second U1 in a round it refuses (the server would pick the set after seeing the secrets), and it
+    deals no shares over a U1 it did not reveal for, nor with a secret that misses its commitment or was
+    revealed for another U1."""
+    parties = Round(8, RING)
+    victim = parties.names[0]
+    state = parties.states[victim]
+    fewer = parties.bundles[:-1]
+    with pytest.raises(ProtocolError, match="already revealed its ring secret"):
+        masking.reveal_ring(state, fewer, parties.public, parties.identities[victim])
+    again = masking.reveal_ring(state, parties.bundles, parties.public, parties.identities[victim])
+    assert again == parties.ring[victim]  # the same set again: the same answer
+    fresh = copy.deepcopy(state)
+    with pytest.raises(ProtocolError, match="other clients than those"):
+        masking.share_keys(fresh, fewer, parties.public, RING, parties.ring)
+    other = parties.names[1]
+    wrong_secret = {**parties.ring, other: dataclasses.replace(parties.ring[other], secret=bytes(32))}
+    with pytest.raises(ProtocolError, match=f"ring secret of {other}"):
+        masking.share_keys(copy.deepcopy(state), parties.bundles, parties.public, RING, wrong_secret)
+    view = view_digest(SESSION, fewer)  # a secret revealed for another set of clients
+    elsewhere = RingReveal(other, parties.ring[other].secret, b"")
+    elsewhere = dataclasses.replace(
+        elsewhere, signature=parties.identities[other].sign(elsewhere.signed_bytes(SESSION, view))
+    )
+    with pytest.raises(ProtocolError, match=f"ring secret of {other} was not revealed by it"):
+        masking.share_keys(
+            copy.deepcopy(state), parties.bundles, parties.public, RING, {**parties.ring, other: elsewhere}
+        )
+    missing = {k: v for k, v in parties.ring.items() if k != other}
+    with pytest.raises(ProtocolError, match="ring secret of every client"):
+        masking.share_keys(copy.deepcopy(state), parties.bundles, parties.public, RING, missing)
 
 
 def test_with_neighbourhoods_a_client_shares_and_masks_only_with_its_peers() -> None:
     parties = Round(9, RING)
     for name in parties.names:
-        assert set(parties.sealed[name]) == set(RING.peers({b.client: b for b in parties.bundles})[name])
+        assert set(parties.sealed[name]) == set(RING.peers({b.client: b for b in parties.bundles}, parties.ring)[name])
     uploads = {n: parties.upload(n, parties.names) for n in parties.names}
     exact = sum(parties.code.encode(parties.updates[n], parties.weights[n]) for n in parties.names)
     assert np.array_equal(parties.unmask(uploads, parties.names), exact.astype(np.uint32))

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedtune import adapters, cli, client_state, config, wire
+from fedtune.channel import RoundFailedError
 from fedtune.client_app import client_key, make_client_app
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
@@ -215,7 +216,7 @@ def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: 
     flaky.query()(relay("query"))
     flaky.evaluate()(relay("evaluate"))
     flaky.train()(relay("train"))
-    for action in ("secagg_keys", "secagg_shares", "secagg_unmask"):
+    for action in ("secagg_keys", "secagg_ring", "secagg_shares", "secagg_unmask"):
         flaky.train(action)(relay(action))
     return flaky
 
@@ -280,9 +281,10 @@ def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Pat
 
 
 def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """SecAgg+ (secure.neighbours=2) over 5 nodes and 3 rounds. Round 2 is pipelined and a node lost after dealing
-    its shares (in round 1's unmask reply) has its masks removed; round 3 runs all four steps (that node prepared
-    nothing) and a malformed (but signed) reply is rejected. Round secrets never outlive their round."""
+    """SecAgg+ (secure.neighbours=2) over 5 nodes and 3 rounds. Round 1 runs all five steps; round 2 has its keys
+    from round 1's uploads (four exchanges: ring, shares, train, unmask) and a node lost after dealing its shares
+    has its masks removed; round 3 runs all five steps (that node prepared nothing) and a malformed (but signed)
+    reply is rejected. Round secrets never outlive their round."""
     run, observed = tmp_path / "run", tmp_path / "secrets.jsonl"
     overrides = tiny_overrides(
         tiny_bert_dir,
@@ -295,7 +297,7 @@ def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path
     failures = {("partition-4", 2): "train", ("partition-1", 3): "garbage:secagg_shares"}
     federate(tmp_path, overrides, 5, lambda run_config: _flaky_app(run_config, failures, observed), prefix="partition")
     assert _train_metric(run, "clients") == {1: 5.0, 2: 4.0, 3: 4.0}
-    assert _train_metric(run, "exchanges") == {1: 4.0, 2: 2.0, 3: 4.0}
+    assert _train_metric(run, "exchanges") == {1: 5.0, 2: 4.0, 3: 5.0}
     assert audit(run) == []
     for earlier, later in ((1, 2), (2, 3)):
         before, after = _checkpoint(run, earlier), _checkpoint(run, later)
@@ -308,6 +310,39 @@ def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path
     assert all(rounds == [] for _, r, step, rounds in held if step == "secagg_unmask" and r == 3)  # nothing left
     # a new round's key step erases what is left of earlier ones (partition-4's round 2, lost before uploading)
     assert all(rounds == [r] for _, r, step, rounds in held if step == "secagg_keys")
+
+
+@pytest.mark.parametrize("lost_at", ["secagg_unmask", "secagg_ring"])
+def test_a_ring_round_after_a_loss(tiny_bert_dir: Path, tmp_path: Path, lost_at: str) -> None:
+    """SecAgg+ over 5 nodes, one lost in round 1. Lost while unmasking, it revealed no ring secret for round 2,
+    which starts from its first step with all five and completes. Lost at the ring step, it leaves U1 without
+    its secret: U1 cannot shrink once secrets are out (the server would choose the ring), so the run stops
+    before anyone trains, and nothing was uploaded."""
+    run, observed = tmp_path / "run", tmp_path / "steps.jsonl"
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        run,
+        "federation.num_clients=5",
+        "federation.num_rounds=2",
+        "secure=masking",
+        "secure.neighbours=2",
+    )
+    failures = {("partition-3", 1): lost_at}
+
+    def federation() -> None:
+        federate(
+            tmp_path, overrides, 5, lambda run_config: _flaky_app(run_config, failures, observed), prefix="partition"
+        )
+
+    if lost_at == "secagg_ring":
+        with pytest.raises(RoundFailedError, match="4 clients of the ring revealed their ring secrets, 5 are needed"):
+            federation()
+        assert not [line for line in observed.read_text().splitlines() if json.loads(line)[2] == "train"]
+        return
+    federation()
+    assert _train_metric(run, "clients") == {1: 5.0, 2: 5.0}
+    assert _train_metric(run, "exchanges") == {1: 5.0, 2: 5.0}
+    assert audit(run) == []
 
 
 def test_a_malformed_reply_at_connect_leaves_that_node_out(tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ nodes (or the real server) refusing. Read a test as the specification of what th
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -21,9 +23,9 @@ from fedtune.client_settings import ClientSettings
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
-from fedtune.secure import fixed_point, masking, primitives, shamir
+from fedtune.secure import fixed_point, graph, masking, primitives, shamir
 from fedtune.secure.identity import Identity
-from fedtune.secure.session import KeyBundle, ProtocolError
+from fedtune.secure.session import DOMAIN, KeyBundle, ProtocolError
 from fedtune.seeding import noise_generator
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
@@ -421,15 +423,55 @@ def test_two_nodes_with_the_same_name_are_both_refused(tiny_bert_dir: Path, tmp_
     assert participants == [[VICTIM, B]]
 
 
-def test_a_node_makes_its_round_keys_once_so_the_server_cannot_redraw_the_ring(
-    tiny_bert_dir: Path, tmp_path: Path
-) -> None:
-    """The SecAgg+ ring was ordered by the server's run nonce: the server could try nonces until the victim's
-    neighbours were its accomplices. It is now ordered by the round's client keys, and a node asked for its
-    keys again in the same round sends the same ones, so the server cannot draw another order."""
-    _, _, server = _masked_nodes(tiny_bert_dir, tmp_path, 3, "secure.neighbours=2")
-    first, again = (server.send(VICTIM, wire.SECAGG_KEYS, 1).config_records[wire.CONFIG][wire.BUNDLE] for _ in range(2))
-    assert first == again
+def _ring_from_forwarded_keys(bundles: dict[str, KeyBundle], neighbours: int) -> dict[str, frozenset[str]]:
+    """The ring as the protocol ordered it before the ring step: by a hash of the round keys the server forwards."""
+    digest = hashlib.sha256(DOMAIN + b"ring")
+    for name in sorted(bundles):
+        bundle = bundles[name]
+        digest.update(len(name.encode()).to_bytes(4, "big") + name.encode() + bundle.encryption_key + bundle.mask_key)
+    return graph.neighbourhoods(bundles, neighbours, digest.digest())
+
+
+def test_a_secagg_plus_server_cannot_choose_the_victims_neighbours(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """SecAgg+ with 2 neighbours: a client masks with, and deals its shares to, its two ring neighbours only, so
+    if both are the server's accomplices its update is theirs to unmask. The server holds every node's round
+    keys before it picks which of them make the round (U1), and the ring was a hash of the keys it forwards:
+    it searched the subsets of honest clients offline for one that seats its accomplices A and B on either
+    side of the victim, in every round it liked. Now each client reveals a secret committed in its keys once
+    U1 is fixed, and the ring follows those secrets: the server's pick is a blind guess (right in about 1 of
+    10 rounds here), and shown a second U1 in the round, or secrets revealed for another U1, nodes refuse."""
+    count, neighbours = 12, 2
+    _, nodes, server = _masked_nodes(
+        tiny_bert_dir, tmp_path, count, f"secure.neighbours={neighbours}", **{"min-round-clients": 6}
+    )
+    names = [node.name for node in nodes]
+    honest = [name for name in names if name not in (VICTIM, A, B)]
+    planned_and_got = []
+    for server_round in range(1, 6):
+        bundles = server.round_keys(names, server_round)
+        parsed = {name: KeyBundle.from_json(text) for name, text in bundles.items()}
+        plan = next(  # the smallest round a node accepts (6) whose ring seats A and B around the victim
+            {n: bundles[n] for n in (VICTIM, A, B, *others)}
+            for size in range(3, len(honest) + 1)
+            for others in itertools.combinations(honest, size)
+            if _ring_from_forwarded_keys({n: parsed[n] for n in (VICTIM, A, B, *others)}, neighbours)[VICTIM] == {A, B}
+        )
+        ring = json.dumps({name: server.ring(name, server_round, plan) for name in plan})
+        reply = server.send(VICTIM, wire.SECAGG_SHARES, server_round, server.forward(plan, **{wire.RING_REVEALS: ring}))
+        planned_and_got.append(set(reply.config_records[wire.SEALED]) == {A, B})  # whom it dealt its shares to
+    assert not all(planned_and_got)  # the old ring gave the server its plan in every round
+
+    bundles = server.round_keys(names, 6)
+    six = {n: bundles[n] for n in names[:6]}
+    server.ring(VICTIM, 6, six)
+    with pytest.raises(ProtocolError, match="already revealed its ring secret"):
+        server.ring(VICTIM, 6, {n: bundles[n] for n in names[:7]})  # another U1, now that its secret is out
+    # The others are shown a U1 without the victim: what they reveal does not fit the victim's U1.
+    seven = {n: bundles[n] for n in names[1:8]}
+    ring = {name: server.ring(name, 6, seven) for name in seven} | {VICTIM: server.ring(VICTIM, 6, six)}
+    forged = json.dumps({name: ring[name] for name in six})
+    with pytest.raises(ProtocolError, match="was not revealed by it for the clients this node was shown"):
+        server.send(VICTIM, wire.SECAGG_SHARES, 6, server.forward(six, **{wire.RING_REVEALS: forged}))
 
 
 def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(

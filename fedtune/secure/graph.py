@@ -2,8 +2,8 @@
 
 With n clients, complete-graph masking costs each client n - 1 keystreams and shares per round. SecAgg+
 connects each client only to k neighbours: the clients are put on a ring in a pseudo-random order fixed
-by a hash of all the round's client keys (all parties compute the same one), and each is joined to the k/2 next and
-k/2 previous. Masks and secret shares stay inside a client's neighbourhood, so the cost per client is
+by ``seed`` (the hash of every client's revealed ring secret, fedtune/secure/masking.py: all parties compute
+the same one, and no one can choose it), and each is joined to the k/2 next and k/2 previous. Masks and secret shares stay inside a client's neighbourhood, so the cost per client is
 O(k) instead of O(n); the sum is still exact and dropouts are recovered inside each neighbourhood.
 """
 

@@ -5,7 +5,8 @@ them. One round, as the server (fedtune/secure_server.py) and each client (fedtu
 (U1 ⊇ U2 ⊇ U3 are the clients still present):
 
 1. **keys**: each client makes two X25519 key pairs for this round (one to encrypt shares, one to agree
-   masks) and signs the public halves with its long-term Ed25519 identity (bound to run and round).
+   masks) and a random ring secret, and signs the public halves and a commitment to the secret with its
+   long-term Ed25519 identity (bound to run and round).
 2. **shares**: each client checks every peer's signed keys, picks a random self-mask seed ``b``, splits
    ``b`` and its mask private key into Shamir shares (threshold t of |U1|), and sends each peer its
    shares encrypted with AES-GCM under their pairwise key, through the server (which cannot read them).
@@ -29,6 +30,13 @@ reply, each still signed and bound to round r+1; the protocol itself is unchange
 
 "Peers" are all other clients, or with ``neighbours: k`` only k of them (SecAgg+, fedtune/secure/graph.py):
 masks, shares and the threshold then apply per neighbourhood, and a client's cost grows with k, not n.
+Whoever orders the ring chooses a client's neighbours, so no one may: between steps 1 and 2 a SecAgg+
+round has a **ring** step (:func:`reveal_ring`). Each client is shown U1, the round keys the server
+forwards, and reveals its ring secret, signed together with a digest of that U1 (once per round: shown
+another U1 it refuses); the ring is ordered by a hash of the secrets of all of U1, and at step 2 each client
+checks every secret against its commitment and its signature against the same U1. The server fixes U1
+before any secret is out, so it cannot search subsets of U1 for an order that puts its accomplices around
+a victim (a coin toss by commitment, Blum 1983); it can only abandon the round, which every node sees.
 
 Trust: the server is honest-but-curious about contents. A deployed node takes its peers' identity keys
 only from its own list (node config ``trusted-keys``), so the server cannot invent peers. Secrets live
@@ -38,6 +46,7 @@ answered, or when the node makes keys for a later round (a round it dropped out 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -49,7 +58,16 @@ import numpy as np
 from fedtune.secure import graph, primitives, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
-from fedtune.secure.session import DOMAIN, ClientRound, KeyBundle, ProtocolError, Session
+from fedtune.secure.session import (
+    DOMAIN,
+    ClientRound,
+    KeyBundle,
+    ProtocolError,
+    RingReveal,
+    Session,
+    ring_commitment,
+    view_digest,
+)
 
 # The smallest masked round a node takes part in unless its node config says otherwise (min-round-clients):
 # a round of two is a victim and, possibly, the server's accomplice.
@@ -104,21 +122,28 @@ class SecureAggregation:
         group = num_clients if self.neighbours is None else min(num_clients, self.neighbours + 1)
         return self.min_survivors(group)
 
-    def peers(self, bundles: Mapping[str, KeyBundle]) -> dict[str, frozenset[str]]:
-        """Each client's peers in the round of these verified round keys (all others, or its ring neighbours).
+    def uses_ring(self, round_size: int) -> bool:
+        """Whether a round of ``round_size`` clients masks on a ring (and so has the ring step)."""
+        return self.neighbours is not None and self.neighbours < round_size - 1
 
-        The ring is ordered by a hash of every client's fresh round keys, never by anything the server
-        picks alone such as the run nonce, which it could draw again and again until a victim's neighbours
-        are its accomplices. Each node makes its keys once per round of a run, so within a run the server
-        cannot draw new ones either.
+    def peers(
+        self, bundles: Mapping[str, KeyBundle], ring: Mapping[str, RingReveal] | None = None
+    ) -> dict[str, frozenset[str]]:
+        """Each client's peers in the round of these verified round keys: all others, or its neighbours on the
+        ring ordered by every client's revealed ring secret (``ring``, already verified).
+
+        Raises:
+            ProtocolError: A ring round without the secret of each of its clients.
         """
+        names = sorted(bundles)
+        if not self.uses_ring(len(names)):
+            return graph.neighbourhoods(names, None, b"")
+        if ring is None or set(ring) != set(names):
+            raise ProtocolError("A SecAgg+ ring needs the revealed ring secret of every client of the round.")
         digest = hashlib.sha256(DOMAIN + b"ring")
-        for name in sorted(bundles):
-            bundle = bundles[name]
-            digest.update(
-                len(name.encode()).to_bytes(4, "big") + name.encode() + bundle.encryption_key + bundle.mask_key
-            )
-        return graph.neighbourhoods(bundles, self.neighbours, digest.digest())
+        for name in names:
+            digest.update(len(name.encode()).to_bytes(4, "big") + name.encode() + ring[name].secret)
+        return graph.neighbourhoods(names, self.neighbours, digest.digest())
 
     def fixed_point(self, round_size: int, unit_weights: bool) -> FixedPoint:
         """The round's code, the same for every client and the server: its scale keeps the sum of all
@@ -139,15 +164,47 @@ def advertise_keys(session: Session, client: str, signer: Identity) -> tuple[Cli
     """Step 1 (client): fresh round keys and their signed public halves."""
     encryption_private, _ = primitives.x25519_keypair()
     mask_private, _ = primitives.x25519_keypair()
-    state = ClientRound(session, client, encryption_private, mask_private)
+    state = ClientRound(session, client, encryption_private, mask_private, ring_secret=secrets.token_bytes(32))
     return state, signed_bundle(state, signer)
 
 
 def signed_bundle(state: ClientRound, signer: Identity) -> KeyBundle:
     """The signed public halves of ``state``'s round keys (the same every time: Ed25519 is deterministic)."""
-    encryption, mask = primitives.x25519_public(state.encryption_private), primitives.x25519_public(state.mask_private)
-    unsigned = KeyBundle(state.client, encryption, mask, b"")
-    return KeyBundle(state.client, encryption, mask, signer.sign(unsigned.signed_bytes(state.session)))
+    unsigned = _unsigned_bundle(state)
+    return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes(state.session)))
+
+
+def _unsigned_bundle(state: ClientRound) -> KeyBundle:
+    return KeyBundle(
+        state.client,
+        primitives.x25519_public(state.encryption_private),
+        primitives.x25519_public(state.mask_private),
+        ring_commitment(state.session, state.client, state.ring_secret),
+        b"",
+    )
+
+
+def reveal_ring(
+    state: ClientRound, bundles: list[KeyBundle], identities: Mapping[str, str], signer: Identity
+) -> RingReveal:
+    """The ring step (client, SecAgg+ only): this client's ring secret, signed with the digest of the round keys
+    it was shown. Shown another set later in the round, it refuses: a second set would let the server see
+    the secrets first and then choose the clients, and so the ring.
+
+    Raises:
+        ProtocolError: The keys do not verify (as in :func:`share_keys`), or this client already revealed
+            its secret for another set of clients.
+    """
+    _verified_bundles(state, bundles, identities)
+    view = view_digest(state.session, bundles)
+    if state.ring_view and state.ring_view != view:
+        raise ProtocolError(
+            "This node already revealed its ring secret in this round for another set of clients; a second set "
+            "would let the server choose the ring after seeing the secrets. Refused."
+        )
+    state.ring_view = view
+    unsigned = RingReveal(state.client, state.ring_secret, b"")
+    return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes(state.session, view)))
 
 
 _SHARED = ("seed", "mask_key")  # what a client shares, in the order its two commitments per recipient are joined
@@ -163,24 +220,33 @@ def share_commitment(session: Session, dealer: str, recipient: str, kind: str, s
 
 
 def share_keys(
-    state: ClientRound, bundles: list[KeyBundle], identities: Mapping[str, str], config: SecureAggregation
+    state: ClientRound,
+    bundles: list[KeyBundle],
+    identities: Mapping[str, str],
+    config: SecureAggregation,
+    ring: Mapping[str, RingReveal] | None = None,
 ) -> tuple[dict[str, bytes], bytes, dict[str, str]]:
     """Step 2 (client): encrypted shares for every peer, the commitment to the self-mask seed, and a
-    commitment to each share (recipient -> seed-share and key-share commitments, hex, joined).
+    commitment to each share (recipient -> seed-share and key-share commitments, hex, joined). In a ring
+    round, ``ring`` holds every client's revealed ring secret, which orders the ring.
 
     Raises:
         ProtocolError: A peer's keys are not validly signed, this client's own keys were altered, names
-            repeat, or fewer than t clients take part.
+            repeat, fewer than t clients take part, or (ring rounds) these are not the keys this client
+            revealed its ring secret for, or a secret is missing, uncommitted or revealed for other keys.
     """
-    peers = {bundle.client: bundle for bundle in bundles}
-    if len(peers) != len(bundles):
-        raise ProtocolError("Two key bundles carry the same client name.")
-    own = peers.get(state.client)
-    if own is None or own.mask_key != primitives.x25519_public(state.mask_private):
-        raise ProtocolError("The server did not forward this client's own round keys unchanged.")
-    for bundle in bundles:
-        bundle.verify(state.session, identities.get(bundle.client))
-    names = sorted(config.peers(peers)[state.client] | {state.client})
+    peers = _verified_bundles(state, bundles, identities)
+    if config.uses_ring(len(peers)):
+        view = view_digest(state.session, bundles)
+        if state.ring_view != view:
+            raise ProtocolError(
+                "The server asks for shares among other clients than those this node revealed its ring secret for."
+            )
+        for name, reveal in (ring or {}).items():
+            if name not in peers or reveal.client != name:
+                raise ProtocolError(f"A ring secret for {name}, who is not in this round.")
+            reveal.verify(state.session, view, identities.get(name), peers[name])
+    names = sorted(config.peers(peers, ring)[state.client] | {state.client})
     state.threshold = config.min_survivors(len(names))
     if len(names) < state.threshold:
         raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
@@ -200,6 +266,22 @@ def share_keys(
                 key, seed_share + key_share, state.session.context("share", state.client, name)
             )
     return sealed, hashlib.sha256(state.self_seed).digest(), committed
+
+
+def _verified_bundles(
+    state: ClientRound, bundles: list[KeyBundle], identities: Mapping[str, str]
+) -> dict[str, KeyBundle]:
+    """The round keys by client, once their names are unique, this client's own are unchanged, and each is
+    signed by its client's identity key in ``identities``."""
+    peers = {bundle.client: bundle for bundle in bundles}
+    if len(peers) != len(bundles):
+        raise ProtocolError("Two key bundles carry the same client name.")
+    own = peers.get(state.client)
+    if own is None or dataclasses.replace(own, signature=b"") != _unsigned_bundle(state):
+        raise ProtocolError("The server did not forward this client's own round keys unchanged.")
+    for bundle in bundles:
+        bundle.verify(state.session, identities.get(bundle.client))
+    return peers
 
 
 def _share_commitments(session: Session, dealer: str, recipient: str, seed_share: bytes, key_share: bytes) -> str:
@@ -294,13 +376,15 @@ def unmask(
     config: SecureAggregation,
     share_commitments: Mapping[str, Mapping[str, str]],
     excluded: Mapping[str, Iterable[str]],
+    ring: Mapping[str, RingReveal] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Step 4 (server): the sum of the survivors' encoded updates, their masks removed.
 
     ``masked`` holds the survivors' uploads (U3); clients in ``commitments`` but not in ``masked`` shared
     keys and then dropped (U2 \\ U3). ``revealed`` maps each revealer to its shares; a revealer with any
     share that does not match its dealer's ``share_commitments`` is left out, and the secrets are rebuilt
-    from the others. ``excluded`` names, per uploader, the peers it did not mask with (bad dealings).
+    from the others. ``excluded`` names, per uploader, the peers it did not mask with (bad dealings);
+    ``ring`` the revealed ring secrets of a ring round.
 
     Returns:
         The unmasked sum, and the revealers left out for revealing a wrong share.
@@ -310,7 +394,7 @@ def unmask(
     """
     liars = sorted(name for name, shares in revealed.items() if not _honest(session, name, shares, share_commitments))
     honest = [shares for name, shares in revealed.items() if name not in liars]
-    peers = config.peers(bundles)
+    peers = config.peers(bundles, ring)
     length = len(next(iter(masked.values())))
     total = np.zeros(length, dtype=np.uint32)
     for name, upload in masked.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from fedtune.secure import identity
@@ -32,18 +34,26 @@ class Session:
         return self.context("reply", message_type, client, digest)
 
 
+def ring_commitment(session: Session, client: str, secret: bytes) -> bytes:
+    """The hash commitment to a client's ring secret that its signed round keys carry."""
+    return hashlib.sha256(session.context("ring-commitment", client, secret.hex())).digest()
+
+
 @dataclass(frozen=True)
 class KeyBundle:
-    """A client's public keys for one round, signed by its identity key."""
+    """A client's public keys for one round and its commitment to a ring secret, signed by its identity key."""
 
     client: str
     encryption_key: bytes
     mask_key: bytes
+    ring_commitment: bytes
     signature: bytes
 
     def signed_bytes(self, session: Session) -> bytes:
         """What the signature covers."""
-        return session.context("keys", self.client, self.encryption_key.hex(), self.mask_key.hex())
+        return session.context(
+            "keys", self.client, self.encryption_key.hex(), self.mask_key.hex(), self.ring_commitment.hex()
+        )
 
     def verify(self, session: Session, public_hex: str | None) -> None:
         """Raise ProtocolError unless signed by ``public_hex`` for this session."""
@@ -62,8 +72,52 @@ class KeyBundle:
             str(data["client"]),
             bytes.fromhex(data["encryption_key"]),
             bytes.fromhex(data["mask_key"]),
+            bytes.fromhex(data["ring_commitment"]),
             bytes.fromhex(data["signature"]),
         )
+
+
+def view_digest(session: Session, bundles: Iterable[KeyBundle]) -> str:
+    """Names the set of round keys a client was shown (U1), the same for everyone shown the same set (hex)."""
+    digest = hashlib.sha256(session.context("view"))
+    for bundle in sorted(bundles, key=lambda b: b.client):
+        signed = bundle.signed_bytes(session)
+        digest.update(len(signed).to_bytes(4, "big") + signed)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RingReveal:
+    """A client's ring secret, revealed once the round's clients (U1) are fixed and signed with the digest of
+    the keys it was shown: the SecAgg+ ring is ordered by the secrets of all of U1 (fedtune/secure/masking.py)."""
+
+    client: str
+    secret: bytes
+    signature: bytes
+
+    def signed_bytes(self, session: Session, view: str) -> bytes:
+        """What the signature covers: the secret, and the view it was revealed for."""
+        return session.context("ring-reveal", self.client, view, self.secret.hex())
+
+    def verify(self, session: Session, view: str, public_hex: str | None, bundle: KeyBundle) -> None:
+        """Raise ProtocolError unless this is the secret ``bundle`` committed to, revealed for ``view`` by the
+        holder of ``public_hex``."""
+        if public_hex is None or not identity.verify(public_hex, self.signature, self.signed_bytes(session, view)):
+            raise ProtocolError(
+                f"The ring secret of {self.client} was not revealed by it for the clients this node was shown."
+            )
+        if ring_commitment(session, self.client, self.secret) != bundle.ring_commitment:
+            raise ProtocolError(f"The ring secret of {self.client} does not match its commitment.")
+
+    def to_json(self) -> str:
+        """Wire form."""
+        return json.dumps({"client": self.client, "secret": self.secret.hex(), "signature": self.signature.hex()})
+
+    @classmethod
+    def from_json(cls, text: str) -> RingReveal:
+        """Parse the wire form."""
+        data = json.loads(text)
+        return cls(str(data["client"]), bytes.fromhex(data["secret"]), bytes.fromhex(data["signature"]))
 
 
 @dataclass
@@ -80,6 +134,8 @@ class ClientRound:
     shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (share of b, share of mask key)
     uploaders: list[str] = field(default_factory=list)  # U2 as announced at the upload step
     round_size: int = 0  # |U1|: every client whose keys were verified, neighbours or not (fixes the code's scale)
+    ring_secret: bytes = b""  # committed to in the round keys, revealed once U1 is fixed (SecAgg+ rings)
+    ring_view: str = ""  # the U1 (view_digest) this client revealed its ring secret for; "" before
 
     def to_json(self) -> str:
         """Serialised for Flower's Context.state (the client's memory between messages)."""
@@ -95,6 +151,8 @@ class ClientRound:
                 "shares": {k: [b.hex(), s.hex()] for k, (b, s) in self.shares.items()},
                 "uploaders": self.uploaders,
                 "round_size": self.round_size,
+                "ring_secret": self.ring_secret.hex(),
+                "ring_view": self.ring_view,
             }
         )
 
@@ -113,4 +171,6 @@ class ClientRound:
             {k: (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in data["shares"].items()},
             data["uploaders"],
             data["round_size"],
+            bytes.fromhex(data["ring_secret"]),
+            data["ring_view"],
         )
