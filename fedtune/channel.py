@@ -23,8 +23,9 @@ class RoundFailedError(RuntimeError):
 
 
 class RoundAbandoned(RuntimeError):
-    """A round that cannot be applied after clients uploaded to it: it is recorded, never retried, and the run
-    goes on (a node uploads at most once per round, fedtune/secure/uploads.py).
+    """A round that cannot be applied after clients uploaded to it (or, on a SecAgg+ ring, revealed their ring
+    secrets for it): it is recorded, never retried, and the run goes on (a node uploads at most once per
+    round, and reveals its ring secret for one set of clients per round: fedtune/secure/uploads.py).
 
     Args:
         message: Why.

@@ -44,6 +44,11 @@ def uploads_file(node_config: Mapping[str, Any], experiment_key: str, client_key
     return _state_dir(node_config) / "uploads" / f"{_hashed(f'{experiment_key}|{client_key}')}.json"
 
 
+def rings_file(node_config: Mapping[str, Any], experiment_key: str, client_key: str) -> Path:
+    """Where this client records, per round of one experiment, the clients it revealed its SecAgg+ ring secret for."""
+    return _state_dir(node_config) / "rings" / f"{_hashed(f'{experiment_key}|{client_key}')}.json"
+
+
 def personal_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:
     """Where this client keeps, for one run, the adapter tensors it does not share (FedSA-LoRA's B and head)."""
     return _state_dir(node_config) / "personal" / f"{_hashed(f'{run_key}|{client_key}')}.pt"

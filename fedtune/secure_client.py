@@ -11,6 +11,7 @@ round, and the count the server gives for its DP noise share is the count of key
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -23,8 +24,8 @@ from fedtune.experiment import Experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
 from fedtune.secure.masking import MIN_ROUND_CLIENTS
-from fedtune.secure.session import ClientRound, KeyBundle, ProtocolError, RingReveal, Session
-from fedtune.secure.uploads import UploadRecord
+from fedtune.secure.session import DOMAIN, ClientRound, KeyBundle, ProtocolError, RingReveal, Session
+from fedtune.secure.uploads import RingRecord, UploadRecord
 
 logger = logging.getLogger("fedtune")
 
@@ -153,13 +154,17 @@ class SecureClient:
     def _reveal_ring(self, session: Session, received: ConfigRecord) -> RecordDict:
         state = self._secrets(session)
         bundles = self._bundles(received)
-        reveal = masking.reveal_ring(state, bundles, self.peer_identities(received), self.signer)
+        reveal = masking.reveal_ring(
+            state, bundles, self.peer_identities(received), self.signer, self.experiment.secure
+        )
+        self._rings().record(session.server_round, [b.client for b in bundles])  # before the secret leaves
         self._keep(state)
         return RecordDict({wire.CONFIG: ConfigRecord({wire.RING_REVEAL: reveal.to_json()})})
 
     def _deal(self, session: Session, received: ConfigRecord) -> RecordDict:
         state = self._secrets(session)
         bundles = self._bundles(received)
+        self._rings().check(session.server_round, [b.client for b in bundles])  # no other set once a secret is out
         ring = None
         if wire.RING_REVEALS in received:
             ring = {
@@ -185,13 +190,26 @@ class SecureClient:
     def _round_keys(self, session: Session, still_open: Session | None = None) -> ConfigRecord:
         """Keys for ``session``, kept; asked again in the same round, the same keys (and the same ring secret,
         which this node reveals for one set of clients only)."""
+        if not 1 <= session.server_round <= self.experiment.federation.num_rounds:
+            raise ProtocolError(
+                f"Round {session.server_round} is not a round of this experiment "
+                f"(federation.num_rounds={self.experiment.federation.num_rounds}). Refused."
+            )
         kept = self._store().get(_state_key(session))
         if kept is not None:
             bundle = masking.signed_bundle(ClientRound.from_json(str(kept)), self.signer)
         else:
-            state, bundle = masking.advertise_keys(session, self.name, self.signer)
+            ring_secret = self._ring_secret(session.server_round)
+            state, bundle = masking.advertise_keys(session, self.name, self.signer, ring_secret)
             self._keep(state, still_open)
         return ConfigRecord({wire.BUNDLE: bundle.to_json()})
+
+    def _ring_secret(self, server_round: int) -> bytes:
+        """This node's ring secret for ``server_round`` of its experiment: derived from its identity key (Ed25519
+        signatures are deterministic and this one never leaves the node), so it is the same in every run of
+        the round and a server that makes the node forget the round, or starts another run, draws no new ring."""
+        message = DOMAIN + b"ring-secret" + f"{self._scope()}|{server_round}".encode()
+        return hashlib.sha256(self.signer.sign(message)).digest()
 
     def _store(self) -> ConfigRecord:
         return self.context.state.config_records.setdefault(SECAGG_STATE, ConfigRecord())
@@ -212,13 +230,20 @@ class SecureClient:
             del store[key]
         store[_state_key(state.session)] = state.to_json()
 
-    def _uploads(self) -> UploadRecord:
-        """This node's record of the rounds it uploaded in (fedtune/secure/uploads.py), for "the same experiment":
-        the config hash for a deployed node, whatever run dir the server names; one run in fedtune's in-process
+    def _scope(self) -> str:
+        """What "the same experiment" means for this node's per-round records (fedtune/secure/uploads.py): the
+        config hash for a deployed node, whatever run dir the server names; one run in fedtune's in-process
         simulation, where one operator runs every node and reruns are routine."""
         experiment = self.experiment
-        scope = f"{experiment.hash}|{experiment.cfg.run_dir}" if self.simulated else experiment.hash
-        return UploadRecord(client_state.uploads_file(self.node_config, scope, self.name))
+        return f"{experiment.hash}|{experiment.cfg.run_dir}" if self.simulated else experiment.hash
+
+    def _uploads(self) -> UploadRecord:
+        """This node's record of the rounds it uploaded in."""
+        return UploadRecord(client_state.uploads_file(self.node_config, self._scope(), self.name))
+
+    def _rings(self) -> RingRecord:
+        """This node's record of the clients it revealed its ring secret for, per round."""
+        return RingRecord(client_state.rings_file(self.node_config, self._scope(), self.name))
 
     def _require_group(self, names: list[str], what: str) -> None:
         """Refuse a round of fewer clients than this node's own minimum (node config ``min-round-clients``)."""

@@ -103,6 +103,7 @@ class SecureRounds:
                 ``federation.min_train_clients``); nothing was revealed and the round can be run again.
             RoundAbandoned: After uploads, too few uploaded (checked before anything is unmasked), too few
                 revealed their shares, or unmasking failed. The uploads are spent: the round is not retried.
+                Also on a ring, before uploads, when a client did not reveal its ring secret.
         """
         session = Session(self.transport.run_nonce, server_round)
         sent: Counter[str] = Counter()
@@ -258,8 +259,9 @@ class SecureRounds:
         """The ring step with ``clients`` (those of ``keys``) on a ring; ``keys`` as they are otherwise.
 
         Raises:
-            RoundFailedError: A client of U1 did not reveal its ring secret. Nothing was uploaded; U1 cannot
-                shrink now without letting the server choose the ring from the secrets already out.
+            RoundAbandoned: A client of U1 did not reveal its ring secret. Nothing was uploaded, but the round
+                cannot go on without it, nor be run again over other clients: the others' secrets are out, and
+                they reveal them for this U1 only (fedtune/secure/uploads.py). The run goes on.
         """
         if not self.secure.uses_ring(len(keys.bundles)):
             return keys
@@ -267,7 +269,12 @@ class SecureRounds:
         replies = step(clients, wire.SECAGG_RING, lambda c: _request(config))
         server_round = keys.session.server_round
         ring = _accepted(replies, _ring_reader(keys.session, keys.bundles), server_round, "ring secret")
-        _require(len(ring), len(keys.bundles), server_round, "of the ring revealed their ring secrets")
+        if set(ring) != set(keys.bundles):
+            raise RoundAbandoned(
+                f"Round {server_round}: {sorted(set(keys.bundles) - set(ring))} did not reveal their ring secrets; "
+                "the ring cannot be ordered without them, so the round is abandoned before anyone trains and the "
+                "run goes on."
+            )
         return _Keys(keys.session, keys.bundles, ring)
 
     def _share(self, step: Step, clients: list[Client], keys: _Keys) -> _Setup:

@@ -42,7 +42,7 @@ class Round:
         self.ring = None  # on a ring, every client's revealed ring secret
         if config.uses_ring(num_clients):
             self.ring = {
-                n: masking.reveal_ring(self.states[n], self.bundles, self.public, self.identities[n])
+                n: masking.reveal_ring(self.states[n], self.bundles, self.public, self.identities[n], config)
                 for n in self.names
             }
         self.sealed, self.commitments, self.committed = {}, {}, {}
@@ -283,8 +283,8 @@ def test_a_client_reveals_its_ring_secret_for_one_set_of_clients_and_checks_ever
     state = parties.states[victim]
     fewer = parties.bundles[:-1]
     with pytest.raises(ProtocolError, match="already revealed its ring secret"):
-        masking.reveal_ring(state, fewer, parties.public, parties.identities[victim])
-    again = masking.reveal_ring(state, parties.bundles, parties.public, parties.identities[victim])
+        masking.reveal_ring(state, fewer, parties.public, parties.identities[victim], RING)
+    again = masking.reveal_ring(state, parties.bundles, parties.public, parties.identities[victim], RING)
     assert again == parties.ring[victim]  # the same set again: the same answer
     fresh = copy.deepcopy(state)
     with pytest.raises(ProtocolError, match="other clients than those"):

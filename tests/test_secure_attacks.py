@@ -25,7 +25,7 @@ from fedtune.ledger import Ledger, audit
 from fedtune.run_dir import RunDir
 from fedtune.secure import fixed_point, graph, masking, primitives, shamir
 from fedtune.secure.identity import Identity
-from fedtune.secure.session import DOMAIN, KeyBundle, ProtocolError
+from fedtune.secure.session import DOMAIN, KeyBundle, ProtocolError, RingReveal
 from fedtune.seeding import noise_generator
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
@@ -429,7 +429,7 @@ def _ring_from_forwarded_keys(bundles: dict[str, KeyBundle], neighbours: int) ->
     for name in sorted(bundles):
         bundle = bundles[name]
         digest.update(len(name.encode()).to_bytes(4, "big") + name.encode() + bundle.encryption_key + bundle.mask_key)
-    return graph.neighbourhoods(bundles, neighbours, digest.digest())
+    return graph.ring_neighbourhoods(bundles, neighbours, digest.digest())
 
 
 def test_a_secagg_plus_server_cannot_choose_the_victims_neighbours(tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -439,10 +439,15 @@ def test_a_secagg_plus_server_cannot_choose_the_victims_neighbours(tiny_bert_dir
     it searched the subsets of honest clients offline for one that seats its accomplices A and B on either
     side of the victim, in every round it liked. Now each client reveals a secret committed in its keys once
     U1 is fixed, and the ring follows those secrets: the server's pick is a blind guess (right in about 1 of
-    10 rounds here), and shown a second U1 in the round, or secrets revealed for another U1, nodes refuse."""
+    10 rounds here), and the victim deals to the neighbours the revealed secrets give it."""
     count, neighbours = 12, 2
-    _, nodes, server = _masked_nodes(
-        tiny_bert_dir, tmp_path, count, f"secure.neighbours={neighbours}", **{"min-round-clients": 6}
+    experiment, nodes, server = _masked_nodes(
+        tiny_bert_dir,
+        tmp_path,
+        count,
+        f"secure.neighbours={neighbours}",
+        "federation.num_rounds=5",
+        **{"min-round-clients": 6},
     )
     names = [node.name for node in nodes]
     honest = [name for name in names if name not in (VICTIM, A, B)]
@@ -456,22 +461,56 @@ def test_a_secagg_plus_server_cannot_choose_the_victims_neighbours(tiny_bert_dir
             for others in itertools.combinations(honest, size)
             if _ring_from_forwarded_keys({n: parsed[n] for n in (VICTIM, A, B, *others)}, neighbours)[VICTIM] == {A, B}
         )
-        ring = json.dumps({name: server.ring(name, server_round, plan) for name in plan})
-        reply = server.send(VICTIM, wire.SECAGG_SHARES, server_round, server.forward(plan, **{wire.RING_REVEALS: ring}))
-        planned_and_got.append(set(reply.config_records[wire.SEALED]) == {A, B})  # whom it dealt its shares to
+        ring = {name: server.ring(name, server_round, plan) for name in plan}
+        content = server.forward(plan, **{wire.RING_REVEALS: json.dumps(ring)})
+        dealt_to = set(server.send(VICTIM, wire.SECAGG_SHARES, server_round, content).config_records[wire.SEALED])
+        revealed = {name: RingReveal.from_json(text) for name, text in ring.items()}
+        assert dealt_to == experiment.secure.peers({n: parsed[n] for n in plan}, revealed)[VICTIM]
+        planned_and_got.append(dealt_to == {A, B})
     assert not all(planned_and_got)  # the old ring gave the server its plan in every round
 
-    bundles = server.round_keys(names, 6)
-    six = {n: bundles[n] for n in names[:6]}
-    server.ring(VICTIM, 6, six)
+
+def test_a_node_reveals_its_ring_secret_for_one_set_of_clients_per_round(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Having seen the secrets of a round's clients, the server would like another draw: another U1 in the same
+    round, the same round again after making the node forget it (keys asked for another round erase a round's
+    secrets from memory), or the same round in a run of its own. A node reveals one secret per round of its
+    experiment, for one set of clients, whatever the run: the set is on its disk, the secret derives from its
+    identity key. Shown the same set again it answers the same, so an honest resume still works."""
+    _, nodes, server = _masked_nodes(tiny_bert_dir, tmp_path, 8, "secure.neighbours=2", **{"min-round-clients": 6})
+    names = [node.name for node in nodes]
+    bundles = server.round_keys(names, 1)
+    six, seven = ({n: bundles[n] for n in names[:size]} for size in (6, 7))
+    first = RingReveal.from_json(server.ring(VICTIM, 1, six))
     with pytest.raises(ProtocolError, match="already revealed its ring secret"):
-        server.ring(VICTIM, 6, {n: bundles[n] for n in names[:7]})  # another U1, now that its secret is out
-    # The others are shown a U1 without the victim: what they reveal does not fit the victim's U1.
-    seven = {n: bundles[n] for n in names[1:8]}
-    ring = {name: server.ring(name, 6, seven) for name in seven} | {VICTIM: server.ring(VICTIM, 6, six)}
+        server.ring(VICTIM, 1, seven)  # another U1, now that its secret is out
+    server.round_keys([VICTIM], 2)  # the node forgets round 1's keys and secret
+    forgotten = server.round_keys(names, 1)
+    with pytest.raises(ProtocolError, match="already revealed its ring secret for round 1"):
+        server.ring(VICTIM, 1, {n: forgotten[n] for n in names[:7]})
+    other_run = HostileServer(nodes, server.experiment_hash, run_nonce="another-run")
+    fresh = other_run.round_keys(names, 1)
+    with pytest.raises(ProtocolError, match="already revealed its ring secret for round 1"):
+        other_run.ring(VICTIM, 1, {n: fresh[n] for n in names[:7]})
+    again = RingReveal.from_json(other_run.ring(VICTIM, 1, {n: fresh[n] for n in names[:6]}))
+    assert again.secret == first.secret  # the same clients: the same secret, the same ring
+    with pytest.raises(ProtocolError, match="not a round of this experiment"):
+        server.round_keys([VICTIM], 10**6)  # nor an endless supply of round numbers
+
+
+def test_every_secret_of_a_ring_is_checked_against_the_set_its_client_was_shown(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The server shows the victim one U1 and the others a U1 without it (so their rings would differ): what
+    the others revealed was signed for their set, and the victim deals no shares with it."""
+    _, nodes, server = _masked_nodes(tiny_bert_dir, tmp_path, 8, "secure.neighbours=2", **{"min-round-clients": 6})
+    names = [node.name for node in nodes]
+    bundles = server.round_keys(names, 1)
+    six, without_victim = {n: bundles[n] for n in names[:6]}, {n: bundles[n] for n in names[1:8]}
+    ring = {name: server.ring(name, 1, without_victim) for name in without_victim}
+    ring[VICTIM] = server.ring(VICTIM, 1, six)
     forged = json.dumps({name: ring[name] for name in six})
     with pytest.raises(ProtocolError, match="was not revealed by it for the clients this node was shown"):
-        server.send(VICTIM, wire.SECAGG_SHARES, 6, server.forward(six, **{wire.RING_REVEALS: forged}))
+        server.send(VICTIM, wire.SECAGG_SHARES, 1, server.forward(six, **{wire.RING_REVEALS: forged}))
 
 
 def test_a_resumed_run_completes_an_unmasked_round_instead_of_summing_it_again(

@@ -36,7 +36,10 @@ forwards, and reveals its ring secret, signed together with a digest of that U1 
 another U1 it refuses); the ring is ordered by a hash of the secrets of all of U1, and at step 2 each client
 checks every secret against its commitment and its signature against the same U1. The server fixes U1
 before any secret is out, so it cannot search subsets of U1 for an order that puts its accomplices around
-a victim (a coin toss by commitment, Blum 1983); it can only abandon the round, which every node sees.
+a victim (a coin toss by commitment, Blum 1983). A node's secret for a round is fixed (derived from its
+identity key) and it reveals it for one set of clients per round of its experiment, whatever the run
+(fedtune/secure/uploads.py): the server gets one ring per round number, and can only abandon a round
+and try the next.
 
 Trust: the server is honest-but-curious about contents. A deployed node takes its peers' identity keys
 only from its own list (node config ``trusted-keys``), so the server cannot invent peers. Secrets live
@@ -137,13 +140,13 @@ class SecureAggregation:
         """
         names = sorted(bundles)
         if not self.uses_ring(len(names)):
-            return graph.neighbourhoods(names, None, b"")
+            return {name: frozenset(names) - {name} for name in names}
         if ring is None or set(ring) != set(names):
             raise ProtocolError("A SecAgg+ ring needs the revealed ring secret of every client of the round.")
         digest = hashlib.sha256(DOMAIN + b"ring")
         for name in names:
             digest.update(len(name.encode()).to_bytes(4, "big") + name.encode() + ring[name].secret)
-        return graph.neighbourhoods(names, self.neighbours, digest.digest())
+        return graph.ring_neighbourhoods(names, self.neighbours, digest.digest())
 
     def fixed_point(self, round_size: int, unit_weights: bool) -> FixedPoint:
         """The round's code, the same for every client and the server: its scale keeps the sum of all
@@ -160,11 +163,19 @@ class SecureAggregation:
         )
 
 
-def advertise_keys(session: Session, client: str, signer: Identity) -> tuple[ClientRound, KeyBundle]:
-    """Step 1 (client): fresh round keys and their signed public halves."""
+RING_SECRET_BYTES = 32
+
+
+def advertise_keys(
+    session: Session, client: str, signer: Identity, ring_secret: bytes | None = None
+) -> tuple[ClientRound, KeyBundle]:
+    """Step 1 (client): fresh round keys and their signed public halves, with a commitment to ``ring_secret``
+    (a node derives it per round of its experiment, fedtune/secure_client.py; random if None)."""
     encryption_private, _ = primitives.x25519_keypair()
     mask_private, _ = primitives.x25519_keypair()
-    state = ClientRound(session, client, encryption_private, mask_private, ring_secret=secrets.token_bytes(32))
+    if ring_secret is None:
+        ring_secret = secrets.token_bytes(RING_SECRET_BYTES)
+    state = ClientRound(session, client, encryption_private, mask_private, ring_secret=ring_secret)
     return state, signed_bundle(state, signer)
 
 
@@ -185,16 +196,23 @@ def _unsigned_bundle(state: ClientRound) -> KeyBundle:
 
 
 def reveal_ring(
-    state: ClientRound, bundles: list[KeyBundle], identities: Mapping[str, str], signer: Identity
+    state: ClientRound,
+    bundles: list[KeyBundle],
+    identities: Mapping[str, str],
+    signer: Identity,
+    config: SecureAggregation,
 ) -> RingReveal:
     """The ring step (client, SecAgg+ only): this client's ring secret, signed with the digest of the round keys
-    it was shown. Shown another set later in the round, it refuses: a second set would let the server see
-    the secrets first and then choose the clients, and so the ring.
+    it was shown. Shown other keys later in the round, it refuses: a second set would let the server see
+    the secrets first and then choose the clients, and so the ring (a node also keeps, on its disk, the set
+    of clients it revealed for in each round of its experiment: fedtune/secure/uploads.py).
 
     Raises:
-        ProtocolError: The keys do not verify (as in :func:`share_keys`), or this client already revealed
-            its secret for another set of clients.
+        ProtocolError: The keys do not verify (as in :func:`share_keys`), this round is not a ring round, or
+            this client already revealed its secret for other keys.
     """
+    if not config.uses_ring(len(bundles)):
+        raise ProtocolError(f"A round of {len(bundles)} clients has no ring (secure.neighbours={config.neighbours}).")
     _verified_bundles(state, bundles, identities)
     view = view_digest(state.session, bundles)
     if state.ring_view and state.ring_view != view:
@@ -236,12 +254,12 @@ def share_keys(
             revealed its ring secret for, or a secret is missing, uncommitted or revealed for other keys.
     """
     peers = _verified_bundles(state, bundles, identities)
+    view = view_digest(state.session, bundles)
+    if (state.ring_view or config.uses_ring(len(peers))) and state.ring_view != view:
+        raise ProtocolError(
+            "The server asks for shares among other clients than those this node revealed its ring secret for."
+        )
     if config.uses_ring(len(peers)):
-        view = view_digest(state.session, bundles)
-        if state.ring_view != view:
-            raise ProtocolError(
-                "The server asks for shares among other clients than those this node revealed its ring secret for."
-            )
         for name, reveal in (ring or {}).items():
             if name not in peers or reveal.client != name:
                 raise ProtocolError(f"A ring secret for {name}, who is not in this round.")

@@ -102,6 +102,8 @@ class RingReveal:
     def verify(self, session: Session, view: str, public_hex: str | None, bundle: KeyBundle) -> None:
         """Raise ProtocolError unless this is the secret ``bundle`` committed to, revealed for ``view`` by the
         holder of ``public_hex``."""
+        if len(self.secret) != 32:
+            raise ProtocolError(f"The ring secret of {self.client} is not 32 bytes.")
         if public_hex is None or not identity.verify(public_hex, self.signature, self.signed_bytes(session, view)):
             raise ProtocolError(
                 f"The ring secret of {self.client} was not revealed by it for the clients this node was shown."

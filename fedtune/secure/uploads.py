@@ -7,29 +7,70 @@ later run (a resume, or a rerun of the same experiment) is no safer: training is
 sums of that round over different client sets differ by one client's update. So a node uploads at most
 once per round of an experiment, whatever the run, and writes that down (fsynced) before the upload
 leaves the node.
+
+The same holds for the SecAgg+ ring (fedtune/secure/masking.py): a node reveals its ring secret for one set
+of clients per round of an experiment, whatever the run, and writes that set down before the secret leaves;
+the secret itself is derived from the node's identity key, the experiment and the round, so a server that
+starts the round again (another run, or after making the node forget the round) gets the same ring or none.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from fedtune.files import atomic_write
 from fedtune.secure.session import ProtocolError
 
 
-class UploadRecord:
-    """The rounds one node uploaded a masked update in, for one experiment.
-
-    Args:
-        path: The record's file, on the node's own disk (inside its ``state-dir``).
-    """
+class _RoundFile:
+    """One JSON object keyed by round number, on the node's own disk (inside its ``state-dir``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _rounds(self) -> dict[str, str]:
+    def _rounds(self) -> dict[str, Any]:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def _write(self, server_round: int, value: Any) -> None:
+        rounds = self._rounds()
+        rounds[str(server_round)] = value
+        atomic_write(self.path, json.dumps(rounds, sort_keys=True).encode())  # fsynced
+
+
+class RingRecord(_RoundFile):
+    """The set of clients (U1) one node revealed its ring secret for, per round of one experiment.
+
+    Args:
+        path: The record's file.
+    """
+
+    def check(self, server_round: int, clients: list[str]) -> None:
+        """Refuse ``clients`` for a round this node revealed its ring secret for another set in.
+
+        Raises:
+            ProtocolError: It did.
+        """
+        kept = self._rounds().get(str(server_round))
+        if kept is not None and kept != sorted(clients):
+            raise ProtocolError(
+                f"This node already revealed its ring secret for round {server_round} of this experiment, for "
+                f"another set of clients ({len(kept)}); another set would let the server choose the ring. Refused."
+            )
+
+    def record(self, server_round: int, clients: list[str]) -> None:
+        """Write down, before the secret is sent, that this node reveals it for ``clients`` in ``server_round``."""
+        self.check(server_round, clients)
+        self._write(server_round, sorted(clients))
+
+
+class UploadRecord(_RoundFile):
+    """The rounds one node uploaded a masked update in, for one experiment.
+
+    Args:
+        path: The record's file.
+    """
 
     def check(self, server_round: int) -> None:
         """Refuse a round this node already uploaded in.
@@ -47,6 +88,4 @@ class UploadRecord:
     def record(self, server_round: int, run_nonce: str) -> None:
         """Write down, before the upload is sent, that this node uploads in ``server_round`` (run ``run_nonce``)."""
         self.check(server_round)
-        rounds = self._rounds()
-        rounds[str(server_round)] = run_nonce
-        atomic_write(self.path, json.dumps(rounds, sort_keys=True).encode())
+        self._write(server_round, run_nonce)
