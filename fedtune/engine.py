@@ -164,7 +164,8 @@ def _sample(
     secrets: dict[str, Any],
 ) -> list[Client]:
     """The clients of one step. Under organisation-level DP the training sample is drawn from the server's
-    secret: the accountant's subsampling amplification holds only if nobody can predict who is sampled."""
+    secret, so that who trains in a round cannot be foretold from the public config (the accountant claims
+    no amplification by this sampling either way: fedtune/privacy/client_dp.py)."""
     count = experiment.federation.num_sampled(len(clients), fraction)
     organisation = experiment.privacy.organisation
     if organisation is not None and purpose == "train":

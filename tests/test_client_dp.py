@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from scipy import special, stats
 
 from fedtune.privacy.client_dp import ClientDP, clip_update
 from fedtune.run_dir import RunDir
@@ -60,6 +62,33 @@ def test_epsilon_over_rounds_matches_opacus_rdp_analysis() -> None:
     )
     assert math.isclose(epsilons[-1], reference, rel_tol=1e-6)
     assert epsilons == sorted(epsilons)
+
+
+def _renyi(log_p: np.ndarray, log_q: np.ndarray, alpha: float, step: float) -> float:
+    """D_alpha(P || Q) of two densities given as logs on one grid, by quadrature (in logs: the tails underflow)."""
+    return float((special.logsumexp(alpha * log_p + (1 - alpha) * log_q) + np.log(step)) / (alpha - 1))
+
+
+def test_a_fixed_size_sample_is_charged_for_the_place_one_organisation_can_take_from_another() -> None:
+    """Two organisations, one sampled per round (fraction 0.5), whose clipped updates are +S and -S. With b in the
+    federation a round releases N(+S, (zS)^2) or N(-S, (zS)^2) with equal chance; without it, N(+S, (zS)^2). The
+    Rényi divergence of the two (quadrature, both directions) is several times what Poisson sampling at rate 1/2
+    gives, which the accountant used to charge; a round is now charged as the Gaussian at z/2, which bounds it."""
+    z, clip = 1.0, 1.0
+    grid, step = np.linspace(-40, 40, 800_001, retstep=True)
+    without_b = stats.norm.logpdf(grid, clip, z * clip)
+    with_b = np.logaddexp(without_b, stats.norm.logpdf(grid, -clip, z * clip)) + np.log(0.5)
+    mechanism = ClientDP(clip_norm=clip, noise_multiplier=z, delta=1e-3)
+    for alpha in (2.0, 4.0, 8.0):
+        true = max(_renyi(with_b, without_b, alpha, step), _renyi(without_b, with_b, alpha, step))
+        poisson = compute_rdp(q=0.5, noise_multiplier=z, steps=1, orders=[alpha])[0]
+        assert true > 3 * poisson  # what was charged before: far too little
+        assert true <= alpha / (2 * (z / 2) ** 2)  # the Gaussian at z/2: what is charged now
+    state: dict = {}
+    charged = mechanism.charge_round(state, sampled=1, population=2, contributors=1, expected=1)
+    assert charged == mechanism.account({}, sample_rate=1.0, num_clients=2, noise_multiplier=z / 2)
+    everyone = mechanism.charge_round({}, sampled=2, population=2, contributors=2, expected=2)
+    assert everyone == mechanism.account({}, sample_rate=1.0, num_clients=2, noise_multiplier=z)  # nothing to swap
 
 
 def test_the_noise_multiplier_charged_is_the_one_the_uploads_carry() -> None:

@@ -12,6 +12,9 @@ hospitals must trust:
   before it leaves the hospital, so the sum carries the full noise and the server never holds a
   noise-free aggregate. Trust: the other sampled clients add their share; when only k of the n upload,
   the sum carries noise multiplier z·sqrt(k/n), and that is what the accountant charges for the round.
+
+Each round is charged as a Gaussian mechanism, without amplification by client sampling, and at z/2 when
+only some organisations are sampled (:meth:`ClientDP.charge_round` says why).
 """
 
 from __future__ import annotations
@@ -115,9 +118,19 @@ class ClientDP:
         self, state: dict[str, Any], sampled: int, population: int, contributors: int, expected: int
     ) -> float:
         """Account one released sum: ``sampled`` of ``population`` organisations drawn, ``contributors`` of the
-        ``expected`` uploaded (their noise is what the sum carries). Returns epsilon so far."""
+        ``expected`` uploaded (their noise is what the sum carries). Returns epsilon so far.
+
+        The round is charged as a Gaussian mechanism without amplification by sampling. Every organisation
+        sampled, one more or one fewer changes the sum by at most S: multiplier z. A fixed-size sample of
+        fewer is not the Poisson sampling that RDP amplification assumes (each organisation in independently):
+        one organisation more can take a sampled place from another, so the sums of two neighbouring
+        federations differ by up to 2S, and the round is charged at z/2 (the worst case over a coupling of
+        the two samples; Rényi divergence is jointly quasi-convex). Claiming Poisson amplification at m/N
+        here would under-report epsilon."""
         released = self.noise_multiplier_of(contributors, expected)
-        return self.account(state, self.sample_rate(sampled, population), population, released)
+        if sampled < population:
+            released /= 2
+        return self.account(state, 1.0, population, released)
 
     def account(self, state: dict[str, Any], sample_rate: float, num_clients: int, noise_multiplier: float) -> float:
         """Record one round released with ``noise_multiplier`` in ``state`` (the server's checkpointed privacy
@@ -138,11 +151,6 @@ class ClientDP:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" for large epsilons
             return float(accountant.get_epsilon(delta=self.delta))
-
-    def sample_rate(self, sampled: int, population: int) -> float:
-        """The sampling rate the accountant may claim: ``sampled / population`` when the sample was drawn from
-        the server's secret, 1 (no amplification) when it was drawn from the public config seed."""
-        return 1.0 if self.reproducible_noise else sampled / population
 
     def reproducible_seed(self, config_seed: int) -> int | None:
         """The config seed when noise is to be reproducible (research only), else None (secret noise)."""

@@ -44,12 +44,19 @@ def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 
+_zeros = b""  # ChaCha20's input, kept: a fresh buffer per stream made each mask cost 4x (its pages faulted in)
+
+
 def keystream(seed: bytes, length: int) -> np.ndarray:
     """``length`` pseudo-random uint32 values from ChaCha20 keyed by ``seed`` (each seed is used once)."""
+    global _zeros
     if len(seed) != KEY_BYTES:
         raise ValueError(f"A mask seed is {KEY_BYTES} bytes, got {len(seed)}.")
+    if len(_zeros) < 4 * length:
+        _zeros = bytes(4 * length)
     encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * length)), dtype="<u4").astype(np.uint32, copy=False)
+    stream = encryptor.update(memoryview(_zeros)[: 4 * length])
+    return np.frombuffer(stream, dtype="<u4").astype(np.uint32, copy=False)
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
