@@ -507,6 +507,7 @@ def paired_fedtune(overrides: list[str], rounds: int, repeats: int) -> dict[str,
         "paired_overheads": overheads,
         "paired_added_seconds": added,
         "median_paired_overhead": statistics.median(overheads),
+        "median_paired_added_seconds": statistics.median(added),
     }
 
 
@@ -563,7 +564,7 @@ def goals(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[st
         # the median over the interleaved pairs (one pair with --repeats 1)
         "fedtune_overhead": None if b is None else b["median_paired_overhead"],
         "overhead_under_5_percent": None if b is None else b["median_paired_overhead"] < 0.05,
-        "fedtune_added_seconds": None if b is None else b["fedtune_added_seconds"],
+        "fedtune_added_seconds": None if b is None else b["median_paired_added_seconds"],
         "flower_overhead": None if b is None else b.get("flower_overhead"),
         "flower_added_seconds": None if b is None else b.get("flower_added_seconds"),
         # Whole-round uploads as logged: masked (all four steps) over plaintext (update, metrics, signature).

@@ -26,9 +26,10 @@ class Weighting:
 
     Attributes:
         unit: Every client counts once, instead of by its number of training examples.
-        fixed_denominator: Divide by the round's size (the clients that were to contribute), not by the sum
-            of the weights that arrived. Organisation-level DP needs it: its noise is calibrated to the
-            sensitivity of a mean over a fixed number of clients (McMahan et al. 2018).
+        fixed_denominator: Divide by a fixed round size (what the caller passes: the planned one under
+            organisation-level DP), not by the sum of the weights that arrived. Organisation-level DP needs
+            it: its noise is calibrated to the sensitivity of a mean over a fixed number of clients
+            (McMahan et al. 2018).
     """
 
     unit: bool = False

@@ -25,6 +25,7 @@ from fedtune.channel import Channel, Client, RoundAbandoned, RoundFailedError, T
 from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import format_summary
 from fedtune.experiment import Experiment, get_experiment
+from fedtune.federation import Federation
 from fedtune.interfaces import Strategy
 from fedtune.ledger import Ledger, file_hash, metrics_hash
 from fedtune.run_dir import Checkpoint, RunDir
@@ -163,12 +164,14 @@ def _sample(
     purpose: str,
     secrets: dict[str, Any],
 ) -> list[Client]:
-    """The clients of one step. Under organisation-level DP the training sample is drawn from the server's
-    secret, so that who trains in a round cannot be foretold from the public config (the accountant claims
-    no amplification by this sampling either way: fedtune/privacy/client_dp.py)."""
+    """The clients of one step. Under organisation-level DP the training sample has the planned size whoever
+    connected (the accountant charges for that: fedtune/privacy/client_dp.py) and is drawn from the server's
+    secret, so that who trains in a round cannot be foretold from the public config."""
     count = experiment.federation.num_sampled(len(clients), fraction)
     organisation = experiment.privacy.organisation
     if organisation is not None and purpose == "train":
+        planned = _planned(experiment.federation)
+        count = len(clients) if planned is None else min(len(clients), planned)
         generator = noise_generator(
             secrets, organisation.reproducible_seed(experiment.cfg.seed), "sample", server_round
         )
@@ -176,6 +179,12 @@ def _sample(
         generator = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, purpose, server_round))
     chosen = sorted(torch.randperm(len(clients), generator=generator)[:count].tolist())
     return [clients[i] for i in chosen]
+
+
+def _planned(federation: Federation) -> int | None:
+    """The organisations a training round samples under organisation-level DP: None when every connected one
+    trains (one more would train too, so none takes another's place)."""
+    return None if federation.fraction_train == 1 else federation.planned_train_clients()
 
 
 def _train_step(
@@ -207,7 +216,7 @@ def _train_step(
         if error.revealed and organisation is not None and organisation.noise_at == "clients":
             # the server saw a sum carrying the clients' noise: a release, though never applied
             privacy["client_dp_epsilon"] = organisation.charge_round(
-                privacy_state, len(sampled), len(clients), error.revealed, error.round_size
+                privacy_state, _planned(federation), len(clients), error.revealed, error.round_size
             )
             run_dir.log_metrics(server_round, "server", privacy)
         run_dir.log_metrics(server_round, "train", {"abandoned": 1.0, "sampled": float(len(sampled))})
@@ -220,15 +229,18 @@ def _train_step(
         )
     for contribution in contributions:
         run_dir.log_metrics(server_round, f"client:{contribution.client.key}", contribution.metrics)
-    mean = experiment.weighting.mean(collected.weighted_sum, collected.total_weight, collected.round_size, layout)
+    # Under organisation-level DP the mean divides by the planned round size, which is public; a count of who
+    # came would move with the federation and tell.
+    divisor = federation.planned_train_clients() if organisation is not None else collected.round_size
+    mean = experiment.weighting.mean(collected.weighted_sum, collected.total_weight, divisor, layout)
     privacy: dict[str, float] = {}
     if organisation is not None:  # Gaussian noise on the mean (unless the clients already added it)
         noise = noise_generator(
             secrets, organisation.reproducible_seed(experiment.cfg.seed), "client_dp_server", server_round
         )
-        mean = organisation.privatize_aggregate(mean, collected.round_size, noise)
+        mean = organisation.privatize_aggregate(mean, divisor, noise)
         privacy["client_dp_epsilon"] = organisation.charge_round(  # fewer uploads, less noise (noise_at=clients)
-            privacy_state, len(sampled), len(clients), len(contributions), collected.round_size
+            privacy_state, _planned(federation), len(clients), len(contributions), collected.round_size
         )
         run_dir.log_metrics(server_round, "server", privacy)
     individual, weights = collected.individual or (None, None)

@@ -87,3 +87,8 @@ class Federation:
     def num_sampled(self, available: int, fraction: float) -> int:
         """How many of ``available`` clients to sample for a step with the given fraction (at least one)."""
         return max(1, min(available, round(available * fraction)))
+
+    def planned_train_clients(self) -> int:
+        """A training round's size as the config plans it, whoever connects: public, so organisation-level DP
+        samples that many and divides the sum by it."""
+        return self.num_sampled(self.num_clients, self.fraction_train)

@@ -11,7 +11,7 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import special, stats
 
-from fedtune.privacy.client_dp import ClientDP, clip_update
+from fedtune.privacy.client_dp import ORDERS, ClientDP, clip_update, round_mechanisms
 from fedtune.run_dir import RunDir
 from tests.conftest import tiny_overrides
 from tests.nodes import federate
@@ -54,11 +54,12 @@ def test_noise_on_the_average_has_the_calibrated_standard_deviation(noise_at: st
 
 
 def test_epsilon_over_rounds_matches_opacus_rdp_analysis() -> None:
+    """Every organisation in every round: five Gaussian rounds at z, as Opacus's RDP analysis composes them."""
     mechanism, state = ClientDP(noise_multiplier=1.2, delta=1e-3), {}
-    epsilons = [mechanism.account(state, sample_rate=0.5, num_clients=10, noise_multiplier=1.2) for _ in range(5)]
+    epsilons = [mechanism.charge_round(state, None, 10, 10, 10) for _ in range(5)]
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     reference, _ = get_privacy_spent(
-        orders=orders, rdp=compute_rdp(q=0.5, noise_multiplier=1.2, steps=5, orders=orders), delta=1e-3
+        orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=1.2, steps=5, orders=orders), delta=1e-3
     )
     assert math.isclose(epsilons[-1], reference, rel_tol=1e-6)
     assert epsilons == sorted(epsilons)
@@ -73,22 +74,37 @@ def test_a_fixed_size_sample_is_charged_for_the_place_one_organisation_can_take_
     """Two organisations, one sampled per round (fraction 0.5), whose clipped updates are +S and -S. With b in the
     federation a round releases N(+S, (zS)^2) or N(-S, (zS)^2) with equal chance; without it, N(+S, (zS)^2). The
     Rényi divergence of the two (quadrature, both directions) is several times what Poisson sampling at rate 1/2
-    gives, which the accountant used to charge; a round is now charged as the Gaussian at z/2, which bounds it."""
+    gives, which the accountant used to charge. Now both federations of the pair are charged at least the
+    divergence: {a, b} (1 of 2 sampled) and {a} (its one organisation in, and b could take its place)."""
     z, clip = 1.0, 1.0
     grid, step = np.linspace(-40, 40, 800_001, retstep=True)
     without_b = stats.norm.logpdf(grid, clip, z * clip)
     with_b = np.logaddexp(without_b, stats.norm.logpdf(grid, -clip, z * clip)) + np.log(0.5)
-    mechanism = ClientDP(clip_norm=clip, noise_multiplier=z, delta=1e-3)
+    charged = {
+        population: np.max(
+            [
+                compute_rdp(q=q, noise_multiplier=m, steps=1, orders=ORDERS)
+                for q, m in round_mechanisms(1, population, z)
+            ],
+            axis=0,
+        )
+        for population in (1, 2)
+    }
     for alpha in (2.0, 4.0, 8.0):
         true = max(_renyi(with_b, without_b, alpha, step), _renyi(without_b, with_b, alpha, step))
         poisson = compute_rdp(q=0.5, noise_multiplier=z, steps=1, orders=[alpha])[0]
         assert true > 3 * poisson  # what was charged before: far too little
-        assert true <= alpha / (2 * (z / 2) ** 2)  # the Gaussian at z/2: what is charged now
-    state: dict = {}
-    charged = mechanism.charge_round(state, sampled=1, population=2, contributors=1, expected=1)
-    assert charged == mechanism.account({}, sample_rate=1.0, num_clients=2, noise_multiplier=z / 2)
-    everyone = mechanism.charge_round({}, sampled=2, population=2, contributors=2, expected=2)
-    assert everyone == mechanism.account({}, sample_rate=1.0, num_clients=2, noise_multiplier=z)  # nothing to swap
+        for population in (1, 2):
+            assert charged[population][ORDERS.index(alpha)] >= true * (1 - 1e-6)
+        assert charged[2][ORDERS.index(alpha)] == pytest.approx(true, rel=1e-3)  # and no more: the bound is tight
+
+
+def test_how_a_round_is_charged_follows_who_could_take_whose_place() -> None:
+    z = 1.2
+    assert round_mechanisms(None, 10, z) == [(1.0, z)]  # every organisation trains, one more would too
+    assert round_mechanisms(4, 3, z) == [(1.0, z)]  # 4 planned, 3 connected: one more would join, not swap
+    assert round_mechanisms(4, 10, z) == [(0.4, z / 2)]
+    assert round_mechanisms(4, 4, z) == [(1.0, z), (0.8, z / 2)]  # one more connected would swap in
 
 
 def test_the_noise_multiplier_charged_is_the_one_the_uploads_carry() -> None:
@@ -98,7 +114,7 @@ def test_the_noise_multiplier_charged_is_the_one_the_uploads_carry() -> None:
 
 def test_delta_must_be_below_one_over_the_number_of_organisations() -> None:
     with pytest.raises(ValueError, match="not below 1/4"):
-        ClientDP(delta=0.3).account({}, 1.0, 4, 1.0)
+        ClientDP(delta=0.3).charge_round({}, None, 4, 4, 4)
 
 
 def test_both_guarantees_in_one_federated_run(tiny_bert_dir: Path, tmp_path: Path) -> None:

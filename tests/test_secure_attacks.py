@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedtune import adapters, cli, client, config, engine, ranks, wire
 from fedtune.client_settings import ClientSettings
@@ -381,8 +382,8 @@ def test_organisation_level_dp_does_not_give_away_who_took_part(
     """Organisation-level DP is meant to hide whether a hospital took part. The exported model card listed every
     participant with its record-level epsilon, and clients were sampled from the public config seed while the
     accountant claimed amplification by that sampling. Now the card names nobody, the sample comes from the
-    server's secret (a private file, in no checkpoint), and no amplification is claimed for a fixed-size
-    sample (tests/test_client_dp.py)."""
+    server's secret (a private file, in no checkpoint), and a fixed-size sample is charged for the sampled place
+    one organisation can take from another (tests/test_client_dp.py)."""
     overrides = tiny_overrides(
         tiny_bert_dir,
         tmp_path,
@@ -407,7 +408,11 @@ def test_organisation_level_dp_does_not_give_away_who_took_part(
             f"hospital-{i}" for i in sorted(torch.randperm(4, generator=generator)[:2].tolist())
         ]
     epsilon = [m["value"] for m in RunDir(run).read_metrics() if m["metric"] == "client_dp_epsilon"][-1]
-    assert epsilon == pytest.approx(_gaussian_epsilon(0.5, 2, 1e-3), rel=1e-9)  # 2 of 4 sampled: z/2, no amplification
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # 2 of 4 sampled: rate 1/2 at z/2
+    reference, _ = get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=0.5, noise_multiplier=0.5, steps=2, orders=orders), delta=1e-3
+    )
+    assert epsilon == pytest.approx(reference, rel=1e-9)
 
 
 def test_two_nodes_with_the_same_name_are_both_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Organisation-level differential privacy: DP-FedAvg (McMahan et al. 2018, https://arxiv.org/abs/1710.06963).
 
-Protects whether a hospital took part at all. Each client clips its whole adapter update to an L2
-bound S; the average of the clipped updates gets Gaussian noise of standard deviation z·S/n (n = the
-sampled clients), and an accountant composes the rounds. Where the noise is added decides whom the
+Protects whether a hospital took part at all (add/remove neighbours, below). Each client clips its whole
+adapter update to an L2 bound S; the average of the clipped updates gets Gaussian noise of standard
+deviation z·S/n (n = the planned round size), and an accountant composes the rounds. Where the noise is added decides whom the
 hospitals must trust:
 
 - ``noise_at: server``: the server adds all of it after aggregation. Trust: the server adds the noise
@@ -13,8 +13,12 @@ hospitals must trust:
   noise-free aggregate. Trust: the other sampled clients add their share; when only k of the n upload,
   the sum carries noise multiplier z·sqrt(k/n), and that is what the accountant charges for the round.
 
-Each round is charged as a Gaussian mechanism, without amplification by client sampling, and at z/2 when
-only some organisations are sampled (:meth:`ClientDP.charge_round` says why).
+The guarantee is for add/remove neighbours (a federation with one organisation more or fewer). The mean
+divides the sum by the round's size as the config plans it (public), never by a count of who came: a
+divisor that moved with the federation would itself tell. A round with a fixed-size sample of the
+organisations is charged for the sampled place one organisation can take from another
+(:func:`round_mechanisms`). Dropouts are accounted for the noise left, which assumes that whether a
+client drops out does not depend on its data.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedtune.adapters import AdapterState, l2_norm
 from fedtune.aggregation import Weighting
@@ -90,10 +96,10 @@ class ClientDP:
             return _add_noise(clipped, self.noise_multiplier * self.clip_norm / math.sqrt(num_sampled), generator)
         return clipped
 
-    def privatize_aggregate(self, mean: AdapterState, num_sampled: int, generator: torch.Generator) -> AdapterState:
-        """Add the server's noise to the unweighted mean of ``num_sampled`` clipped updates."""
+    def privatize_aggregate(self, mean: AdapterState, divisor: int, generator: torch.Generator) -> AdapterState:
+        """Add the server's noise to a sum of clipped updates divided by ``divisor`` (the planned round size)."""
         if self.noise_at == "server":
-            return _add_noise(mean, self.noise_multiplier * self.clip_norm / num_sampled, generator)
+            return _add_noise(mean, self.noise_multiplier * self.clip_norm / divisor, generator)
         return mean
 
     def noise_multiplier_of(self, contributors: int, expected: int) -> float:
@@ -115,42 +121,33 @@ class ClientDP:
         return bound
 
     def charge_round(
-        self, state: dict[str, Any], sampled: int, population: int, contributors: int, expected: int
+        self, state: dict[str, Any], planned: int | None, population: int, contributors: int, expected: int
     ) -> float:
-        """Account one released sum: ``sampled`` of ``population`` organisations drawn, ``contributors`` of the
-        ``expected`` uploaded (their noise is what the sum carries). Returns epsilon so far.
-
-        The round is charged as a Gaussian mechanism without amplification by sampling. Every organisation
-        sampled, one more or one fewer changes the sum by at most S: multiplier z. A fixed-size sample of
-        fewer is not the Poisson sampling that RDP amplification assumes (each organisation in independently):
-        one organisation more can take a sampled place from another, so the sums of two neighbouring
-        federations differ by up to 2S, and the round is charged at z/2 (the worst case over a coupling of
-        the two samples; Rényi divergence is jointly quasi-convex). Claiming Poisson amplification at m/N
-        here would under-report epsilon."""
-        released = self.noise_multiplier_of(contributors, expected)
-        if sampled < population:
-            released /= 2
-        return self.account(state, 1.0, population, released)
-
-    def account(self, state: dict[str, Any], sample_rate: float, num_clients: int, noise_multiplier: float) -> float:
-        """Record one round released with ``noise_multiplier`` in ``state`` (the server's checkpointed privacy
-        state) and return epsilon so far.
+        """Account one released sum in ``state`` (the server's checkpointed privacy state) and return epsilon so
+        far: ``planned`` organisations of the ``population`` connected were to be sampled (None: every one),
+        ``contributors`` of the ``expected`` uploaded (their noise is what the sum carries).
 
         Raises:
-            ValueError: delta is not below 1/num_clients.
+            ValueError: delta is not below 1/population.
         """
-        if self.delta >= 1.0 / num_clients:
+        if self.delta >= 1.0 / population:
             raise ValueError(
-                f"privacy.delta={self.delta} is not below 1/{num_clients} organisations; lower it so that "
+                f"privacy.delta={self.delta} is not below 1/{population} organisations; lower it so that "
                 "no single organisation's participation can leak outright."
             )
-        accountant = create_accountant("rdp")
-        accountant.history = [tuple(entry) for entry in json.loads(state.get(STATE_KEY, "[]"))]
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-        state[STATE_KEY] = json.dumps([list(entry) for entry in accountant.history])
+        released = self.noise_multiplier_of(contributors, expected)
+        rounds = _rounds(state)
+        rounds.append([list(pair) for pair in round_mechanisms(planned, population, released)])
+        state[STATE_KEY] = json.dumps(rounds)
+        return self.epsilon(state)
+
+    def epsilon(self, state: dict[str, Any]) -> float:
+        """Epsilon of every round accounted in ``state``, at ``delta`` (RDP composed, then converted)."""
+        rdp = sum((_worst_rdp(alternatives) for alternatives in _rounds(state)), np.zeros(len(ORDERS)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" for large epsilons
-            return float(accountant.get_epsilon(delta=self.delta))
+            epsilon, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=self.delta)
+        return float(epsilon)
 
     def reproducible_seed(self, config_seed: int) -> int | None:
         """The config seed when noise is to be reproducible (research only), else None (secret noise)."""
@@ -163,6 +160,48 @@ class ClientDP:
             f"{self.noise_multiplier} added by the {'server' if self.noise_at == 'server' else 'clients (shared out)'}, "
             f"delta {self.delta}, RDP accountant over rounds."
         )
+
+
+ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)  # Rényi orders the accountant tracks (Opacus's)
+
+
+def round_mechanisms(planned: int | None, population: int, noise_multiplier: float) -> list[tuple[float, float]]:
+    """What one round is charged as, for add/remove neighbours (one organisation more or fewer): sampled Gaussian
+    mechanisms (sample rate, noise multiplier) on the sum, the round's RDP being the largest of theirs.
+
+    With every connected organisation in the round (``planned`` None, or above the population by one more),
+    a neighbour's sum differs by one clipped update: the Gaussian at z. With a fixed-size sample of
+    ``planned`` < N, one organisation more can take a sampled place from another, so coupled samples' sums
+    differ by up to 2S; the larger federation's output is the smaller one's with probability 1 - m/N and
+    one with a place swapped otherwise, and by the joint quasi-convexity of Rényi divergence (van Erven and
+    Harremoës 2014, Thm 13) over that coupling the round is bounded by the sampled Gaussian at rate m/N and
+    z/2. Poisson amplification at m/N with z, what was charged before, under-reports: a fixed-size sample
+    is not Poisson sampling (Lebeda et al. 2024 on this pitfall). With exactly N = m connected, the smaller
+    neighbour has every organisation in and the larger one a place to take, so both are charged.
+    """
+    if planned is None or planned > population:
+        return [(1.0, noise_multiplier)]
+    if planned == population:
+        return [(1.0, noise_multiplier), (planned / (population + 1), noise_multiplier / 2)]
+    return [(planned / population, noise_multiplier / 2)]
+
+
+def _worst_rdp(alternatives: list[list[float]]) -> np.ndarray:
+    return np.max([compute_rdp(q=q, noise_multiplier=z, steps=1, orders=ORDERS) for q, z in alternatives], axis=0)
+
+
+def _rounds(state: dict[str, Any]) -> list[list[list[float]]]:
+    """The rounds accounted in ``state``, each as its mechanisms; a state written by Opacus's RDP accountant
+    (``[noise multiplier, sample rate, steps]`` entries, before fixed-size samples were charged as such) reads
+    as that many rounds of one mechanism each."""
+    rounds = []
+    for entry in json.loads(state.get(STATE_KEY, "[]")):
+        if entry and isinstance(entry[0], (int, float)):
+            noise_multiplier, sample_rate, steps = entry
+            rounds.extend([[[sample_rate, noise_multiplier]]] * int(steps))
+        else:
+            rounds.append(entry)
+    return rounds
 
 
 def clip_update(update: Mapping[str, torch.Tensor], bound: float) -> AdapterState:
