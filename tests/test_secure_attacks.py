@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedtune import adapters, cli, client, config, engine, ranks, wire
+from fedtune import experiment as experiment_module
 from fedtune.client_settings import ClientSettings
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.ledger import Ledger, audit
@@ -574,3 +575,27 @@ def test_a_server_cannot_rewrite_a_nodes_base_model_with_a_residual(tiny_bert_di
     with pytest.raises(ValueError, match="folds none"):
         server.send(VICTIM, "evaluate", 1, request)
     assert torch.equal(layer.weight, before)
+
+
+def test_a_new_run_dir_gives_a_deployed_node_neither_a_fresh_budget_nor_fresh_noise(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Record-level DP in the clear. A deployed node kept its privacy state (accountant, noise secret, the rounds
+    it trained) per run dir, which the server names: a server that ran the same experiment again under a new run
+    dir got each round trained again from a fresh budget, as many times as it liked. Now a deployed node keeps
+    it per experiment: round 1 again on another adapter is refused, and round 2 is charged on top of round 1."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_clients=2", "privacy=dp_sgd")
+    experiment = _experiment(overrides)
+    node = make_nodes(tmp_path, overrides, 2, simulated=False)[0]
+    server = HostileServer([node], experiment.hash)
+    adapter = experiment.initial_adapter()
+    first = server.train(VICTIM, 1, adapter, [VICTIM, A], {})
+    node.new_run()  # the next run, in a new ClientApp process (nothing cached), under a run dir of its own
+    monkeypatch.setattr(experiment_module, "_EXPERIMENTS", {})
+    node.context.run_config.update(config.to_run_config(overrides, str(tmp_path / "another-run")))
+    other = {k: v + 0.01 for k, v in adapter.items()}
+    with pytest.raises(ProtocolError, match="already trained round 1"):
+        server.train(VICTIM, 1, other, [VICTIM, A], {})
+    second = server.train(VICTIM, 2, other, [VICTIM, A], {})
+    spent = [dict(reply.metric_records[wire.METRICS])["epsilon"] for reply in (first, second)]
+    assert spent[1] > spent[0]  # the budget goes on from round 1, not from zero
