@@ -116,9 +116,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         masked = secure(context, experiment) if experiment.secure.masked else None
         secagg = masked.before_training(msg) if masked is not None else None  # every check before training
         settings = _settings(round_config)
-        durable = client_state.state_file(
-            context.node_config, privacy_key(experiment, bound_run_config is not None), key
-        )
+        scope = client_state.record_scope(experiment.hash, experiment.cfg.run_dir, bound_run_config is not None)
+        durable = client_state.state_file(context.node_config, scope, key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         rank = _rank(context, experiment)
         # The settings and rank are part of the round's input: other settings on the same adapter give
@@ -176,15 +175,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
 
 def run_key(experiment: Experiment) -> str:
     """What this node's durable state of a run is keyed on: the experiment and the run directory."""
-    return f"{experiment.hash}|{experiment.cfg.run_dir}"
-
-
-def privacy_key(experiment: Experiment, simulated: bool) -> str:
-    """What this node's record-level privacy state (accountant, noise secret, rounds trained) is keyed on: the
-    experiment for a deployed node, whatever run dir the server names, since a new run dir must give it
-    neither a fresh budget nor fresh noise for a round it trained; one run in fedtune's simulation, where
-    one operator runs every node and reruns are routine."""
-    return run_key(experiment) if simulated else experiment.hash
+    return client_state.record_scope(experiment.hash, experiment.cfg.run_dir, simulated=True)
 
 
 def _rank(context: Context, experiment: Experiment) -> int:

@@ -34,6 +34,15 @@ from fedtune.secure.session import ProtocolError
 _ROUNDS = "rounds"  # round -> fingerprint of the global adapter received, and the state before training
 
 
+def record_scope(experiment_hash: str, run_dir: str, simulated: bool) -> str:
+    """What "the same experiment" means for a node's durable per-round records (its privacy state, the rounds
+    it uploaded in, the clients it revealed its ring secret for): the config hash for a deployed node, whatever
+    run dir the server names, since a new run dir must give it neither a fresh budget nor a second upload or
+    ring for a round; one run in fedtune's in-process simulation, where one operator runs every node and
+    reruns are routine."""
+    return f"{experiment_hash}|{run_dir}" if simulated else experiment_hash
+
+
 def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:
     """Where this client keeps the durable copy of its state for one run."""
     return _state_dir(node_config) / f"{_hashed(f'{run_key}|{client_key}')}.json"

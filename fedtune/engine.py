@@ -167,7 +167,6 @@ def _sample(
     """The clients of one step. Under organisation-level DP the training sample has the planned size whoever
     connected (the accountant charges for that: fedtune/privacy/client_dp.py) and is drawn from the server's
     secret, so that who trains in a round cannot be foretold from the public config."""
-    count = experiment.federation.num_sampled(len(clients), fraction)
     organisation = experiment.privacy.organisation
     if organisation is not None and purpose == "train":
         planned = _planned(experiment.federation)
@@ -176,6 +175,7 @@ def _sample(
             secrets, organisation.reproducible_seed(experiment.cfg.seed), "sample", server_round
         )
     else:
+        count = experiment.federation.num_sampled(len(clients), fraction)
         generator = torch.Generator().manual_seed(derive_seed(experiment.cfg.seed, purpose, server_round))
     chosen = sorted(torch.randperm(len(clients), generator=generator)[:count].tolist())
     return [clients[i] for i in chosen]

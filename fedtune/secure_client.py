@@ -4,9 +4,10 @@ fedtune/secure_server.py).
 The node keeps each round's secrets in Flower's ``Context.state`` and answers the four steps: round keys,
 encrypted shares, the masked upload, and the shares it reveals for unmasking (with SecAgg+ rings also the
 ring step between keys and shares). It also owns pipelining: asked to, it sends the next round's keys with
-its upload and deals that round's shares with its unmask answer. Everything that protects the node from the server is checked here, before it answers: the
-round is at least its own minimum size, the peers are the ones it trusts, it uploads at most once per
-round, and the count the server gives for its DP noise share is the count of keys it verified.
+its upload and deals that round's shares with its unmask answer. Everything that protects the node from
+the server is checked here, before it answers: the round is at least its own minimum size, the peers are
+the ones it trusts, it uploads at most once per round and reveals its ring secret for one set of clients
+per round, and the count the server gives for its DP noise share is the count of keys it verified.
 """
 
 from __future__ import annotations
@@ -231,11 +232,8 @@ class SecureClient:
         store[_state_key(state.session)] = state.to_json()
 
     def _scope(self) -> str:
-        """What "the same experiment" means for this node's per-round records (fedtune/secure/uploads.py): the
-        config hash for a deployed node, whatever run dir the server names; one run in fedtune's in-process
-        simulation, where one operator runs every node and reruns are routine."""
-        experiment = self.experiment
-        return f"{experiment.hash}|{experiment.cfg.run_dir}" if self.simulated else experiment.hash
+        """What "the same experiment" means for this node's per-round records (fedtune/secure/uploads.py)."""
+        return client_state.record_scope(self.experiment.hash, self.experiment.cfg.run_dir, self.simulated)
 
     def _uploads(self) -> UploadRecord:
         """This node's record of the rounds it uploaded in."""

@@ -2,8 +2,8 @@
 
 Protects whether a hospital took part at all (add/remove neighbours, below). Each client clips its whole
 adapter update to an L2 bound S; the average of the clipped updates gets Gaussian noise of standard
-deviation z·S/n (n = the planned round size), and an accountant composes the rounds. Where the noise is added decides whom the
-hospitals must trust:
+deviation z·S/n (n = the planned round size), and an accountant composes the rounds. Where the noise is
+added decides whom the hospitals must trust:
 
 - ``noise_at: server``: the server adds all of it after aggregation. Trust: the server adds the noise
   honestly and does not publish the noise-free aggregate (with secure aggregation it still never sees
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -143,7 +144,9 @@ class ClientDP:
 
     def epsilon(self, state: dict[str, Any]) -> float:
         """Epsilon of every round accounted in ``state``, at ``delta`` (RDP composed, then converted)."""
-        rdp = sum((_worst_rdp(alternatives) for alternatives in _rounds(state)), np.zeros(len(ORDERS)))
+        # Rounds charged alike are composed at once: the sampled Gaussian's RDP takes ~0.1 s a mechanism.
+        alike = Counter(json.dumps(alternatives) for alternatives in _rounds(state))
+        rdp = sum((count * _worst_rdp(json.loads(key)) for key, count in alike.items()), np.zeros(len(ORDERS)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" for large epsilons
             epsilon, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=self.delta)

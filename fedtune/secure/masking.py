@@ -63,6 +63,7 @@ from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
 from fedtune.secure.session import (
     DOMAIN,
+    RING_SECRET_BYTES,
     ClientRound,
     KeyBundle,
     ProtocolError,
@@ -161,9 +162,6 @@ class SecureAggregation:
             f"{'all peers' if self.neighbours is None else f'{self.neighbours} neighbours'}): the server saw only "
             f"the sum of the updates; values within ±{self.value_range}, fixed point mod 2^32."
         )
-
-
-RING_SECRET_BYTES = 32
 
 
 def advertise_keys(

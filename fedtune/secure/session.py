@@ -34,6 +34,9 @@ class Session:
         return self.context("reply", message_type, client, digest)
 
 
+RING_SECRET_BYTES = 32
+
+
 def ring_commitment(session: Session, client: str, secret: bytes) -> bytes:
     """The hash commitment to a client's ring secret that its signed round keys carry."""
     return hashlib.sha256(session.context("ring-commitment", client, secret.hex())).digest()
@@ -102,8 +105,8 @@ class RingReveal:
     def verify(self, session: Session, view: str, public_hex: str | None, bundle: KeyBundle) -> None:
         """Raise ProtocolError unless this is the secret ``bundle`` committed to, revealed for ``view`` by the
         holder of ``public_hex``."""
-        if len(self.secret) != 32:
-            raise ProtocolError(f"The ring secret of {self.client} is not 32 bytes.")
+        if len(self.secret) != RING_SECRET_BYTES:
+            raise ProtocolError(f"The ring secret of {self.client} is not {RING_SECRET_BYTES} bytes.")
         if public_hex is None or not identity.verify(public_hex, self.signature, self.signed_bytes(session, view)):
             raise ProtocolError(
                 f"The ring secret of {self.client} was not revealed by it for the clients this node was shown."
