@@ -198,15 +198,16 @@ class Experiment:
 
         Raises:
             ValueError: A non-linear strategy with ``secure=masking`` or organisation-level DP, masked rounds
-                allowed to sum a single update, a client rank the experiment cannot train, or dense
-                residuals on weights that cannot hold them exactly.
+                allowed to sum a single update, rounds smaller than the strategy's guarantee needs, a client
+                rank the experiment cannot train, or dense residuals on weights that cannot hold them exactly.
         """
         for rank in self.federation.client_ranks or ():
             self.lora_rank(rank, "federation.client_ranks")
         strategy = self.cfg.strategy._target_
         if self.folds_residuals:
             self._check_residuals_fit(strategy)
-        if not self.new_strategy().linear:
+        method = self.new_strategy()
+        if not method.linear:
             if self.secure.masked:
                 raise ValueError(
                     f"strategy {strategy} needs every client's individual update, but secure=masking lets the "
@@ -217,6 +218,14 @@ class Experiment:
                     f"strategy {strategy} does not average, but organisation-level DP calibrates its noise to the "
                     "sensitivity of a mean. Use a linear strategy (e.g. strategy=fedavg) or another privacy option."
                 )
+        if self.federation.min_train_clients < method.min_clients:
+            raise ValueError(
+                f"strategy {strategy} needs at least {method.min_clients} updates a round for its guarantee "
+                f"(with its strategy.byzantine setting), but federation.min_train_clients="
+                f"{self.federation.min_train_clients} would let a round combine fewer. Raise "
+                f"federation.min_train_clients to {method.min_clients} (and num_clients with it) or lower "
+                "strategy.byzantine."
+            )
         if not self.secure.masked:
             return
         if self.federation.min_train_clients < 2:

@@ -27,11 +27,14 @@ class Strategy(Protocol):
         folds_residuals: True if ``step`` puts dense residuals (``<module>.lora_residual``) into the global
             adapter for clients to fold into their frozen weights (FedEx-LoRA). Clients refuse residuals
             from any other strategy: a server could otherwise rewrite their base model at will.
+        min_clients: The fewest updates a round may combine (a robust rule's guarantee needs enough honest
+            clients, e.g. n >= 2f + 3 for Krum); the server refuses ``federation.min_train_clients`` below it.
     """
 
     linear: bool
     weighting: ClientWeighting
     folds_residuals: bool
+    min_clients: int
 
     def configure(self, server_round: int, client: str) -> ClientSettings:
         """What client ``client`` (its name) does in ``server_round``: frozen tensors, proximal term..."""

@@ -32,6 +32,7 @@ class AdaptiveServerOptimizer:
     linear = True
     weighting: ClientWeighting = "examples"
     folds_residuals = False
+    min_clients = 1
 
     def __init__(self, eta: float, beta1: float, tau: float) -> None:
         for key, value, ok in (("eta", eta, eta > 0), ("beta1", beta1, 0 <= beta1 < 1), ("tau", tau, tau > 0)):

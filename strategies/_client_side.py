@@ -41,6 +41,11 @@ class ClientSideMethod:
         """As the server's strategy."""
         return self.server.folds_residuals
 
+    @property
+    def min_clients(self) -> int:
+        """As the server's strategy."""
+        return self.server.min_clients
+
     def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
         """The server strategy's aggregate."""
         return self.server.aggregate(updates, server_round)

@@ -32,6 +32,7 @@ class FedAvg:
     linear = True
     weighting: ClientWeighting = "examples"
     folds_residuals = False
+    min_clients = 1
 
     def __init__(self, server_lr: float = 1.0) -> None:
         if not server_lr > 0:

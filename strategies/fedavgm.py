@@ -29,6 +29,7 @@ class FedAvgM:
     linear = True
     weighting: ClientWeighting = "examples"
     folds_residuals = False
+    min_clients = 1
 
     def __init__(self, server_lr: float = 0.5, momentum: float = 0.5) -> None:
         if not server_lr > 0:

@@ -15,11 +15,11 @@ import torch
 
 from fedtune import adapters, client_state, config
 from fedtune.adapters import AdapterState
-from fedtune.aggregation import ClientWeighting, RoundUpdates
-from fedtune.client_settings import ClientSettings
+from fedtune.aggregation import RoundUpdates
 from fedtune.experiment import get_experiment
 from fedtune.run_dir import RunDir
 from fedtune.server_app import RoundFailedError
+from strategies.median import CoordinateMedian
 from tests.conftest import tiny_overrides
 from tests.nodes import federate
 
@@ -164,43 +164,27 @@ def test_what_fedsa_lora_clients_keep_survives_a_crash_and_the_resumed_run_is_bi
         assert _equal(_personal(tmp_path / "b", b, name), _personal(tmp_path / "a", a, name))
 
 
-class CoordinateMedian:
-    """A non-linear strategy (it needs each client's update): the coordinate-wise median, applied as is."""
+class RecordingMedian(CoordinateMedian):
+    """strategies/median.py, keeping what the server hands it (any round size: no bad update is tolerated)."""
 
-    linear = False
-    weighting: ClientWeighting = "uniform"
-    folds_residuals = False
     seen: list[RoundUpdates] = []
 
     def __init__(self, server_lr: float = 1.0) -> None:
-        self.server_lr = server_lr
-
-    def configure(self, server_round: int, client: str) -> ClientSettings:
-        return ClientSettings()
+        super().__init__(byzantine=0, server_lr=server_lr)
 
     def aggregate(self, updates: RoundUpdates, server_round: int) -> AdapterState:
-        assert updates.individual is not None
-        CoordinateMedian.seen.append(updates)
-        return {k: torch.stack([u[k] for u in updates.individual]).median(dim=0).values for k in updates.mean}
-
-    def step(self, global_adapter: AdapterState, aggregate: AdapterState, server_round: int) -> AdapterState:
-        return adapters.apply(global_adapter, aggregate)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Stateless."""
+        RecordingMedian.seen.append(updates)
+        return super().aggregate(updates, server_round)
 
 
-MEDIAN = "strategy._target_=tests.test_methods.CoordinateMedian"
+MEDIAN = "strategy._target_=tests.test_methods.RecordingMedian"
 
 
 def test_a_non_linear_strategy_gets_each_update_in_the_clear(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    CoordinateMedian.seen.clear()
+    RecordingMedian.seen.clear()
     overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", MEDIAN, "federation.num_clients=3")
     run = _federate(tmp_path, overrides, 3)
-    first = CoordinateMedian.seen[0]
+    first = RecordingMedian.seen[0]
     assert first.contributors == 3 and first.weights == (1.0, 1.0, 1.0)  # it declared uniform weights
     for key, mean in first.mean.items():
         assert torch.allclose(mean, sum(u[key] for u in first.individual) / 3, atol=1e-7)

@@ -33,6 +33,7 @@ from strategies.flexlora import FlexLoRA
 from strategies.head_only import HeadOnly
 from strategies.hetlora import HetLoRA
 from strategies.rolora import RoLoRA
+from tests.test_robust_strategies import HAND_COMPUTED as ROBUST_HAND_COMPUTED
 
 NAMES = sorted(p.stem for p in (config.conf_dir() / "strategy").glob("*.yaml"))
 
@@ -59,10 +60,15 @@ def _updates(updates: list[AdapterState], base: AdapterState, weights: tuple[flo
     return RoundUpdates(mean, len(updates), tuple(updates), weights, base)
 
 
+def _round_size(strategy: Strategy) -> int:
+    """Updates a contract test hands a strategy: three, or as many as its guarantee needs."""
+    return max(3, strategy.min_clients)
+
+
 def _round(strategy: Strategy, global_adapter: dict, server_round: int, seed: int) -> dict[str, torch.Tensor]:
     """One round as the server runs it: each client's settings, the updates over that layout, aggregate, step."""
     settings = strategy.configure(server_round, "hospital-0")
-    updates = [settings.uploaded(_adapter(seed + i)) for i in range(3)]
+    updates = [settings.uploaded(_adapter(seed + i)) for i in range(_round_size(strategy))]
     aggregate = strategy.aggregate(_updates(updates, global_adapter), server_round)
     return strategy.step(global_adapter, aggregate, server_round)
 
@@ -94,7 +100,7 @@ def test_a_zero_update_leaves_what_the_adapter_computes_as_it_was(name: str) -> 
     """The factors themselves may be re-factorised (FlexLoRA's SVD); the products may not change."""
     strategy, start = _strategy(name), _adapter(0)
     zeros = {k: torch.zeros_like(v) for k, v in start.items()}
-    stepped = strategy.step(start, strategy.aggregate(_updates([zeros] * 3, start), 1), 1)
+    stepped = strategy.step(start, strategy.aggregate(_updates([zeros] * _round_size(strategy), start), 1), 1)
     before, after = _function(start), _function(stepped)
     assert before.keys() == after.keys()
     assert all(np.allclose(after[k], before[k], rtol=0, atol=1e-6) for k in before)
@@ -103,7 +109,7 @@ def test_a_zero_update_leaves_what_the_adapter_computes_as_it_was(name: str) -> 
 @pytest.mark.parametrize("name", NAMES)
 def test_tensors_a_round_did_not_upload_stay_bit_identical(name: str) -> None:
     strategy, start = _strategy(name), _adapter(0)
-    partial = [{B: torch.full((4, 2), float(i + 1))} for i in range(3)]
+    partial = [{B: torch.full((4, 2), float(i + 1))} for i in range(_round_size(strategy))]
     stepped = strategy.step(start, strategy.aggregate(_updates(partial, start), 1), 1)
     assert torch.equal(stepped[A], start[A])
     assert torch.equal(stepped[HEAD], start[HEAD])
@@ -133,7 +139,8 @@ def test_state_after_stepping_restores_a_strategy_that_continues_identically(nam
 def test_step_does_not_modify_its_inputs(name: str) -> None:
     strategy, start, update = _strategy(name), _adapter(0), _adapter(1)
     before = {k: v.clone() for k, v in start.items()}, {k: v.clone() for k, v in update.items()}
-    strategy.step(start, strategy.aggregate(_updates([update, _adapter(2)], start), 1), 1)
+    others = [_adapter(2 + i) for i in range(_round_size(strategy) - 1)]
+    strategy.step(start, strategy.aggregate(_updates([update, *others], start), 1), 1)
     assert all(torch.equal(start[k], before[0][k]) and torch.equal(update[k], before[1][k]) for k in start)
 
 
@@ -288,6 +295,7 @@ HAND_COMPUTED: dict[str, Callable[[], None]] = {
     "flexlora": _flexlora,
     "hetlora": _hetlora,
     "fedex_lora": _fedex_lora,
+    **ROBUST_HAND_COMPUTED,
 }
 
 
