@@ -13,6 +13,7 @@ import torch
 
 from fedtune import adapters, ranks
 from fedtune.adapters import AdapterState
+from fedtune.attacks import Attack
 from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment
@@ -40,6 +41,7 @@ def train_round(
     settings: ClientSettings | None = None,
     personal: AdapterState | None = None,
     rank: int | None = None,
+    attack: Attack | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train from the global adapter on this client's data as the strategy's ``settings`` say, and return
     (update, metrics).
@@ -54,6 +56,8 @@ def train_round(
     uninterrupted one would; DP noise comes from a secret in ``privacy_state`` (fedtune/seeding.py), the
     client's persistent privacy state (also the DP accountant's history), updated in place. With organisation-level DP the update
     is clipped (and, with ``noise_at=clients``, noised for a sum over ``num_sampled`` clients) before it leaves.
+    A simulated malicious client (``attack``, active this round) trains on the rows the attack poisons and
+    sends what it makes of the update (fedtune/attacks/).
     """
     config, settings = experiment.train_config, settings or ClientSettings()
     settings.check(global_adapter)
@@ -62,6 +66,8 @@ def train_round(
     rank = experiment.lora_rank(rank)
     model = experiment.model(rank)  # before seeding: a first-time build reseeds torch
     seed = derive_seed(experiment.cfg.seed, "train", server_round, client_key)
+    if attack is not None:
+        data = ClientData(attack.poison(data.train, experiment.num_labels, seed), data.val)
     torch.manual_seed(seed)  # dropout
     adapters.set_adapter(model, ranks.truncate({**global_adapter, **settings.kept(personal or {})}, rank))
     adapters.set_trainable(model, settings.frozen)
@@ -94,6 +100,8 @@ def train_round(
             server_round,
         )
         update = organisation.privatize_update(update, num_sampled, noise)
+    if attack is not None:  # after clipping: an attacker sends what it likes
+        update = attack.corrupt(update, torch.Generator().manual_seed(derive_seed(seed, "attack")))
     return update, {**metrics, "train_seconds": time.perf_counter() - started, "num_examples": float(len(data.train))}
 
 

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune import adapters, client, client_state, config, wire
+from fedtune.attacks.collusion import PARTITION
 from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
@@ -76,6 +77,10 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def setup(msg: Message, context: Context) -> tuple[Experiment, ClientData]:
         """The experiment and this node's data (protocol steps that need no data use ``experiment_of``)."""
         experiment = experiment_of(msg, context)
+        # a deployed node refuses to take part in an experiment that casts any node as an attacker
+        experiment.attack.check(
+            bound_run_config is not None, experiment.secure.masked, experiment.model_spec.task == "classification"
+        )
         if "data-path" in context.node_config:
             return experiment, experiment.node_data(str(context.node_config["data-path"]))
         partitions = int(context.node_config.get("num-partitions", experiment.federation.num_clients))
@@ -103,6 +108,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             secure(context, experiment).peer_identities(ConfigRecord({wire.IDENTITIES: "{}"}))
         # With masking the server learns only totals, so the node does not announce its data sizes.
         description = {} if experiment.secure.masked else client.describe(experiment, data)
+        if experiment.attack.colludes and "partition-id" in context.node_config:  # who the colluders are
+            description[PARTITION] = int(context.node_config["partition-id"])
         info = {wire.CLIENT_KEY: client_key(context.node_config), wire.DESCRIPTION: json.dumps(description)}
         return reply(msg, context, RecordDict({wire.CONFIG: ConfigRecord(info)}))
 
@@ -126,8 +133,20 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         client_state.begin_round(privacy_state, server_round, round_input)
         kept = client_state.personal_file(context.node_config, run_key(experiment), key)
         personal = client_state.load_personal(kept, server_round) if settings.local else None
+        partition = context.node_config.get("partition-id")
+        attack = experiment.attack if experiment.attack.active(partition, server_round) else None
         update, metrics = client.train_round(
-            experiment, data, global_adapter, server_round, key, privacy_state, num_sampled, settings, personal, rank
+            experiment,
+            data,
+            global_adapter,
+            server_round,
+            key,
+            privacy_state,
+            num_sampled,
+            settings,
+            personal,
+            rank,
+            attack,
         )
         context.state.config_records[PRIVACY_STATE] = ConfigRecord(privacy_state)  # survives across rounds
         client_state.save(privacy_state, durable)  # and across a resumed run

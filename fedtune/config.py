@@ -33,7 +33,7 @@ RUN_DIR_KEY = "run-dir"
 _BOOKKEEPING_KEYS = ("run_dir", "resume")
 # Top-level groups built at validation time so that their own value checks run. All of them are cheap:
 # the model and the data loader are descriptions here and are only loaded later.
-_COMPONENTS = ("model", "data", "partition", "lora", "strategy", "privacy", "secure", "federation", "train")
+_COMPONENTS = ("model", "data", "partition", "lora", "strategy", "privacy", "secure", "federation", "train", "attack")
 _HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
 
 

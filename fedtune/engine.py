@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from fedtune import adapters, config, report
 from fedtune.adapters import AdapterState
 from fedtune.aggregation import RoundUpdates
+from fedtune.anomalies import update_statistics
 from fedtune.assets import cache_dir
 from fedtune.channel import Channel, Client, RoundAbandoned, RoundFailedError, TrainRequest
 from fedtune.client_settings import ClientSettings
@@ -227,8 +228,10 @@ def _train_step(
             f"Round {server_round}: {len(contributions)} of {len(sampled)} sampled clients returned an update, fewer "
             f"than federation.min_train_clients={federation.min_train_clients}. Resume with resume=true once nodes are back."
         )
-    for contribution in contributions:
-        run_dir.log_metrics(server_round, f"client:{contribution.client.key}", contribution.metrics)
+    individual, weights = collected.individual or (None, None)
+    statistics = update_statistics(individual, weights) if individual else [{} for _ in contributions]
+    for contribution, seen in zip(contributions, statistics, strict=True):  # the anomaly log (plaintext only)
+        run_dir.log_metrics(server_round, f"client:{contribution.client.key}", {**contribution.metrics, **seen})
     # Under organisation-level DP the mean divides by the planned round size, which is public; a count of who
     # came would move with the federation and tell.
     divisor = federation.planned_train_clients() if organisation is not None else collected.round_size
@@ -243,7 +246,6 @@ def _train_step(
             privacy_state, _planned(federation), len(clients), len(contributions), collected.round_size
         )
         run_dir.log_metrics(server_round, "server", privacy)
-    individual, weights = collected.individual or (None, None)
     train_metrics = [c.metrics for c in contributions]
     summary = {  # metric means weigh clients as the sum did; masked, example counts stay private: equally
         **_weighted_mean(

@@ -21,6 +21,7 @@ from fedtune import config as fedtune_config
 from fedtune import devices
 from fedtune.adapters import AdapterState, set_adapter
 from fedtune.aggregation import Weighting
+from fedtune.attacks import Attack
 from fedtune.data import Corpus, DataSpec
 from fedtune.data.local import local_file
 from fedtune.data.partition import ClientData, client_partition, split_test
@@ -82,6 +83,11 @@ class Experiment:
     def secure(self) -> Plaintext | SecureAggregation:
         """How updates reach the server: in the clear, or masked so that only their sum is seen."""
         return fedtune_config.instantiate(self.cfg.secure)
+
+    @cached_property
+    def attack(self) -> Attack:
+        """The simulated malicious clients (``attack=none``: none)."""
+        return fedtune_config.instantiate(self.cfg.attack)
 
     def new_strategy(self) -> Strategy:
         """A fresh server-side aggregation strategy."""

@@ -107,7 +107,6 @@ def _read_update(content: RecordDict, layout: AdapterState) -> tuple[AdapterStat
     update = content.array_records[ARRAYS].to_torch_state_dict()
     adapters.check_update(update, layout)
     metrics = dict(content.metric_records[METRICS])
-    metrics["update_norm"] = adapters.l2_norm(update)
     weight = float(metrics["num_examples"])
     if not math.isfinite(weight) or weight <= 0:
         raise ValueError(f"num_examples={weight} must be a positive number.")

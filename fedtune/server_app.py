@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from fedtune import config, engine
 from fedtune.adapters import AdapterState
-from fedtune.channel import RoundFailedError
+from fedtune.attacks.collusion import ColludingChannel, CollusionAttack
+from fedtune.channel import Channel, RoundFailedError
 from fedtune.experiment import get_experiment
 from fedtune.grid_channel import GridChannel
 
@@ -35,14 +36,24 @@ def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> Server
         if not logger.handlers:  # under `flwr run` nothing configured logging; Flower streams our stdout
             logger.addHandler(logging.StreamHandler(sys.stdout))
             logger.setLevel(logging.INFO)
-        run_federation(grid, config.load_experiment(run_config))
+        run_federation(grid, config.load_experiment(run_config), simulated=bound_run_config is not None)
 
     return app
 
 
-def run_federation(grid: Grid, cfg: DictConfig) -> AdapterState:
-    """Run (or resume) the experiment ``cfg`` over the nodes of ``grid``; returns the final adapter."""
-    return engine.run(GridChannel(grid, get_experiment(cfg)), cfg)
+def run_federation(grid: Grid, cfg: DictConfig, simulated: bool = True) -> AdapterState:
+    """Run (or resume) the experiment ``cfg`` over the nodes of ``grid``; returns the final adapter.
+
+    ``simulated``: fedtune's own simulation (its nodes are simulated partitions), not a deployment; only a
+    simulation may carry an attack (fedtune/attacks/), and colluding attackers are played by the channel.
+    """
+    experiment = get_experiment(cfg)
+    attack = experiment.attack
+    attack.check(simulated, experiment.secure.masked, experiment.model_spec.task == "classification")
+    channel: Channel = GridChannel(grid, experiment)
+    if isinstance(attack, CollusionAttack) and attack.enabled:
+        channel = ColludingChannel(channel, attack)
+    return engine.run(channel, cfg)
 
 
 app = make_server_app()
