@@ -1,0 +1,258 @@
+"""Malicious hospitals against robust aggregation: every attack x every rule, side by side on the demo task.
+
+The demo task (MiniLM, ICD-10 chapters, Dirichlet 0.5 label skew) with 10 simulated hospitals, of which 0 or
+``--malicious`` (default 2) attack from round 1. Each robust rule is configured for that many bad updates
+(``strategy.byzantine``); centered clipping's radius and norm bounding's bound are set to the median honest
+update norm of the clean FedAvg run's first round, as an operator would read it off the anomaly log. Reported
+after the last round: central macro-F1, its ratio to the same rule without attackers and to clean FedAvg,
+and, for the backdoor, its success rate (triggered test rows of other classes put in the target class).
+
+The federation runs through the real ServerApp loop and ClientApp over in-process Flower nodes
+(tests/nodes.py; bit-identical to a Ray simulation), two runs at a time, one thread each.
+
+    python benchmarks/robustness.py                                    # 2 of 10 malicious, every attack and rule
+    python benchmarks/robustness.py --malicious 1,2,3 --seeds 0,1      # the full grid (hours on two cores)
+    python benchmarks/robustness.py --attacks sign_flip --rules fedavg,median --out /tmp/r.json
+
+Writes JSON (every run, the machine), a markdown table beside it (``.md``) and a plot (``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/nodes.py: the in-process nodes
+
+ATTACKS = ["sign_flip", "scaling", "noise", "free_rider", "label_flip", "backdoor", "alie", "ipm"]
+RULES = ["fedavg", "median", "trimmed_mean", "multi_krum", "centered_clipping", "norm_bounding"]
+CLIENTS = 10
+SCALE = [
+    f"federation.num_clients={CLIENTS}",
+    "partition=dirichlet",
+    "partition.alpha=0.5",
+    "federation.num_rounds=5",
+    "train.local_steps=10",
+    "data.loader.max_examples=4000",
+    "data.test_size=500",
+    "train.eval_max_examples=500",
+    "federation.fraction_evaluate=0",  # central evaluation only, after the last round
+    "federation.evaluate_every=1000",
+]
+# What each attack sends, strong enough to matter with 2 of 10 (sign flip: the reference's c = 4; scaling:
+# an honest update boosted 30x, a tenfold-too-large server step for the mean).
+ATTACK_SETTINGS = {"sign_flip": ["attack.scale=4"], "scaling": ["attack.factor=30"], "noise": ["attack.std=0.05"]}
+
+
+def rule_overrides(rule: str, malicious: int, bound: float) -> list[str]:
+    """The rule, configured for ``malicious`` bad updates a round (Krum: rounds of at least 2f + 3)."""
+    overrides = [f"strategy={rule}"]
+    if rule in ("median", "trimmed_mean", "multi_krum"):
+        byzantine = max(malicious, 1)
+        overrides.append(f"strategy.byzantine={byzantine}")
+        minimum = 2 * byzantine + (3 if rule == "multi_krum" else 1)
+        overrides.append(f"federation.min_train_clients={minimum}")
+    if rule == "centered_clipping":
+        overrides.append(f"strategy.radius={bound}")
+    if rule == "norm_bounding":
+        overrides.append(f"strategy.max_norm={bound}")
+    return overrides
+
+
+def run_one(job: dict) -> dict:
+    """One federation in its own directory; returns its final central metrics (and backdoor success rate)."""
+    torch.set_num_threads(1)
+    from fedtune import config
+    from fedtune.attacks.data import Backdoor
+    from fedtune.experiment import get_experiment
+    from fedtune.run_dir import RunDir
+    from tests.nodes import federate
+
+    root = Path(job["root"]) / job["name"]
+    overrides = [*SCALE, *job["overrides"], f"seed={job['seed']}", f"run_dir={root / 'run'}"]
+    started = time.perf_counter()
+    run = RunDir(federate(root, overrides, CLIENTS, prefix="partition"))
+    lines = run.read_metrics()
+    last = max(line["round"] for line in lines)
+    central = {m["metric"]: m["value"] for m in lines if m["scope"] == "central" and m["round"] == last}
+    first = [m["value"] for m in lines if m["metric"] == "update_norm" and m["round"] == 1]
+    result = {
+        **job,
+        "macro_f1": central["macro_f1"],
+        "accuracy": central["accuracy"],
+        "median_update_norm_round1": statistics.median(first),
+        "abandoned_rounds": sum(1 for m in lines if m["metric"] == "abandoned"),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    experiment = get_experiment(config.compose(overrides))
+    backdoor = config.instantiate(config.compose(["attack=backdoor"]).attack)
+    assert isinstance(backdoor, Backdoor)
+    adapter = torch.load(run.checkpoints / f"round-{last:04d}.pt", weights_only=True)["adapter"]
+    probe = backdoor.probe(experiment.test_set, experiment.num_labels)
+    result["backdoor_success"] = experiment.evaluate(adapter, probe)["accuracy"]
+    return result
+
+
+def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[int], root: str, bound: float) -> list:
+    """Every (rule, attack, malicious count, seed), clean runs first."""
+    found = []
+    for seed in seeds:
+        for rule in rules:
+            found.append(
+                {"name": f"{rule}-clean-s{seed}", "rule": rule, "attack": "none", "malicious": 0, "seed": seed,
+                 "overrides": rule_overrides(rule, max(counts), bound), "root": root}
+            )  # fmt: skip
+            for attack in attacks:
+                for count in counts:
+                    attackers = "[" + ",".join(str(i) for i in range(count)) + "]"
+                    overrides = [
+                        *rule_overrides(rule, count, bound),
+                        f"attack={attack}",
+                        f"attack.clients={attackers}",
+                        *ATTACK_SETTINGS.get(attack, []),
+                    ]
+                    found.append(
+                        {"name": f"{rule}-{attack}-{count}-s{seed}", "rule": rule, "attack": attack,
+                         "malicious": count, "seed": seed, "overrides": overrides, "root": root}
+                    )  # fmt: skip
+    return found
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Mean over seeds per (rule, attack, malicious), with ratios to the rule's clean run and clean FedAvg."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["rule"], r["attack"], r["malicious"]), []).append(r)
+    clean = {rule: statistics.mean(r["macro_f1"] for r in g) for (rule, a, _), g in groups.items() if a == "none"}
+    rows = []
+    for (rule, attack, malicious), group in sorted(groups.items()):
+        f1 = [r["macro_f1"] for r in group]
+        rows.append(
+            {
+                "rule": rule,
+                "attack": attack,
+                "malicious": malicious,
+                "seeds": len(group),
+                "macro_f1_mean": statistics.mean(f1),
+                "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+                "vs_rule_clean": statistics.mean(f1) / clean[rule],
+                "vs_fedavg_clean": statistics.mean(f1) / clean["fedavg"] if "fedavg" in clean else float("nan"),
+                "backdoor_success": statistics.mean(r["backdoor_success"] for r in group),
+                "abandoned_rounds": sum(r["abandoned_rounds"] for r in group),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict], rules: list[str]) -> str:
+    """Rules as columns, attacks as rows: macro-F1 as a share of clean FedAvg's (backdoor: also its success)."""
+    cells = {(r["rule"], r["attack"], r["malicious"]): r for r in rows}
+    counts = sorted({r["malicious"] for r in rows if r["malicious"]})
+    lines = [
+        "| attack | malicious | " + " | ".join(f"`{rule}`" for rule in rules) + " |",
+        "|---|---|" + "---|" * len(rules),
+    ]
+    clean = [cells.get((rule, "none", 0)) for rule in rules]
+    lines.append(
+        "| none (macro-F1) | 0 | " + " | ".join(f"{c['macro_f1_mean']:.3f}" if c else "" for c in clean) + " |"
+    )
+    for attack in sorted({r["attack"] for r in rows} - {"none"}):
+        for count in counts:
+            row = []
+            for rule in rules:
+                c = cells.get((rule, attack, count))
+                if c is None:
+                    row.append("")
+                    continue
+                text = f"{c['macro_f1_mean']:.3f} ({c['vs_fedavg_clean']:.2f}x)"
+                if attack == "backdoor":
+                    text += f", bd {c['backdoor_success']:.2f}"
+                row.append(text)
+            lines.append(f"| {attack} | {count} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], rules: list[str], path: Path) -> None:
+    """Macro-F1 per attack (groups) and rule (bars), at the largest malicious count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = max(r["malicious"] for r in rows)
+    attacks = ["none", *sorted({r["attack"] for r in rows} - {"none"})]
+    cells = {(r["rule"], r["attack"]): r["macro_f1_mean"] for r in rows if r["malicious"] in (0, count)}
+    figure, axes = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(rules)
+    for i, rule in enumerate(rules):
+        values = [cells.get((rule, attack), 0.0) for attack in attacks]
+        axes.bar([a + i * width for a in range(len(attacks))], values, width, label=rule)
+    axes.set_xticks([a + 0.4 - width / 2 for a in range(len(attacks))], attacks, fontsize=8)
+    axes.set_ylabel("central macro-F1 after the last round")
+    axes.set_title(f"{count} of {CLIENTS} hospitals malicious (none: clean run)", fontsize=9)
+    axes.legend(fontsize=7, ncol=3)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    """Calibrate the clipping bound on clean FedAvg, run the grid, write JSON, table and plot."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--malicious", default="2", help="comma-separated numbers of malicious hospitals")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "robustness.json"))
+    args = parser.parse_args()
+    attacks, rules = args.attacks.split(","), args.rules.split(",")
+    counts, seeds = [int(c) for c in args.malicious.split(",")], [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        calibration = run_one(
+            {"name": "calibration", "rule": "fedavg", "attack": "none", "malicious": 0, "seed": seeds[0],
+             "overrides": ["strategy=fedavg"], "root": root}
+        )  # fmt: skip
+        bound = round(calibration["median_update_norm_round1"], 4)
+        print(f"clipping bound (median honest update norm, round 1): {bound}", flush=True)
+        grid = jobs(attacks, rules, counts, seeds, root, bound)
+        results = []
+        spawn = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, not a fork of torch's
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=spawn) as pool:
+            for result in pool.map(run_one, grid):
+                results.append(result)
+                print(
+                    f"{result['name']}: macro-F1 {result['macro_f1']:.3f} ({result['wall_seconds']:.0f} s)", flush=True
+                )
+    rows = summarise(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "scale": SCALE,
+        "attack_settings": ATTACK_SETTINGS,
+        "clipping_bound": bound,
+        "summary": rows,
+        "runs": results,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "seconds": time.perf_counter() - started,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(table(rows, rules) + "\n")
+    plot(rows, rules, out.with_suffix(".png"))
+    print(table(rows, rules))
+
+
+if __name__ == "__main__":
+    main()
