@@ -83,11 +83,19 @@ class RobustRule:
         """Nothing to restore."""
 
 
-def tolerated(byzantine: int) -> int:
-    """``strategy.byzantine`` checked: how many of a round's updates may be arbitrary (faulty or malicious)."""
-    if isinstance(byzantine, bool) or not isinstance(byzantine, int) or byzantine < 0:
-        raise ValueError(f"strategy.byzantine={byzantine!r}: the number of bad updates tolerated, an integer >= 0.")
-    return byzantine
+class ByzantineRule(RobustRule):
+    """A rule whose guarantee is for a declared number of arbitrary updates a round (median, Krum...).
+
+    Args:
+        byzantine: f, how many of a round's updates may be arbitrary (faulty or malicious).
+        server_lr: Scale of the combined update applied to the global adapter.
+    """
+
+    def __init__(self, byzantine: int = 1, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr)
+        if isinstance(byzantine, bool) or not isinstance(byzantine, int) or byzantine < 0:
+            raise ValueError(f"strategy.byzantine={byzantine!r}: the number of bad updates tolerated, an integer >= 0.")
+        self.byzantine = byzantine
 
 
 def clipped(rows: torch.Tensor, bound: float) -> torch.Tensor:

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from strategies._robust import RobustRule, tolerated
+from strategies._robust import ByzantineRule
 from strategies.multi_krum import krum_scores
 
 
-class Bulyan(RobustRule):
+class Bulyan(ByzantineRule):
     """Krum selection of n - 2f updates, then the mean of the n - 4f values nearest each coordinate's median.
 
     Args:
         byzantine: f, the bad updates a round may hold; a round needs n >= 4f + 3 updates.
         server_lr: Scale of the aggregated update applied to the global adapter.
     """
-
-    def __init__(self, byzantine: int = 1, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr)
-        self.byzantine = tolerated(byzantine)
 
     @property
     def min_clients(self) -> int:

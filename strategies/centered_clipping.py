@@ -21,15 +21,16 @@ class CenteredClipping(RobustRule):
     """Iterated clipping of the updates around the previous aggregate.
 
     Args:
-        radius: τ, the L2 norm each update's difference to the centre is clipped to.
+        radius: τ, the L2 norm each update's difference to the centre is clipped to. None: at each iteration
+            the median of those differences' norms, which fewer than half the clients cannot inflate.
         iterations: L, clipping iterations per round (the paper finds 1 enough with momentum).
         server_lr: Scale of the aggregate applied to the global adapter.
     """
 
-    def __init__(self, radius: float = 0.1, iterations: int = 3, server_lr: float = 1.0) -> None:
+    def __init__(self, radius: float | None = None, iterations: int = 3, server_lr: float = 1.0) -> None:
         super().__init__(server_lr)
-        if not radius > 0:
-            raise ValueError(f"strategy.radius={radius}: the clipping radius must be positive.")
+        if radius is not None and not radius > 0:
+            raise ValueError(f"strategy.radius={radius}: the clipping radius must be positive, or null (median).")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"strategy.iterations={iterations!r}: an integer >= 1.")
         self.radius, self.iterations = radius, iterations
@@ -45,7 +46,9 @@ class CenteredClipping(RobustRule):
         """v after ``iterations`` clipped steps from the previous aggregate."""
         center = self.center if self.center is not None and self.layout == layout else torch.zeros_like(rows[0])
         for _ in range(self.iterations):
-            center = center + clipped(rows - center, self.radius).mean(dim=0)
+            differences = rows - center
+            radius = self.radius if self.radius is not None else float(differences.norm(dim=1).median())
+            center = center + clipped(differences, radius).mean(dim=0)
         self.center, self.layout = center.clone(), layout
         return center
 

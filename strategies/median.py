@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from strategies._robust import RobustRule, tolerated
+from strategies._robust import ByzantineRule
 
 
-class CoordinateMedian(RobustRule):
+class CoordinateMedian(ByzantineRule):
     """The median of each coordinate over the round's updates.
 
     Args:
         byzantine: f, the bad updates a round may hold; a round needs n >= 2f + 1 updates.
         server_lr: Scale of the median update applied to the global adapter.
     """
-
-    def __init__(self, byzantine: int = 1, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr)
-        self.byzantine = tolerated(byzantine)
 
     @property
     def min_clients(self) -> int:

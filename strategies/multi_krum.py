@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies._robust import RobustRule, tolerated
+from strategies._robust import ByzantineRule
 
 
 def krum_scores(rows: torch.Tensor, neighbours: int) -> torch.Tensor:
@@ -21,7 +21,7 @@ def krum_scores(rows: torch.Tensor, neighbours: int) -> torch.Tensor:
     return distances.sort(dim=1).values[:, 1 : neighbours + 1].sum(dim=1)
 
 
-class MultiKrum(RobustRule):
+class MultiKrum(ByzantineRule):
     """The mean of the ``selected`` updates with the lowest Krum scores.
 
     Args:
@@ -31,8 +31,7 @@ class MultiKrum(RobustRule):
     """
 
     def __init__(self, byzantine: int = 1, selected: int | None = None, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr)
-        self.byzantine = tolerated(byzantine)
+        super().__init__(byzantine, server_lr)
         if selected is not None and (isinstance(selected, bool) or not isinstance(selected, int) or selected < 1):
             raise ValueError(f"strategy.selected={selected!r}: how many updates are averaged, an integer >= 1 or null.")
         self.selected = selected

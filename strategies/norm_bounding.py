@@ -18,14 +18,15 @@ class NormBounding(RobustRule):
     """The mean of the updates, each clipped to L2 norm ``max_norm``.
 
     Args:
-        max_norm: M, the largest L2 norm one update may have in the mean.
+        max_norm: M, the largest L2 norm one update may have in the mean. None: the median of the round's
+            update norms, which fewer than half the clients cannot inflate.
         server_lr: Scale of the mean applied to the global adapter.
     """
 
-    def __init__(self, max_norm: float = 0.1, server_lr: float = 1.0) -> None:
+    def __init__(self, max_norm: float | None = None, server_lr: float = 1.0) -> None:
         super().__init__(server_lr)
-        if not max_norm > 0:
-            raise ValueError(f"strategy.max_norm={max_norm}: must be positive.")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"strategy.max_norm={max_norm}: must be positive, or null (the round's median norm).")
         self.max_norm = max_norm
 
     @property
@@ -35,4 +36,5 @@ class NormBounding(RobustRule):
 
     def combine(self, rows: torch.Tensor, layout: str) -> torch.Tensor:
         """The mean of the clipped rows."""
-        return clipped(rows, self.max_norm).mean(dim=0)
+        bound = self.max_norm if self.max_norm is not None else float(rows.norm(dim=1).median())
+        return clipped(rows, bound).mean(dim=0)

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from strategies._robust import RobustRule, tolerated
+from strategies._robust import ByzantineRule
 
 
-class TrimmedMean(RobustRule):
+class TrimmedMean(ByzantineRule):
     """The mean of each coordinate after dropping its ``byzantine`` largest and smallest values.
 
     Args:
         byzantine: f, the values trimmed from each end; a round needs n >= 2f + 1 updates.
         server_lr: Scale of the trimmed-mean update applied to the global adapter.
     """
-
-    def __init__(self, byzantine: int = 1, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr)
-        self.byzantine = tolerated(byzantine)
 
     @property
     def min_clients(self) -> int:

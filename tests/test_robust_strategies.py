@@ -96,10 +96,14 @@ def _centered_clipping() -> None:
     diff = np.array([[2.7, 3.55], [-0.3, -0.35]])
     clipped = diff * np.minimum(1, 1.0 / np.linalg.norm(diff, axis=1, keepdims=True))
     assert np.allclose(_aggregate(rule, [[3, 4], [0, 0.1]], 2), np.array([0.3, 0.45]) + clipped.mean(axis=0))
+    # null: the median distance to the centre is the radius (here 1, from 0): [30, 40] counts as [0.6, 0.8]
+    assert np.allclose(_aggregate(CenteredClipping(iterations=1), [[30, 40], [0, 1], [0.6, 0.8]]), [0.4, 2.6 / 3])
 
 
 def _norm_bounding() -> None:
     assert np.allclose(_aggregate(NormBounding(max_norm=1.0), [[3, 4], [0, 0.5]]), [0.3, 0.65])
+    # null: the median norm (here 1) is the bound: [30, 40] -> [0.6, 0.8]
+    assert np.allclose(_aggregate(NormBounding(), [[30, 40], [0, 1], [0.6, 0.8]]), [0.4, 2.6 / 3])
 
 
 HAND_COMPUTED: dict[str, Callable[[], None]] = {
@@ -170,3 +174,10 @@ def test_krum_is_invariant_to_the_order_of_clients_up_to_ties() -> None:
     rows = np.random.default_rng(1).normal(0, 1, (6, 3)).tolist()
     results = {tuple(np.round(_aggregate(MultiKrum(byzantine=1), list(p)), 12)) for p in itertools.permutations(rows)}
     assert len(results) == 1
+
+
+def test_a_median_bound_is_not_inflated_by_a_minority() -> None:
+    """With the bound left to the round's median norm, 4 of 10 updates of norm 1e6 still count as norm-1 ones."""
+    rows = [[1.0, 0.0]] * 6 + [[1e6, 0.0]] * 4
+    assert np.allclose(_aggregate(NormBounding(), rows), [1.0, 0.0])
+    assert np.allclose(_aggregate(CenteredClipping(iterations=1), rows), [1.0, 0.0])

@@ -24,8 +24,7 @@ class SignFlip(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.scale > 0:
-            raise ValueError(f"attack.scale={self.scale}: must be positive (the update becomes -scale x update).")
+        _require_positive("scale", self.scale)
 
     def corrupt(self, update: AdapterState, generator: torch.Generator) -> AdapterState:
         """``-scale * update``."""
@@ -46,8 +45,7 @@ class Scaling(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.factor > 0:
-            raise ValueError(f"attack.factor={self.factor}: must be positive.")
+        _require_positive("factor", self.factor)
 
     def corrupt(self, update: AdapterState, generator: torch.Generator) -> AdapterState:
         """``factor * update``."""
@@ -67,8 +65,7 @@ class GaussianNoise(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.std > 0:
-            raise ValueError(f"attack.std={self.std}: must be positive.")
+        _require_positive("std", self.std)
 
     def corrupt(self, update: AdapterState, generator: torch.Generator) -> AdapterState:
         """Noise of the update's shapes and dtypes (tensors drawn in sorted-name order: reproducible)."""
@@ -88,3 +85,8 @@ class FreeRider(Attack):
     def corrupt(self, update: AdapterState, generator: torch.Generator) -> AdapterState:
         """Zeros of the update's shapes."""
         return {key: torch.zeros_like(value) for key, value in update.items()}
+
+
+def _require_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"attack.{key}={value}: must be positive.")
