@@ -158,6 +158,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 ## Privacy and security
 - Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(experiment, metrics)}
 - Secure aggregation: {experiment_component(experiment, "secure")}
+- Simulated attack: {experiment.attack.describe()}
 - Integrity: every client reply was signed; `ledger.jsonl` chains every round (`fedtune audit <run dir>`).{_membership_note(experiment)}
 
 ## Results (central held-out test set, final round)
