@@ -41,11 +41,12 @@ def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> Server
     return app
 
 
-def run_federation(grid: Grid, cfg: DictConfig, simulated: bool = True) -> AdapterState:
+def run_federation(grid: Grid, cfg: DictConfig, simulated: bool = False) -> AdapterState:
     """Run (or resume) the experiment ``cfg`` over the nodes of ``grid``; returns the final adapter.
 
     ``simulated``: fedtune's own simulation (its nodes are simulated partitions), not a deployment; only a
     simulation may carry an attack (fedtune/attacks/), and colluding attackers are played by the channel.
+    False by default: whoever does not say otherwise is refused attacks.
     """
     experiment = get_experiment(cfg)
     attack = experiment.attack

@@ -277,5 +277,6 @@ def federate(
 
     run_config = config.to_run_config(overrides, str(root / "run"))
     nodes = make_nodes(root, overrides, count, app=app(run_config) if app is not None else None, **options)
-    run_federation(InProcessGrid(nodes), config.load_experiment(run_config))
+    simulated = options.get("simulated", True)  # the nodes' and the server's view agree
+    run_federation(InProcessGrid(nodes), config.load_experiment(run_config), simulated=simulated)
     return root / "run"

@@ -200,7 +200,7 @@ def test_the_server_refuses_to_deploy_an_attack(tiny_bert_dir: Path, tmp_path: P
     overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "attack=scaling")
     grid = InProcessGrid(make_nodes(tmp_path, overrides, 2))
     with pytest.raises(ValueError, match="simulations only"):
-        run_federation(grid, config.compose(overrides), simulated=False)
+        run_federation(grid, config.compose(overrides))  # as a deployment's ServerApp calls it
     assert not (tmp_path / "run").exists()
 
 
