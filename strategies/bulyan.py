@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies._robust import ByzantineRule
+from strategies._robust import ByzantineRule, coordinate_median
 from strategies.multi_krum import krum_scores
 
 
@@ -36,6 +36,6 @@ class Bulyan(ByzantineRule):
             scores = krum_scores(rows[remaining], max(1, len(remaining) - f - 2))
             selection.append(remaining.pop(int(torch.argmin(scores))))
         chosen = rows[selection]
-        median = torch.quantile(chosen, 0.5, dim=0)
+        median = coordinate_median(chosen)
         closest = (chosen - median).abs().argsort(dim=0, stable=True)[: len(selection) - 2 * f]
         return chosen.gather(0, closest).mean(dim=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies._robust import ByzantineRule
+from strategies._robust import ByzantineRule, coordinate_median
 
 
 class CoordinateMedian(ByzantineRule):
@@ -27,4 +27,4 @@ class CoordinateMedian(ByzantineRule):
 
     def combine(self, rows: torch.Tensor, layout: str) -> torch.Tensor:
         """The coordinate-wise median."""
-        return torch.quantile(rows, 0.5, dim=0)
+        return coordinate_median(rows)
