@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -176,6 +176,12 @@ def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, tor
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"update tensor {key} holds NaN or infinite values.")
+
+
+def as_rows(updates: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """The tensor names (sorted) and one float64 row per update, its tensors flattened in that order."""
+    keys = sorted(updates[0])
+    return keys, torch.stack([torch.cat([u[key].reshape(-1).to(torch.float64) for key in keys]) for u in updates])
 
 
 def l2_norm(adapter: Mapping[str, torch.Tensor]) -> float:

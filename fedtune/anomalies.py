@@ -13,14 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, as_rows
 
 
 def update_statistics(updates: Sequence[AdapterState], weights: Sequence[float]) -> list[dict[str, float]]:
     """Each update's ``update_norm`` and ``cosine_to_mean`` (to the ``weights``-weighted mean; 0 for a zero
     vector), in order."""
-    keys = sorted(updates[0])
-    rows = torch.stack([torch.cat([u[k].reshape(-1).to(torch.float64) for k in keys]) for u in updates])
+    _, rows = as_rows(updates)
     shares = torch.tensor([float(w) for w in weights], dtype=torch.float64)
     mean = (shares[:, None] * rows).sum(dim=0) / shares.sum()
     norms, mean_norm = rows.norm(dim=1), float(mean.norm())

@@ -61,8 +61,7 @@ class RobustRule:
         individual, _, _ = updates.in_the_clear(type(self).__name__)
         if len(individual) < self.min_clients:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_clients} updates, got {len(individual)}.")
-        keys = sorted(individual[0])
-        rows = torch.stack([torch.cat([u[key].reshape(-1).to(torch.float64) for key in keys]) for u in individual])
+        keys, rows = adapters.as_rows(individual)
         combined, start = self.combine(rows, ",".join(keys)), 0
         result = {}
         for key in keys:
