@@ -12,6 +12,7 @@ The federation runs through the real ServerApp loop and ClientApp over in-proces
 
     python benchmarks/robustness.py                                    # 2 of 10 malicious, every attack and rule
     python benchmarks/robustness.py --malicious 1,2,3 --seeds 0,1      # the full grid (hours on two cores)
+    python benchmarks/robustness.py --malicious 1,3 --merge benchmarks/results/robustness.json  # add to a report
     python benchmarks/robustness.py --attacks sign_flip --rules fedavg,median --out /tmp/r.json
 
 Writes JSON (every run, the machine), a markdown table beside it (``.md``) and a plot (``.png``).
@@ -105,15 +106,26 @@ def run_one(job: dict) -> dict:
     return result
 
 
+def defended(overrides: list[str]) -> int | None:
+    """How many bad updates a run's rule was set for (None: a rule without that setting, clean at any count)."""
+    for override in overrides:
+        if override.startswith("strategy.byzantine="):
+            return int(override.split("=", 1)[1])
+    return None
+
+
 def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[int], root: str, bound: float) -> list:
-    """Every (rule, attack, malicious count, seed), clean runs first."""
+    """Every (rule, attack, malicious count, seed), with a clean run of each rule as set for each count."""
     found = []
     for seed in seeds:
         for rule in rules:
-            found.append(
-                {"name": f"{rule}-clean-s{seed}", "rule": rule, "attack": "none", "malicious": 0, "seed": seed,
-                 "overrides": rule_overrides(rule, max(counts), bound), "root": root}
-            )  # fmt: skip
+            for overrides in {tuple(rule_overrides(rule, count, bound)) for count in counts}:
+                byzantine = defended(list(overrides))
+                suffix = f"-f{byzantine}" if byzantine is not None else ""
+                found.append(
+                    {"name": f"{rule}-clean{suffix}-s{seed}", "rule": rule, "attack": "none", "malicious": 0,
+                     "seed": seed, "overrides": list(overrides), "root": root}
+                )  # fmt: skip
             for attack in attacks:
                 for count in counts:
                     attackers = "[" + ",".join(str(i) for i in range(count)) + "]"
@@ -127,28 +139,35 @@ def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[in
                         {"name": f"{rule}-{attack}-{count}-s{seed}", "rule": rule, "attack": attack,
                          "malicious": count, "seed": seed, "overrides": overrides, "root": root}
                     )  # fmt: skip
-    return found
+    return sorted(found, key=lambda job: job["attack"] != "none")  # clean runs first
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    """Mean over seeds per (rule, attack, malicious), with ratios to the rule's clean run and clean FedAvg."""
+    """Mean over seeds per (rule, attack, malicious, f), with ratios to the same rule's clean run and clean FedAvg."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["rule"], r["attack"], r["malicious"]), []).append(r)
-    clean = {rule: statistics.mean(r["macro_f1"] for r in g) for (rule, a, _), g in groups.items() if a == "none"}
+        groups.setdefault((r["rule"], r["attack"], r["malicious"], defended(r["overrides"])), []).append(r)
+    clean = {
+        (rule, byzantine): statistics.mean(r["macro_f1"] for r in group)
+        for (rule, attack, _, byzantine), group in groups.items()
+        if attack == "none"
+    }
     rows = []
-    for (rule, attack, malicious), group in sorted(groups.items()):
+    for (rule, attack, malicious, byzantine), group in sorted(groups.items(), key=lambda item: str(item[0])):
         f1 = [r["macro_f1"] for r in group]
         rows.append(
             {
                 "rule": rule,
                 "attack": attack,
                 "malicious": malicious,
+                "byzantine": byzantine,
                 "seeds": len(group),
                 "macro_f1_mean": statistics.mean(f1),
                 "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
-                "vs_rule_clean": statistics.mean(f1) / clean[rule],
-                "vs_fedavg_clean": statistics.mean(f1) / clean["fedavg"] if "fedavg" in clean else float("nan"),
+                "vs_rule_clean": statistics.mean(f1) / clean[(rule, byzantine)],
+                "vs_fedavg_clean": statistics.mean(f1) / clean[("fedavg", None)]
+                if ("fedavg", None) in clean
+                else float("nan"),
                 "backdoor_success": statistics.mean(r["backdoor_success"] for r in group),
                 "abandoned_rounds": sum(r["abandoned_rounds"] for r in group),
             }
@@ -157,22 +176,29 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict], rules: list[str]) -> str:
-    """Rules as columns, attacks as rows: macro-F1 as a share of clean FedAvg's (backdoor: also its success)."""
-    cells = {(r["rule"], r["attack"], r["malicious"]): r for r in rows}
+    """Rules as columns; per malicious count, the clean run of each rule as set for that count, then every attack.
+
+    Attacked cells give macro-F1 and its share of clean FedAvg's (backdoor: also its success rate); clean cells
+    give macro-F1 and its share of clean FedAvg's, which is what the rule costs when nobody attacks.
+    """
     counts = sorted({r["malicious"] for r in rows if r["malicious"]})
+    attacked = {(r["rule"], r["attack"], r["malicious"]): r for r in rows if r["malicious"]}
+    clean = {(r["rule"], r["byzantine"]): r for r in rows if not r["malicious"]}
     lines = [
         "| attack | malicious | " + " | ".join(f"`{rule}`" for rule in rules) + " |",
         "|---|---|" + "---|" * len(rules),
     ]
-    clean = [cells.get((rule, "none", 0)) for rule in rules]
-    lines.append(
-        "| none (macro-F1) | 0 | " + " | ".join(f"{c['macro_f1_mean']:.3f}" if c else "" for c in clean) + " |"
-    )
-    for attack in sorted({r["attack"] for r in rows} - {"none"}):
-        for count in counts:
+    for count in counts:
+        row = []
+        for rule in rules:
+            byzantine = defended(rule_overrides(rule, count, 0.0))
+            c = clean.get((rule, byzantine))
+            row.append(f"{c['macro_f1_mean']:.3f} ({c['vs_fedavg_clean']:.2f}x)" if c else "")
+        lines.append(f"| none (rules set for {count}) | 0 | " + " | ".join(row) + " |")
+        for attack in sorted({r["attack"] for r in rows} - {"none"}):
             row = []
             for rule in rules:
-                c = cells.get((rule, attack, count))
+                c = attacked.get((rule, attack, count))
                 if c is None:
                     row.append("")
                     continue
@@ -185,25 +211,32 @@ def table(rows: list[dict], rules: list[str]) -> str:
 
 
 def plot(rows: list[dict], rules: list[str], path: Path) -> None:
-    """Macro-F1 per attack (groups) and rule (bars), at the largest malicious count."""
+    """Macro-F1 per attack (groups) and rule (bars), one panel per malicious count (none: the clean run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    count = max(r["malicious"] for r in rows)
+    counts = sorted({r["malicious"] for r in rows if r["malicious"]})
     attacks = ["none", *sorted({r["attack"] for r in rows} - {"none"})]
-    cells = {(r["rule"], r["attack"]): r["macro_f1_mean"] for r in rows if r["malicious"] in (0, count)}
-    figure, axes = plt.subplots(figsize=(11, 4.5))
+    figure, panels = plt.subplots(len(counts), 1, figsize=(11, 3.6 * len(counts)), squeeze=False)
     width = 0.8 / len(rules)
-    for i, rule in enumerate(rules):
-        values = [cells.get((rule, attack), 0.0) for attack in attacks]
-        axes.bar([a + i * width for a in range(len(attacks))], values, width, label=rule)
-    axes.set_xticks([a + 0.4 - width / 2 for a in range(len(attacks))], attacks, fontsize=8)
-    axes.set_ylabel("central macro-F1 after the last round")
-    axes.set_title(f"{count} of {CLIENTS} hospitals malicious (none: clean run)", fontsize=9)
-    axes.legend(fontsize=7, ncol=3)
-    axes.grid(axis="y", alpha=0.3)
+    for axes, count in zip(panels[:, 0], counts, strict=True):
+        for i, rule in enumerate(rules):
+            byzantine = defended(rule_overrides(rule, count, 0.0))
+            cells = {
+                r["attack"]: r["macro_f1_mean"]
+                for r in rows
+                if r["rule"] == rule
+                and (r["malicious"] == count or (not r["malicious"] and r["byzantine"] == byzantine))
+            }
+            values = [cells.get(attack, 0.0) for attack in attacks]
+            axes.bar([a + i * width for a in range(len(attacks))], values, width, label=rule)
+        axes.set_xticks([a + 0.4 - width / 2 for a in range(len(attacks))], attacks, fontsize=8)
+        axes.set_ylabel("central macro-F1")
+        axes.set_title(f"{count} of {CLIENTS} hospitals malicious (none: clean run)", fontsize=9)
+        axes.grid(axis="y", alpha=0.3)
+    panels[0, 0].legend(fontsize=7, ncol=3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -217,20 +250,31 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "robustness.json"))
+    parser.add_argument("--merge", help="an earlier run's JSON (same scale): its runs join this one's report")
     args = parser.parse_args()
     attacks, rules = args.attacks.split(","), args.rules.split(",")
     counts, seeds = [int(c) for c in args.malicious.split(",")], [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
+    if earlier is not None and earlier["scale"] != SCALE:
+        raise SystemExit(f"--merge {args.merge}: it ran at another scale ({earlier['scale']}), not comparable")
     with tempfile.TemporaryDirectory() as root:
-        calibration = run_one(
-            {"name": "calibration", "rule": "fedavg", "attack": "none", "malicious": 0, "seed": seeds[0],
-             "overrides": rule_overrides("fedavg", max(counts), 0.0), "root": root}
-        )  # fmt: skip
-        bound = round(calibration["median_update_norm_round1"], 4)
+        if earlier is not None:  # its bound, so that its centered clipping and norm bounding runs are these
+            bound, results = earlier["clipping_bound"], list(earlier["runs"])
+        else:
+            calibration = run_one(
+                {"name": "calibration", "rule": "fedavg", "attack": "none", "malicious": 0, "seed": seeds[0],
+                 "overrides": rule_overrides("fedavg", max(counts), 0.0), "root": root}
+            )  # fmt: skip
+            bound = round(calibration["median_update_norm_round1"], 4)
+            results = [{**calibration, "name": f"fedavg-clean-s{seeds[0]}"}] if "fedavg" in rules else []
         print(f"clipping bound (median honest update norm, round 1): {bound}", flush=True)
-        grid = jobs(attacks, rules, counts, seeds, root, bound)
-        results = [{**calibration, "name": f"fedavg-clean-s{seeds[0]}"}] if "fedavg" in rules else []
-        grid = [job for job in grid if not (results and job["name"] == results[0]["name"])]  # the same run
+        done = {(r["attack"], r["malicious"], r["seed"], tuple(r["overrides"])) for r in results}
+        grid = [
+            job
+            for job in jobs(attacks, rules, counts, seeds, root, bound)
+            if (job["attack"], job["malicious"], job["seed"], tuple(job["overrides"])) not in done
+        ]
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, not a fork of torch's
         with ProcessPoolExecutor(max_workers=args.workers, mp_context=spawn) as pool:
             for result in pool.map(run_one, grid):
@@ -248,7 +292,7 @@ def main() -> None:
         "summary": rows,
         "runs": results,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started + (earlier["seconds"] if earlier else 0.0),
     }
     out.write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(table(rows, rules) + "\n")
