@@ -78,9 +78,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         """The experiment and this node's data (protocol steps that need no data use ``experiment_of``)."""
         experiment = experiment_of(msg, context)
         # a deployed node refuses to take part in an experiment that casts any node as an attacker
-        experiment.attack.check(
-            bound_run_config is not None, experiment.secure.masked, experiment.model_spec.task == "classification"
-        )
+        experiment.check_attack(simulated=bound_run_config is not None)
         if "data-path" in context.node_config:
             return experiment, experiment.node_data(str(context.node_config["data-path"]))
         partitions = int(context.node_config.get("num-partitions", experiment.federation.num_clients))

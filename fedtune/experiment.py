@@ -89,9 +89,38 @@ class Experiment:
         """The simulated malicious clients (``attack=none``: none)."""
         return fedtune_config.instantiate(self.cfg.attack)
 
+    def check_attack(self, simulated: bool) -> None:
+        """Refuse the configured attack where it cannot run (the server and every node call this at setup).
+
+        Args:
+            simulated: This process is part of fedtune's own simulation, not a deployment.
+
+        Raises:
+            ValueError: See :meth:`fedtune.attacks.Attack.check`.
+        """
+        self.attack.check(
+            simulated,
+            masked=self.secure.masked,
+            classification=self.model_spec.task == "classification",
+            num_clients=self.federation.num_clients,
+        )
+
     def new_strategy(self) -> Strategy:
-        """A fresh server-side aggregation strategy."""
-        return fedtune_config.instantiate(self.cfg.strategy)
+        """A fresh server-side aggregation strategy.
+
+        Raises:
+            TypeError: The strategy lacks an attribute the :class:`fedtune.interfaces.Strategy` protocol declares
+                (a user's strategy written before one was added), named with what it means.
+        """
+        strategy = fedtune_config.instantiate(self.cfg.strategy)
+        missing = [name for name in Strategy.__annotations__ if not hasattr(strategy, name)]
+        if missing:
+            raise TypeError(
+                f"strategy {self.cfg.strategy._target_} lacks {', '.join(missing)} of the Strategy protocol "
+                "(fedtune/interfaces.py says what each means; a mean-based rule sets linear = True, "
+                "weighting = 'examples', folds_residuals = False, min_clients = 1)."
+            )
+        return strategy
 
     @cached_property
     def folds_residuals(self) -> bool:

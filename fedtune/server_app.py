@@ -50,7 +50,7 @@ def run_federation(grid: Grid, cfg: DictConfig, simulated: bool = False) -> Adap
     """
     experiment = get_experiment(cfg)
     attack = experiment.attack
-    attack.check(simulated, experiment.secure.masked, experiment.model_spec.task == "classification")
+    experiment.check_attack(simulated)
     channel: Channel = GridChannel(grid, experiment)
     if isinstance(attack, CollusionAttack) and attack.enabled:
         channel = ColludingChannel(channel, attack)

@@ -16,9 +16,11 @@ from strategies._robust import ByzantineRule
 def krum_scores(rows: torch.Tensor, neighbours: int) -> torch.Tensor:
     """Each row's Krum score: the sum of squared distances to its ``neighbours`` nearest other rows (Krum takes
     n - f - 2)."""
-    distances = torch.cdist(rows, rows).square()
-    # each sorted row starts with the distance to itself (0): skip it
-    return distances.sort(dim=1).values[:, 1 : neighbours + 1].sum(dim=1)
+    # Direct differences, not cdist's |a|^2 + |b|^2 - 2ab (its mode beyond 25 rows), which cancels to noise for
+    # updates far from the origin and close together.
+    distances = torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist").square()
+    distances.fill_diagonal_(torch.inf)  # a row is not its own neighbour
+    return distances.sort(dim=1).values[:, :neighbours].sum(dim=1)
 
 
 class MultiKrum(ByzantineRule):

@@ -52,7 +52,7 @@ def test_collusion_attacks_forge_from_the_honest_updates_as_their_papers_define(
     # Baruch et al.: n = 10 clients, f = 2 attackers -> s = floor(10/2 + 1) - 2 = 4, z = Φ⁻¹((10 - 4) / 10)
     alie = ALIE(clients=[0, 1])
     z = statistics.NormalDist().inv_cdf(0.6)
-    assert alie.shift(10) == pytest.approx(z)
+    assert alie.shift(10, 2) == pytest.approx(z)
     forged = alie.forge(honest, 10)["w"].tolist()
     assert forged == pytest.approx([m - z * s for m, s in zip(mean, std, strict=True)])
     assert ALIE(clients=[0], z=1.5).forge(honest, 10)["w"].tolist() == pytest.approx(
@@ -66,6 +66,15 @@ def _rows(count: int = 40) -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"text": [f"note {i}" for i in range(count)], "label": [i % 4 for i in range(count)]}
     )
+
+
+def test_alie_takes_its_z_from_the_attackers_who_came() -> None:
+    """z follows the round, not the config: 1 attacker of a 6-client round needs s = 3 supporters, z = Φ⁻¹(0.5)
+    = 0 (the honest mean), whatever attack.clients names; attackers who are a majority need one (s = 1)."""
+    honest = [{"w": torch.tensor([float(i)])} for i in range(5)]
+    assert ALIE(clients=[0, 1, 2]).forge(honest, 6)["w"].tolist() == pytest.approx([2.0])
+    assert ALIE(clients=[0]).shift(4, 3) == pytest.approx(statistics.NormalDist().inv_cdf(0.75))
+    assert ALIE(clients=[0]).shift(10, 1) == 0.0  # the paper's z: too few to move the median
 
 
 def test_data_attacks_poison_the_rows_as_defined() -> None:
@@ -210,10 +219,10 @@ def test_the_server_refuses_to_deploy_an_attack(tiny_bert_dir: Path, tmp_path: P
         (["attack=alie", "secure=masking"], "secure=masking hides"),
         (["attack=ipm", "secure=masking"], "secure=masking hides"),
         (["attack=label_flip", "model=smollm2", "data=icd10_instructions"], "classification task"),
+        (["attack=sign_flip", "attack.clients=[0,4]", "federation.num_clients=4"], "partition ids are 0..3"),
+        (["attack=alie", "attack.clients=[0,1,2]", "federation.num_clients=4"], "at least 2 honest updates"),
     ],
 )
 def test_an_attack_that_cannot_run_is_refused(overrides: list[str], reason: str) -> None:
-    attack = config.instantiate(config.compose(overrides).attack)
-    masked = "secure=masking" in overrides
     with pytest.raises(ValueError, match=reason):
-        attack.check(simulated=True, masked=masked, classification="model=smollm2" not in overrides)
+        get_experiment(config.compose(overrides)).check_attack(simulated=True)

@@ -44,13 +44,14 @@ def _trimmed_mean() -> None:
     assert _aggregate(TrimmedMean(byzantine=0), [[1], [2], [6]]) == [3]  # nothing trimmed: the mean
 
 
-def _krum_reference(rows: np.ndarray, f: int, m: int) -> np.ndarray:
+def _krum_reference(rows: np.ndarray, f: int, m: int, neighbours: int | None = None) -> np.ndarray:
     """Blanchard et al.'s definition written out: score = sum of squared distances to the n - f - 2 nearest."""
     n = len(rows)
+    neighbours = n - f - 2 if neighbours is None else neighbours
     scores = []
     for i in range(n):
         distances = sorted(float(((rows[i] - rows[j]) ** 2).sum()) for j in range(n) if j != i)
-        scores.append(sum(distances[: n - f - 2]))
+        scores.append(sum(distances[:neighbours]))
     return rows[np.argsort(scores, kind="stable")[:m]].mean(axis=0)
 
 
@@ -59,6 +60,12 @@ def _multi_krum() -> None:
     for f, m in ((1, None), (1, 1), (2, 2)):
         expected = _krum_reference(rows, f, m or len(rows) - f)
         assert np.allclose(_aggregate(MultiKrum(byzantine=f, selected=m), rows.tolist()), expected, atol=1e-12)
+    # spread-out rows on which counting one neighbour more or fewer picks another update
+    spread = np.random.default_rng(3).normal(0, 1, (7, 2))
+    picked = _krum_reference(spread, 1, 1)
+    assert not np.allclose(picked, _krum_reference(spread, 1, 1, neighbours=3))
+    assert not np.allclose(picked, _krum_reference(spread, 1, 1, neighbours=5))
+    assert np.allclose(_aggregate(MultiKrum(byzantine=1, selected=1), spread.tolist()), picked, atol=1e-12)
     assert MultiKrum(byzantine=2).min_clients == 7 and MultiKrum(byzantine=1, selected=5).min_clients == 6
 
 
@@ -168,6 +175,15 @@ def test_a_robust_rule_is_refused_at_start_when_a_round_may_be_too_small(name: s
         [f"strategy={name}", "federation.num_clients=10", f"federation.min_train_clients={rule.min_clients}"]
     )
     Experiment(raised).check_composition()
+
+
+def test_krum_scores_stay_exact_for_many_updates_far_from_the_origin() -> None:
+    """30 updates (past the 25 rows where cdist would switch to |a|^2 + |b|^2 - 2ab) at norm 1e6, 1e-3 apart:
+    the scores match the definition's, so the one picked is the reference's."""
+    generator = np.random.default_rng(4)
+    rows = 1e6 + generator.normal(0, 1e-3, (30, 8))
+    picked = _aggregate(MultiKrum(byzantine=3, selected=1), rows.tolist())
+    assert np.allclose(picked, _krum_reference(rows, 3, 1), rtol=0, atol=1e-9)
 
 
 def test_krum_is_invariant_to_the_order_of_clients_up_to_ties() -> None:

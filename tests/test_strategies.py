@@ -313,3 +313,18 @@ def test_methods_that_change_only_clients_take_any_server_strategy() -> None:
     strategy = config.instantiate(cfg.strategy)
     assert isinstance(strategy.server, FedAdam) and strategy.server.eta == 0.02
     assert strategy.configure(1, "c").frozen == ("lora_A",)
+
+
+class _StrategyWithoutMinClients:
+    """A user's strategy written before ``min_clients`` joined the protocol."""
+
+    linear, weighting, folds_residuals = True, "examples", False
+
+    def __init__(self, **settings: object) -> None:  # takes strategy=fedavg's settings
+        pass
+
+
+def test_a_strategy_missing_a_protocol_attribute_is_named() -> None:
+    cfg = config.compose(["strategy._target_=tests.test_strategies._StrategyWithoutMinClients"])
+    with pytest.raises(TypeError, match="lacks min_clients of the Strategy protocol"):
+        Experiment(cfg).check_composition()

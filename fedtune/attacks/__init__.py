@@ -63,16 +63,18 @@ class Attack:
         """True if the attack rewrites class labels (classification tasks only)."""
         return False
 
-    def check(self, simulated: bool, masked: bool, classification: bool) -> None:
-        """Refuse this attack where it cannot run.
+    def check(self, simulated: bool, masked: bool, classification: bool, num_clients: int) -> None:
+        """Refuse this attack where it cannot run (:meth:`fedtune.experiment.Experiment.check_attack` calls it).
 
         Args:
             simulated: The run is a simulation (fedtune's own, in-process or Ray), not a deployment.
             masked: ``secure=masking``.
             classification: The task is classification (labels exist).
+            num_clients: ``federation.num_clients``: the partition ids are ``0 .. num_clients - 1``.
 
         Raises:
-            ValueError: A deployment, a collusion attack under masking, or label rewriting without labels.
+            ValueError: A deployment, a partition id the federation does not have, a collusion attack under
+                masking or with too few honest clients, or label rewriting without labels.
         """
         if not self.enabled:
             return
@@ -81,14 +83,30 @@ class Attack:
                 f"attack={type(self).__name__} is for simulations only (fedtune run); a deployment refuses it, so "
                 "that a config cannot make an honest node attack. Remove the attack override."
             )
+        if self.clients[-1] >= num_clients:  # a typo would otherwise run a clean federation, reported as attacked
+            raise ValueError(
+                f"attack.clients={list(self.clients)}: the federation's partition ids are 0..{num_clients - 1} "
+                f"(federation.num_clients={num_clients})."
+            )
         if self.colludes and masked:
             raise ValueError(
                 f"attack={type(self).__name__} forges its update from the honest clients' updates, which "
                 "secure=masking hides from everyone; use it with secure=none, or an attack on the client's own "
                 "update (sign_flip, scaling, noise, free_rider)."
             )
+        if num_clients - len(self.clients) < self.min_honest:
+            raise ValueError(
+                f"attack={type(self).__name__} forges from at least {self.min_honest} honest updates a round, but "
+                f"attack.clients={list(self.clients)} leaves {num_clients - len(self.clients)} of "
+                f"federation.num_clients={num_clients} honest; name fewer attackers."
+            )
         if self.needs_labels and not classification:
             raise ValueError(f"attack={type(self).__name__} rewrites class labels: it needs a classification task.")
+
+    @property
+    def min_honest(self) -> int:
+        """How many honest updates a round the attack needs (collusion forges from them; 0: none)."""
+        return 0
 
     def active(self, partition_id: int | None, server_round: int) -> bool:
         """Whether simulated partition ``partition_id`` misbehaves in ``server_round``."""

@@ -35,8 +35,14 @@ class CollusionAttack(Attack):
         """The attackers forge from the honest updates."""
         return True
 
+    @property
+    def min_honest(self) -> int:
+        """One honest update to forge from (ALIE needs two, for their spread)."""
+        return 1
+
     def forge(self, honest: Sequence[AdapterState], round_size: int) -> AdapterState:
-        """The update every attacker sends, from the round's ``honest`` updates (``round_size`` in all)."""
+        """The update every attacker sends, from the round's ``honest`` updates (``round_size`` in all, the
+        others the round's active attackers)."""
         raise NotImplementedError
 
 
@@ -47,7 +53,11 @@ class ALIE(CollusionAttack):
 
     A shift within the honest spread in every coordinate at once evades the rules that discard outliers
     (Krum, trimmed mean, median), yet moves the model steadily. The paper's z is the largest that still keeps
-    the attackers among the s = floor(n/2 + 1) - f updates closest to the mean: z = Φ⁻¹((n - s) / n).
+    the attackers within the majority of updates closest to the mean: with s = floor(n/2 + 1) - f honest
+    supporters needed, z = Φ⁻¹((n - s) / n), for the round's n clients and f attackers (those who came). It
+    is 0 where the attackers are too few to move the median (1 of 10: s = 5, z = Φ⁻¹(0.5)), so they send the
+    honest mean; a fixed ``z`` studies a shift anyway. Attackers who are a majority of the round need no
+    supporters; s is then taken as 1, the paper's formula at its edge.
 
     Args:
         z: The shift in standard deviations (None: the paper's z for the round's n and f).
@@ -60,18 +70,23 @@ class ALIE(CollusionAttack):
         if self.z is not None and not (math.isfinite(self.z) and self.z > 0):
             raise ValueError(f"attack.z={self.z}: a positive number of standard deviations, or null (the paper's).")
 
-    def shift(self, round_size: int) -> float:
-        """z for a round of ``round_size`` clients, ``len(clients)`` of them attackers."""
+    @property
+    def min_honest(self) -> int:
+        """Two honest updates, for their standard deviation."""
+        return 2
+
+    def shift(self, round_size: int, attackers: int) -> float:
+        """z for a round of ``round_size`` clients, ``attackers`` of them the attack's."""
         if self.z is not None:
             return self.z
-        supporters = math.floor(round_size / 2 + 1) - len(self.clients)
+        supporters = max(math.floor(round_size / 2 + 1) - attackers, 1)
         return statistics.NormalDist().inv_cdf((round_size - supporters) / round_size)
 
     def forge(self, honest: Sequence[AdapterState], round_size: int) -> AdapterState:
         """``μ - z σ`` over the honest updates (σ: sample standard deviation)."""
-        if len(honest) < 2:
+        if len(honest) < self.min_honest:
             raise ValueError("ALIE needs at least two honest updates to estimate their spread.")
-        z = self.shift(round_size)
+        z = self.shift(round_size, round_size - len(honest))
         forged = {}
         for key in honest[0]:
             stacked = torch.stack([u[key].to(torch.float64) for u in honest])
@@ -99,7 +114,7 @@ class InnerProductManipulation(CollusionAttack):
 
     def forge(self, honest: Sequence[AdapterState], round_size: int) -> AdapterState:
         """``-epsilon`` times the honest mean."""
-        if not honest:
+        if len(honest) < self.min_honest:
             raise ValueError("inner-product manipulation needs at least one honest update.")
         return {
             key: (-self.epsilon * torch.stack([u[key].to(torch.float64) for u in honest]).mean(dim=0)).to(
@@ -135,9 +150,9 @@ class ColludingChannel:
         attacking = [
             self.attack.active(c.client.info.get(PARTITION), request.server_round) for c in collected.contributions
         ]
-        if not any(attacking):
-            return collected
         honest = [u for u, bad in zip(updates, attacking, strict=True) if not bad]
+        if not any(attacking) or len(honest) < self.attack.min_honest:  # dropouts: nothing to forge from
+            return collected
         forged = self.attack.forge(honest, len(updates))
         sent = tuple(forged if bad else u for u, bad in zip(updates, attacking, strict=True))
         return replace(collected, weighted_sum=weighted_sum(sent, weights), individual=(sent, weights))

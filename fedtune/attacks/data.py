@@ -58,7 +58,10 @@ class Backdoor(Attack):
         return True
 
     def poison(self, train: datasets.Dataset, num_labels: int | None, seed: int) -> datasets.Dataset:
-        """``poisoned_fraction`` of the rows (chosen from ``seed``) triggered and relabelled."""
+        """``poisoned_fraction`` of the rows (chosen from ``seed``) triggered and relabelled.
+
+        The client passes its round's training seed, so each round poisons a fresh subset: over the rounds the
+        trigger meets most of the attacker's texts, not one fixed half of them."""
         self._check_target(num_labels)
         count = round(self.poisoned_fraction * len(train))
         chosen = set(np.random.default_rng(seed).choice(len(train), size=count, replace=False).tolist())
