@@ -6,6 +6,8 @@
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
     fedtune audit RUN_DIR [--head HASH] [--server-key HEX]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
+    fedtune worker [--runtime-api-address HOST:PORT] [--superexec-auth-secret-file FILE] [--root-certificates PEM]
+    fedtune code-digest
 
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
 the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
@@ -16,7 +18,9 @@ config, and ``--partitions`` how the data is split into clients, without running
 file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
 (see :mod:`fedtune.secure.at_rest`). ``audit`` checks a run's hash-chained ledger (fedtune/ledger.py)
 and names the first broken entry; ``identity`` creates a node's Ed25519 key and lists it in the trusted
-keys file the server reads (``federation.trusted_keys``).
+keys file the server reads (``federation.trusted_keys``). ``worker`` serves a SuperNode started with
+``--isolation process``, keeping the model loaded between messages (fedtune/worker.py); ``code-digest`` prints
+the digest of the installed code that a worker compares each run's app bundle with.
 """
 
 from __future__ import annotations
@@ -65,7 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("name", help="the node's name (its node-config 'name')")
     node.add_argument("key_file", type=Path, help="the node's private key (created with mode 0600 if absent)")
     node.add_argument("--trusted", type=Path, help="add the public key to this trusted-keys file (the server's)")
+    worker = commands.add_parser("worker", help="run a SuperNode's ClientApp tasks in one long-lived process")
+    worker.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's --host:--port")
+    worker.add_argument(
+        "--root-certificates", type=Path, help="CA certificate of a Runtime API served over TLS (else plain HTTP)"
+    )
+    worker.add_argument("--superexec-auth-secret-file", type=Path, help="the SuperNode's SuperExec secret file")
+    worker.add_argument("--poll-interval", type=float, default=0.05, help="seconds between asks when idle")
+    commands.add_parser("code-digest", help="print the digest of the installed code (fedtune, strategies, conf)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging()
     handlers = {
         "run": _run_command,
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "decrypt": _decrypt,
         "audit": _audit,
         "identity": _identity,
+        "worker": _worker,
+        "code-digest": _code_digest,
     }
     try:
         return handlers[args.command](args)
@@ -86,6 +101,31 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.partitions:
         return _show_partitions(args.overrides)
     return _run(args.overrides, multirun=args.multirun, show_config=args.cfg)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from fedtune.worker import WorkerOptions, serve  # imports Flower's runtime internals
+
+    try:
+        options = WorkerOptions(
+            runtime_api_address=args.runtime_api_address,
+            insecure=args.root_certificates is None,
+            root_certificates=args.root_certificates,
+            auth_secret_file=args.superexec_auth_secret_file,
+            poll_interval=args.poll_interval,
+        )
+    except ValueError as error:
+        print(f"fedtune worker: {error}", file=sys.stderr)
+        return 2
+    serve(options, args.argv)
+    return 0
+
+
+def _code_digest(args: argparse.Namespace) -> int:
+    from fedtune import app_code
+
+    print(app_code.digest(app_code.installed_files()))
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -23,19 +23,26 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+import torch
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
 
 from fedtune.config import to_run_config
 from fedtune.ledger import audit
 from fedtune.secure import identity
 from tests.conftest import tiny_overrides
+from tests.nodes import federate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live next to the interpreter
 FEDERATION = "fedtune-test"
 MARKER = "FEDTUNE_DEPLOYMENT_TEST"  # env var inherited by every process of this test, children included
-RUN_TIMEOUT = 300.0  # guard against a hang; the run itself takes about a minute on 2 cores
+RUN_TIMEOUT = 600.0  # guard against a hang; a run takes 1-4 minutes on 2 cores in subprocess mode (busy machine)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -204,16 +211,13 @@ def _flwr(flower: FlowerProcesses, *args: str, timeout: float = 60.0) -> subproc
     )
 
 
-@pytest.mark.slow
-def test_flwr_run_on_real_superlink_and_supernodes(
-    flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path
-) -> None:
-    superlink_port, *node_ports = _free_ports(3)
+def _start_superlink(flower: FlowerProcesses) -> int:
+    """A SuperLink on a free loopback port, set as the default federation of this test's FLWR_HOME."""
+    (port,) = _free_ports(1)
     (Path(flower.env["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink]\ndefault = "{FEDERATION}"\n\n'
-        f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{superlink_port}"\ninsecure = true\n'
+        f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-
     flower.start(
         "superlink",
         [
@@ -222,16 +226,29 @@ def test_flwr_run_on_real_superlink_and_supernodes(
             "--host",
             "127.0.0.1",
             "--port",
-            str(superlink_port),
+            str(port),
             "--disable-runtime-dependency-installation",
         ],
     )
-    _wait_for_health(flower, superlink_port)
-    trusted_keys = tmp_path / "trusted_keys.json"  # the operators' exchange of node identity keys
-    for partition in range(2):
+    _wait_for_health(flower, port)
+    return port
+
+
+def _trusted_nodes(tmp_path: Path, count: int) -> Path:
+    """Identity keys for partition-0.. and the trusted-keys file listing them (the operators' exchange)."""
+    trusted_keys = tmp_path / "trusted_keys.json"
+    for partition in range(count):
         node = identity.load_or_create(tmp_path / "keys" / f"partition-{partition}.pem")
         identity.add_trusted_key(trusted_keys, f"partition-{partition}", node.public_hex)
-    for partition, port in enumerate(node_ports):
+    return trusted_keys
+
+
+def _start_supernodes(
+    flower: FlowerProcesses, tmp_path: Path, superlink_port: int, trusted_keys: Path, *extra: str
+) -> list[int]:
+    """Two SuperNodes (partitions 0 and 1) with their identity keys; returns their Runtime API ports."""
+    ports = _free_ports(2)
+    for partition, port in enumerate(ports):
         flower.start(
             f"supernode-{partition}",
             [
@@ -244,17 +261,14 @@ def test_flwr_run_on_real_superlink_and_supernodes(
                 "--node-config",
                 f"partition-id={partition} num-partitions=2 identity-key='{tmp_path}/keys/partition-{partition}.pem' "
                 f"trusted-keys='{trusted_keys}' min-round-clients=2",  # a masked node needs its own trusted list
+                *extra,
             ],
         )
+    return ports
 
-    run_dir = tmp_path / "run"
-    overrides = tiny_overrides(
-        tiny_bert_dir,
-        run_dir,
-        "federation.round_timeout=240",
-        "secure=masking",
-        f"federation.trusted_keys={trusted_keys}",
-    )
+
+def _run_to_completion(flower: FlowerProcesses, tmp_path: Path, overrides: list[str], run_dir: Path) -> None:
+    """`flwr run` the repository with ``overrides``; fail unless the run finished as completed."""
     run_config = to_run_config(overrides, str(run_dir))
     run_config_file = tmp_path / "run_config.toml"
     run_config_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()))
@@ -278,22 +292,24 @@ def test_flwr_run_on_real_superlink_and_supernodes(
             start_new_session=True,
         )
     flower.started["flwr-run"] = submit
+    long_lived = [name for name in flower.started if name != "flwr-run"]
     deadline = time.monotonic() + RUN_TIMEOUT
     while submit.poll() is None:
         if time.monotonic() > deadline:
             pytest.fail(f"The run did not finish within {RUN_TIMEOUT:.0f} s:\n{flower.log('flwr-run')[-4000:]}")
-        flower.check_running("superlink", "supernode-0", "supernode-1")  # also remembers every flwr-*app process
+        flower.check_running(*long_lived)  # also remembers every flwr-*app process
         time.sleep(1.0)
     submitted = flower.log("flwr-run")
     assert submit.returncode == 0, submitted
     match = re.search(r"Successfully started run (\d+)", submitted)
     assert match, submitted
-
     listing = _flwr(flower, "ls", FEDERATION, "--run-id", match.group(1), "--format", "json")
     runs = json.loads(listing.stdout)["runs"]
     assert runs[0]["status"] == "finished:completed", submitted[-6000:]  # the stream holds the ServerApp's log
 
-    # The outputs of a completed run: two checkpoints, metrics, exported adapter.
+
+def _check_outputs(run_dir: Path) -> None:
+    """The outputs of a completed masked two-round run: checkpoints, metrics per round, adapter, a sound ledger."""
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round-*.pt")) == ["round-0001.pt", "round-0002.pt"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -312,9 +328,141 @@ def test_flwr_run_on_real_superlink_and_supernodes(
     assert audit(run_dir) == []  # the ledger matches metrics, checkpoints and adapter
     assert {line["round"] for line in lines if line["metric"] == "aggregation_error_bound"} == {1, 2}  # masked
 
-    # No ClientApp failed along the way (their output goes to the SuperNodes' logs).
-    for name in ("supernode-0", "supernode-1"):
-        assert "Traceback" not in flower.log(name), flower.log(name)[-4000:]
 
+def _masked_overrides(tiny_bert_dir: Path, run_dir: Path, trusted_keys: Path) -> list[str]:
+    return tiny_overrides(
+        tiny_bert_dir,
+        run_dir,
+        "federation.round_timeout=240",
+        "secure=masking",
+        f"federation.trusted_keys={trusted_keys}",
+    )
+
+
+def _assert_same_as_in_process(overrides: list[str], run_dir: Path, root: Path) -> None:
+    """The deployed run's final adapter equals, bit for bit, the same experiment over in-process nodes (the
+    reference every deployment mode is compared with, so that the modes equal each other)."""
+    reference_root = root / "in-process"
+    moved = {"run_dir": reference_root / "run", "federation.trusted_keys": reference_root / "trusted_keys.json"}
+    reference = [f"{key}={moved[key]}" if (key := o.split("=", 1)[0]) in moved else o for o in overrides]
+    expected = torch.load(
+        federate(reference_root, reference, 2, prefix="partition", node_config={"min-round-clients": 2})
+        / "checkpoints"
+        / "round-0002.pt",
+        weights_only=True,
+    )["adapter"]
+    deployed = torch.load(run_dir / "checkpoints" / "round-0002.pt", weights_only=True)["adapter"]
+    assert expected.keys() == deployed.keys()
+    assert all(torch.equal(expected[k], deployed[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_flwr_run_on_real_superlink_and_supernodes(
+    flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Flower's default isolation: each message to a node is handled by a fresh flwr-clientapp process."""
+    superlink_port = _start_superlink(flower)
+    trusted_keys = _trusted_nodes(tmp_path, 2)
+    _start_supernodes(flower, tmp_path, superlink_port, trusted_keys)
+    run_dir = tmp_path / "run"
+    overrides = _masked_overrides(tiny_bert_dir, run_dir, trusted_keys)
+    _run_to_completion(flower, tmp_path, overrides, run_dir)
+    _check_outputs(run_dir)
+    for name in ("supernode-0", "supernode-1"):  # no ClientApp failed (their output goes to the SuperNodes' logs)
+        assert "Traceback" not in flower.log(name), flower.log(name)[-4000:]
+    assert any("flwr-clientapp" in " ".join(_cmdline(p)) for p in flower.known)
     survivors = flower.stop()
     assert not survivors, survivors
+    _assert_same_as_in_process(overrides, run_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
+    flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """SuperNodes in process isolation, each served by a `fedtune worker` that holds its SuperExec secret: no
+    flwr-clientapp process runs, each node builds its base model once for the whole run, and the result is
+    bit for bit the in-process (and so the subprocess mode's) result."""
+    superlink_port = _start_superlink(flower)
+    trusted_keys = _trusted_nodes(tmp_path, 2)
+    secret = tmp_path / "superexec.secret"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    ports = _start_supernodes(
+        flower,
+        tmp_path,
+        superlink_port,
+        trusted_keys,
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
+    )
+    _wait_for_runtime_api(flower, ports[0])
+    for secret_file in (None, _wrong_secret(tmp_path)):  # without the SuperNode's secret nobody acquires its tasks
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            _acquire_task(ports[0], secret_file)
+        assert refused.value.response.status_code in (401, 403)
+    for partition, port in enumerate(ports):
+        flower.start(
+            f"worker-{partition}",
+            [
+                "fedtune",
+                "worker",
+                "--runtime-api-address",
+                f"127.0.0.1:{port}",
+                "--superexec-auth-secret-file",
+                str(secret),
+            ],
+        )
+    run_dir = tmp_path / "run"
+    overrides = _masked_overrides(tiny_bert_dir, run_dir, trusted_keys)
+    _run_to_completion(flower, tmp_path, overrides, run_dir)
+    _check_outputs(run_dir)
+    assert not [p for p in flower.known if "flwr-clientapp" in " ".join(_cmdline(p))]
+    for partition in range(2):
+        log = flower.log(f"worker-{partition}")
+        assert "Traceback" not in log, log[-4000:]
+        assert len(re.findall(r"Built \S+ \+ LoRA", log)) == 1, log[-4000:]  # once, for every message of the run
+    survivors = flower.stop()
+    assert not survivors, survivors
+    _assert_same_as_in_process(overrides, run_dir, tmp_path)
+
+
+def _wait_for_runtime_api(flower: FlowerProcesses, port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flower.check_running()
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    pytest.fail(f"The SuperNode's Runtime API did not open port {port}:\n{flower.log('supernode-0')[-4000:]}")
+
+
+def _wrong_secret(tmp_path: Path) -> Path:
+    path = tmp_path / "wrong.secret"
+    path.write_bytes(os.urandom(32))
+    return path
+
+
+def _acquire_task(port: int, secret_file: Path | None) -> None:
+    """Ask the Runtime API for a task once, as an executor does, signing the call with ``secret_file``'s secret."""
+    interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret_file is not None:
+        protected = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=secret_file.read_bytes(), protected_methods=protected)
+        )
+    client = RuntimeHttpClient.from_server_address(f"127.0.0.1:{port}", True, None, interceptors)  # no retries
+    try:
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    finally:
+        client.close()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
