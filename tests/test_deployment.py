@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -267,8 +268,9 @@ def _start_supernodes(
     return ports
 
 
-def _run_to_completion(flower: FlowerProcesses, tmp_path: Path, overrides: list[str], run_dir: Path) -> None:
-    """`flwr run` the repository with ``overrides``; fail unless the run finished as completed."""
+def _run(flower: FlowerProcesses, tmp_path: Path, overrides: list[str], run_dir: Path, app: Path = REPO_ROOT) -> str:
+    """`flwr run` the app at ``app`` with ``overrides`` and wait for it to end; returns its final status and
+    keeps its log as ``flwr-run-<id>.log``."""
     run_config = to_run_config(overrides, str(run_dir))
     run_config_file = tmp_path / "run_config.toml"
     run_config_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()))
@@ -276,15 +278,7 @@ def _run_to_completion(flower: FlowerProcesses, tmp_path: Path, overrides: list[
     # `--stream` returns once the run has finished (its logs are complete); the loop below guards against a hang.
     with open(tmp_path / "flwr-run.log", "wb") as log:
         submit = subprocess.Popen(
-            [
-                str(BIN_DIR / "flwr"),
-                "run",
-                str(REPO_ROOT),
-                FEDERATION,
-                "--stream",
-                "--run-config",
-                str(run_config_file),
-            ],
+            [str(BIN_DIR / "flwr"), "run", str(app), FEDERATION, "--stream", "--run-config", str(run_config_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=flower.env,
@@ -300,12 +294,17 @@ def _run_to_completion(flower: FlowerProcesses, tmp_path: Path, overrides: list[
         flower.check_running(*long_lived)  # also remembers every flwr-*app process
         time.sleep(1.0)
     submitted = flower.log("flwr-run")
-    assert submit.returncode == 0, submitted
     match = re.search(r"Successfully started run (\d+)", submitted)
     assert match, submitted
+    (tmp_path / f"flwr-run-{match.group(1)}.log").write_text(submitted)
     listing = _flwr(flower, "ls", FEDERATION, "--run-id", match.group(1), "--format", "json")
-    runs = json.loads(listing.stdout)["runs"]
-    assert runs[0]["status"] == "finished:completed", submitted[-6000:]  # the stream holds the ServerApp's log
+    return str(json.loads(listing.stdout)["runs"][0]["status"])
+
+
+def _run_to_completion(flower: FlowerProcesses, tmp_path: Path, overrides: list[str], run_dir: Path) -> None:
+    """`flwr run` the repository with ``overrides``; fail unless the run finished as completed."""
+    status = _run(flower, tmp_path, overrides, run_dir)
+    assert status == "finished:completed", flower.log("flwr-run")[-6000:]  # the stream holds the ServerApp's log
 
 
 def _check_outputs(run_dir: Path) -> None:
@@ -420,13 +419,43 @@ def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
     _run_to_completion(flower, tmp_path, overrides, run_dir)
     _check_outputs(run_dir)
     assert not [p for p in flower.known if "flwr-clientapp" in " ".join(_cmdline(p))]
+    pids = {}
     for partition in range(2):
         log = flower.log(f"worker-{partition}")
         assert "Traceback" not in log, log[-4000:]
         assert len(re.findall(r"Built \S+ \+ LoRA", log)) == 1, log[-4000:]  # once, for every message of the run
+        pids[partition] = flower.started[f"worker-{partition}"].pid
+    _assert_same_as_in_process(overrides, run_dir, tmp_path)
+
+    # A second run, from a bundle whose code differs by one comment: each worker starts afresh for the new run
+    # (same PID, exec), finds the bundle's code is not its own, and refuses; the run fails and no node ran it.
+    changed = _copy_of_the_app(tmp_path / "changed-app")
+    with open(changed / "fedtune" / "client_app.py", "a") as code:
+        code.write("# not the code this node installed\n")
+    status = _run(flower, tmp_path, overrides, tmp_path / "run-2", app=changed)
+    assert status.startswith("finished:") and status != "finished:completed", status
+    for partition in range(2):
+        log = flower.log(f"worker-{partition}")
+        assert "restarting with nothing of the previous run" in log, log[-4000:]
+        assert "ships other code than this worker runs (1 files differ: fedtune/client_app.py)" in log, log[-4000:]
+        assert flower.started[f"worker-{partition}"].pid == pids[partition]
+        flower.check_running(f"worker-{partition}")
+    assert "failed the query message: <class 'fedtune.worker.StaleCode'>" in flower.log(
+        "flwr-run"
+    )  # the operator sees why
+    assert not list((tmp_path / "run-2").glob("checkpoints/round-*.pt"))
     survivors = flower.stop()
     assert not survivors, survivors
-    _assert_same_as_in_process(overrides, run_dir, tmp_path)
+
+
+def _copy_of_the_app(target: Path) -> Path:
+    """The files `flwr run` bundles from this repository (pyproject's fab-include), copied to ``target``."""
+    for pattern in ("fedtune/**/*.py", "strategies/**/*.py", "conf/**/*.yaml", "README.md", "pyproject.toml"):
+        for path in REPO_ROOT.glob(pattern):
+            if "__pycache__" not in path.parts:
+                (target / path.relative_to(REPO_ROOT)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target / path.relative_to(REPO_ROOT))
+    return target
 
 
 def _wait_for_runtime_api(flower: FlowerProcesses, port: int, timeout: float = 60.0) -> None:
