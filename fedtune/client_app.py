@@ -89,6 +89,10 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             )
         return experiment, experiment.client_data(int(context.node_config["partition-id"]))
 
+    def records_config(context: Context, experiment: Experiment) -> Mapping[str, Any]:
+        """The node config with where this node keeps its records of the run (client_state.records_config)."""
+        return client_state.records_config(context.node_config, experiment.cfg.run_dir, bound_run_config is not None)
+
     def secure(context: Context, experiment: Experiment) -> SecureClient:
         """This node's side of secure aggregation (fedtune/secure_client.py)."""
         name = client_key(context.node_config)
@@ -122,14 +126,14 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         secagg = masked.before_training(msg) if masked is not None else None  # every check before training
         settings = _settings(round_config)
         scope = client_state.record_scope(experiment.hash, experiment.cfg.run_dir, bound_run_config is not None)
-        durable = client_state.state_file(context.node_config, scope, key)
+        durable = client_state.state_file(records_config(context, experiment), scope, key)
         privacy_state = client_state.load(context.state.config_records.get(PRIVACY_STATE, {}), durable)
         rank = _rank(context, experiment)
         # The settings and rank are part of the round's input: other settings on the same adapter give
         # another update with the same DP noise.
         round_input = f"{adapters.fingerprint(global_adapter)}|{settings.to_json()}|rank={rank}"
         client_state.begin_round(privacy_state, server_round, round_input)
-        kept = client_state.personal_file(context.node_config, run_key(experiment), key)
+        kept = client_state.personal_file(records_config(context, experiment), run_key(experiment), key)
         personal = client_state.load_personal(kept, server_round) if settings.local else None
         partition = context.node_config.get("partition-id")
         attack = experiment.attack if experiment.attack.active(partition, server_round) else None
@@ -178,7 +182,8 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         settings = _settings(msg.content.config_records[wire.CONFIG])
         personal = None
         if settings.local:  # evaluate with what this client keeps for itself, as trained up to this round
-            kept = client_state.personal_file(context.node_config, run_key(experiment), client_key(context.node_config))
+            records = records_config(context, experiment)
+            kept = client_state.personal_file(records, run_key(experiment), client_key(context.node_config))
             round_number = int(msg.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
             personal = settings.kept(client_state.load_personal(kept, round_number + 1))
         global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()

@@ -2,8 +2,8 @@
 
 A resumed run starts a new Flower run, whose Context.state is empty; without a durable copy the client's
 accountant would restart at zero and the budget would no longer hold. The copy lives on the client's own
-machine (node config ``state-dir``, default ``$FEDTUNE_CACHE/client-state``): the client trusts no one
-else with its own accounting.
+machine (node config ``state-dir``, default ``$FEDTUNE_CACHE/client-state``; for a node of fedtune's in-process
+simulation, the run directory's ``node-state/``): the client trusts no one else with its own accounting.
 
 A round that is replayed after a crash, with the same global adapter as input, reproduces the same update
 bit for bit (all randomness is seeded), so publishing it again reveals nothing new: the client restores
@@ -41,6 +41,17 @@ def record_scope(experiment_hash: str, run_dir: str, simulated: bool) -> str:
     ring for a round; one run in fedtune's in-process simulation, where one operator runs every node and
     reruns are routine."""
     return f"{experiment_hash}|{run_dir}" if simulated else experiment_hash
+
+
+def records_config(node_config: Mapping[str, Any], run_dir: str, simulated: bool) -> Mapping[str, Any]:
+    """``node_config`` with the directory its per-run records live in (``state-dir``): as set, else for a node
+    of fedtune's in-process simulation ``<run dir>/node-state``. One operator runs all of a simulation's nodes
+    and their records belong to that run: a run dir deleted and written again starts the experiment afresh
+    instead of finding round 1 already uploaded in an earlier user cache. Identity keys stay where the node
+    config puts them (``identity_file``): they outlive runs."""
+    if "state-dir" in node_config or not simulated:
+        return node_config
+    return {**node_config, "state-dir": str(Path(run_dir) / "node-state")}
 
 
 def state_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:

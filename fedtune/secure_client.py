@@ -42,12 +42,13 @@ class SecureClient:
         name: The node's name.
         signer: The node's identity key.
         simulated: fedtune's in-process simulation, where one operator runs every node: the node may take
-            its peers' identity keys from the server, and "one upload per round" holds per run directory.
+            its peers' identity keys from the server, and "one upload per round" holds per run directory
+            (whose ``node-state/`` keeps the records unless the node config names a ``state-dir``).
     """
 
     def __init__(self, context: Context, experiment: Experiment, name: str, signer: Identity, simulated: bool) -> None:
         self.context, self.experiment, self.name, self.signer = context, experiment, name, signer
-        self.node_config = context.node_config
+        self.node_config = client_state.records_config(context.node_config, experiment.cfg.run_dir, simulated)
         self.simulated = simulated
 
     def peer_identities(self, received: ConfigRecord) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,16 @@ def _save_tokenizer(target: Path) -> int:
     tokenizer.eos_token = tokenizer.sep_token
     tokenizer.save_pretrained(target)
     return len(tokenizer)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fedtune cache of the session's own: tests neither read nor leave anything in the user's (the server's
+    identity key, simulated nodes' identities and records), and Ray workers and Flower processes inherit it."""
+    cache = tmp_path_factory.mktemp("fedtune-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDTUNE_CACHE", str(cache))
+        yield cache
 
 
 def save_tiny_bert(target: Path, vocab: int) -> None:

@@ -29,9 +29,9 @@ from fedtune.secure import identity
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.session import Session
 from fedtune.secure_client import SECAGG_STATE
-from fedtune.server_app import make_server_app
+from fedtune.server_app import make_server_app, run_federation
 from tests.conftest import tiny_overrides
-from tests.nodes import federate
+from tests.nodes import InProcessGrid, federate, make_nodes
 
 
 def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
@@ -261,6 +261,30 @@ def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_pat
     assert [m["round"] for m in epsilons] == [1, 2]  # no sum of round 3 was revealed: nothing to account
     assert Ledger(run).last_round() == 3 and audit(run) == []
     assert all(torch.isfinite(t).all() for t in _checkpoint(run, 2).values())
+
+
+def test_a_simulation_rerun_in_a_recreated_run_dir_starts_afresh(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated nodes without a ``state-dir`` keep their records (uploads, privacy state) in the run dir, not
+    in the user's cache: a run dir deleted and run again gets every client's round-1 upload (with the records
+    in the cache, every node refused round 1 as already uploaded, and a second test session on one machine
+    failed that way)."""
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_bert_dir, run, "federation.num_clients=3", "federation.num_rounds=1", "secure=masking"
+    )
+    for attempt in (1, 2):
+        nodes = make_nodes(tmp_path, overrides, 3, prefix="partition")
+        for node in nodes:
+            del node.context.node_config["state-dir"]
+        experiment = config.load_experiment(config.to_run_config(overrides, str(run)))
+        run_federation(InProcessGrid(nodes), experiment, simulated=True)
+        assert _train_metric(run, "clients") == {1: 3.0}, f"attempt {attempt}"
+        assert len(list((run / "node-state" / "uploads").iterdir())) == 3
+        assert not (tmp_path / "cache" / "client-state" / "uploads").exists()
+        shutil.rmtree(run)
 
 
 def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Path, tmp_path: Path) -> None:
