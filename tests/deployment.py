@@ -11,12 +11,14 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -29,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live next to the interpreter
 FEDERATION = "fedtune-test"
 MARKER = "FEDTUNE_DEPLOYMENT_TEST"  # env var inherited by every process of this test, children included
+MAKE_CERTS = REPO_ROOT / "examples" / "deployment" / "make_certs.py"
 RUN_TIMEOUT = 600.0  # guard against a hang; a run takes 1-4 minutes on 2 cores in subprocess mode (busy machine)
 
 
@@ -75,6 +78,19 @@ class FlowerProcesses:
             )
         self.started[name] = process
         return process
+
+    def run_until_exit(self, name: str, args: list[str], timeout: float = 120.0) -> int:
+        """Start ``name`` and wait for it to exit, as a process that must give up does (a refused SuperNode);
+        returns its exit code. It then no longer counts among the processes that must keep running; anything
+        it left behind carries the marker and is still stopped by :meth:`stop`."""
+        process = self.start(name, args)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} was still running after {timeout:.0f} s:\n{self.log(name)[-4000:]}")
+        finally:
+            if process.poll() is not None:
+                del self.started[name]
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
@@ -181,12 +197,13 @@ def flower_processes(workdir: Path) -> FlowerProcesses:
     return FlowerProcesses(workdir, env)
 
 
-def wait_for_health(flower: FlowerProcesses, port: int, timeout: float = 60.0) -> None:
+def wait_for_health(flower: FlowerProcesses, port: int, tls: Tls | None = None, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
+    scheme, context = ("https", ssl.create_default_context(cafile=tls.ca)) if tls else ("http", None)
     while time.monotonic() < deadline:
         flower.check_running()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -207,27 +224,71 @@ def flwr(flower: FlowerProcesses, *args: str, timeout: float = 60.0) -> subproce
     )
 
 
-def start_superlink(flower: FlowerProcesses) -> int:
-    """A SuperLink on a free loopback port, set as the default federation of this test's FLWR_HOME."""
+@dataclass(frozen=True)
+class Tls:
+    """A deployment's TLS and SuperNode-authentication material, made with examples/deployment/make_certs.py
+    as the operator (CA, SuperLink certificate) and each hospital (its node key) would make it.
+
+    Args:
+        directory: Where ``certs/`` (ca.crt, server.pem, server.key) and ``keys/`` (node keys) are.
+    """
+
+    directory: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "certs" / "ca.crt"
+
+    def node_key(self, name: str) -> Path:
+        """The OpenSSH private key of node ``name`` (its public key is ``<key>.pub``)."""
+        return self.directory / "keys" / name
+
+    def superlink_args(self) -> list[str]:
+        certs = self.directory / "certs"
+        return [
+            *("--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(certs / "server.pem")),
+            *("--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"),
+        ]
+
+    def supernode_args(self, name: str) -> list[str]:
+        return ["--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.node_key(name))]
+
+
+def make_tls(directory: Path, nodes: list[str]) -> Tls:
+    """A CA and a SuperLink certificate for 127.0.0.1, and an authentication key for each of ``nodes``."""
+    script = [sys.executable, str(MAKE_CERTS)]
+    subprocess.run([*script, "tls", "--out", str(directory / "certs"), "--san", "127.0.0.1"], check=True)
+    for name in nodes:
+        subprocess.run([*script, "node-key", "--out", str(directory / "keys"), "--name", name], check=True)
+    return Tls(directory)
+
+
+def start_superlink(flower: FlowerProcesses, tls: Tls | None = None) -> int:
+    """A SuperLink on a free loopback port, set as the default federation of this test's FLWR_HOME; with
+    ``tls``, over TLS and admitting only SuperNodes whose keys are registered (:func:`register_nodes`)."""
     (port,) = free_ports(1)
+    security = f'root-certificates = "{tls.ca}"' if tls else "insecure = true"
     (Path(flower.env["FLWR_HOME"]) / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n'
-        f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{port}"\n{security}\n'
     )
     flower.start(
         "superlink",
         [
             "flower-superlink",
-            "--insecure",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            *(tls.superlink_args() if tls else ["--insecure"]),
+            *("--host", "127.0.0.1", "--port", str(port)),
             "--disable-runtime-dependency-installation",
         ],
     )
-    wait_for_health(flower, port)
+    wait_for_health(flower, port, tls)
     return port
+
+
+def register_nodes(flower: FlowerProcesses, tls: Tls, nodes: list[str]) -> None:
+    """Register the public keys of ``nodes`` with the SuperLink, as its operator does."""
+    for name in nodes:
+        registered = flwr(flower, "supernode", "register", f"{tls.node_key(name)}.pub", FEDERATION)
+        assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered
 
 
 def trusted_nodes(tmp_path: Path, count: int) -> Path:
@@ -240,22 +301,26 @@ def trusted_nodes(tmp_path: Path, count: int) -> Path:
 
 
 def start_supernodes(
-    flower: FlowerProcesses, tmp_path: Path, superlink_port: int, trusted_keys: Path, *extra: str
+    flower: FlowerProcesses,
+    tmp_path: Path,
+    superlink_port: int,
+    trusted_keys: Path,
+    *extra: str,
+    tls: Tls | None = None,
 ) -> list[int]:
-    """Two SuperNodes (partitions 0 and 1) with their identity keys; returns their Runtime API ports."""
+    """Two SuperNodes (partitions 0 and 1) with their identity keys, over TLS with their registered node keys
+    when ``tls`` is given; returns their Runtime API ports."""
     ports = free_ports(2)
     for partition, port in enumerate(ports):
+        name = f"partition-{partition}"
         flower.start(
             f"supernode-{partition}",
             [
                 "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{superlink_port}",
-                "--port",
-                str(port),
+                *(tls.supernode_args(name) if tls else ["--insecure"]),
+                *("--superlink", f"127.0.0.1:{superlink_port}", "--port", str(port)),
                 "--node-config",
-                f"partition-id={partition} num-partitions=2 identity-key='{tmp_path}/keys/partition-{partition}.pem' "
+                f"partition-id={partition} num-partitions=2 identity-key='{tmp_path}/keys/{name}.pem' "
                 f"trusted-keys='{trusted_keys}' min-round-clients=2",  # a masked node needs its own trusted list
                 *extra,
             ],

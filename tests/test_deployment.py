@@ -1,5 +1,6 @@
 """End to end deployment: a real SuperLink, two real SuperNodes, and `flwr run` of the repository as a Flower app
-(tests/deployment.py starts them), in Flower's subprocess isolation and served by `fedtune worker`.
+(tests/deployment.py starts them): in Flower's subprocess isolation on plain loopback, and over TLS with SuperNode
+authentication, served by `fedtune worker`.
 
 The runs use secure aggregation (secure=masking) and admit only the nodes whose identity keys are in the
 trusted-keys file. Everything runs on loopback with free ports and its own FLWR_HOME. Every process a test
@@ -28,7 +29,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from fedtune.ledger import audit
 from tests import deployment
 from tests.conftest import tiny_overrides
-from tests.deployment import REPO_ROOT, FlowerProcesses, flower_processes
+from tests.deployment import REPO_ROOT, FlowerProcesses, Tls, flower_processes
 from tests.nodes import federate
 
 
@@ -120,10 +121,14 @@ def test_flwr_run_on_real_superlink_and_supernodes(
 def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
     flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    """SuperNodes in process isolation, each served by a `fedtune worker` that holds its SuperExec secret: no
-    flwr-clientapp process runs, each node builds its base model once for the whole run, and the result is
-    bit for bit the in-process (and so the subprocess mode's) result."""
-    superlink_port = deployment.start_superlink(flower)
+    """A production-like deployment: TLS, SuperNode authentication (a node whose key is not registered is
+    refused), and SuperNodes in process isolation, each served by a `fedtune worker` that holds its SuperExec
+    secret. No flwr-clientapp process runs, each node builds its base model once for the whole run, and the
+    result is bit for bit the in-process (and so the subprocess mode's) result."""
+    tls = deployment.make_tls(tmp_path / "flower-auth", ["partition-0", "partition-1", "stranger"])
+    superlink_port = deployment.start_superlink(flower, tls)
+    deployment.register_nodes(flower, tls, ["partition-0", "partition-1"])
+    _assert_an_unregistered_node_is_refused(flower, tls, superlink_port)
     trusted_keys = deployment.trusted_nodes(tmp_path, 2)
     secret = tmp_path / "superexec.secret"
     secret.write_bytes(os.urandom(32))
@@ -137,6 +142,7 @@ def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
         "process",
         "--superexec-auth-secret-file",
         str(secret),
+        tls=tls,
     )
     deployment.wait_for_runtime_api(flower, ports[0])
     for secret_file in (None, _wrong_secret(tmp_path)):  # without the SuperNode's secret nobody acquires its tasks
@@ -176,6 +182,15 @@ def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
     assert not list((tmp_path / "run-2").glob("checkpoints/round-*.pt"))
     survivors = flower.stop()
     assert not survivors, survivors
+
+
+def _assert_an_unregistered_node_is_refused(flower: FlowerProcesses, tls: Tls, superlink_port: int) -> None:
+    """A SuperNode with a valid key the operator never registered cannot join: it exits, refused."""
+    (port,) = deployment.free_ports(1)
+    args = ["flower-supernode", *tls.supernode_args("stranger"), "--superlink", f"127.0.0.1:{superlink_port}"]
+    code = flower.run_until_exit("stranger", [*args, "--port", str(port)])
+    assert code != 0 and "Failed to activate SuperNode" in flower.log("stranger"), flower.log("stranger")[-4000:]
+    assert "No SuperNode found with the given public key" in flower.log("superlink")
 
 
 def _copy_of_the_app(target: Path) -> Path:
