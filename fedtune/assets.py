@@ -17,6 +17,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+BUILTIN_PREFIX = "builtin:"  # model.path=builtin:<name> names one of BUILTIN_MODELS
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -2,8 +2,10 @@
 fedtune/secure_client.py (secure aggregation's steps), and signs every reply.
 
 Node config keys (``flower-supernode --node-config``): ``partition-id`` / ``num-partitions`` pick a
-partition of the configured dataset (simulation, demos); ``data-path`` points at the node's own file
-and ``name`` labels the node in logs and reports (deployments); ``identity-key`` is the node's Ed25519
+partition of the configured dataset (simulation, demos); ``data-path`` points at the node's own file,
+``model-path`` at its own copy of the base model (the same files as the server's, wherever they lie: the
+experiment hash holds their fingerprint), and ``name`` labels the node in logs and reports (deployments);
+``identity-key`` is the node's Ed25519
 key file (created on first use; default beside ``state-dir``); ``state-dir`` holds its privacy state and
 its record of the rounds it uploaded in. Under ``secure=masking``: ``trusted-keys`` lists the peers'
 identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
@@ -66,11 +68,21 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def experiment_of(msg: Message, context: Context) -> Experiment:
         """The experiment, refused if it is not the one the server runs."""
         run_config = bound_run_config if bound_run_config is not None else context.run_config
-        experiment = get_experiment(config.load_experiment(run_config))
-        expected = msg.content.config_records[wire.CONFIG].get(wire.EXPERIMENT_HASH)
+        model_path = context.node_config.get("model-path")
+        experiment = get_experiment(config.load_experiment(run_config, None if model_path is None else str(model_path)))
+        received = msg.content.config_records[wire.CONFIG]
+        expected = received.get(wire.EXPERIMENT_HASH)
         if expected is not None and expected != experiment.hash:
+            name, theirs = client_key(context.node_config), received.get(wire.BASE_MODEL)
+            if theirs is not None and theirs != experiment.base_model:
+                raise RuntimeError(
+                    f"Node {name}: its base model (model.path={experiment.cfg.model.path}, "
+                    f"{experiment.base_model[:23]}...) is not the server's ({str(theirs)[:23]}...): give this node "
+                    "a copy of the same model files and name it in its node config, model-path='/path/to/copy'."
+                )
             raise RuntimeError(
-                "This node composed a different experiment config than the server (fedtune or conf/ versions differ)."
+                f"Node {name} composed a different experiment config than the server (fedtune or conf/ versions "
+                "differ; `fedtune code-digest` on both tells)."
             )
         return experiment
 

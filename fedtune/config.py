@@ -25,6 +25,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fedtune import model_fingerprint
+
 # run_config keys (Flower's wire format: flat scalars, hyphenated names).
 OVERRIDES_KEY = "overrides"
 RUN_DIR_KEY = "run-dir"
@@ -106,22 +108,32 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
     return hydra_instantiate(node, **kwargs)
 
 
-def load_experiment(run_config: Mapping[str, Any]) -> DictConfig:
+def load_experiment(run_config: Mapping[str, Any], model_path: str | None = None) -> DictConfig:
     """Compose the experiment a Flower run_config describes; both the ServerApp and the ClientApp call this.
 
     Args:
         run_config: Flower's run_config (or the same keys passed in-process by ``fedtune run``):
             ``overrides`` holds the Hydra overrides as one shell-quoted string, ``run-dir`` the run directory.
+        model_path: Where this node keeps its copy of the base model (node config ``model-path``), in place of
+            the run's ``model.path``; the experiment hash holds the files' fingerprint, not the path, so a copy
+            of the same files composes the same experiment.
+
+    Raises:
+        ConfigError: ``model_path`` cannot be written as an override (it holds a quote).
     """
-    return _load(str(run_config.get(OVERRIDES_KEY, "")), str(run_config.get(RUN_DIR_KEY, "")))
+    if model_path is not None and ("'" in model_path or "\\" in model_path):
+        raise ConfigError(f"node config model-path={model_path!r}: a path without quotes or backslashes, please.")
+    return _load(str(run_config.get(OVERRIDES_KEY, "")), str(run_config.get(RUN_DIR_KEY, "")), model_path)
 
 
 @functools.lru_cache(maxsize=8)
-def _load(overrides: str, run_dir: str) -> DictConfig:
+def _load(overrides: str, run_dir: str, model_path: str | None) -> DictConfig:
     # Cached: a client handles several messages per round, and composing costs about 0.07 s each time.
     words = shlex.split(overrides)
     if run_dir:
         words.append(f"run_dir={run_dir}")
+    if model_path is not None:
+        words.append(f"model.path='{model_path}'")
     return compose(words)
 
 
@@ -132,11 +144,14 @@ def to_run_config(overrides: Sequence[str], run_dir: str) -> dict[str, str]:
 
 
 def experiment_hash(cfg: DictConfig) -> str:
-    """SHA-256 of everything that determines training (bookkeeping keys such as run_dir excluded)."""
+    """SHA-256 of everything that determines training: bookkeeping keys such as run_dir excluded, and the base
+    model by its content, not its path (fedtune/model_fingerprint.py), so that nodes holding copies of the
+    same files at other paths agree and a node with other weights does not."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     for key in _BOOKKEEPING_KEYS:
         container.pop(key, None)
+    container["model"]["path"] = model_fingerprint.model_identity(str(container["model"]["path"]))
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(container)).encode()).hexdigest()
 
 

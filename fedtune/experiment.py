@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune import config as fedtune_config
-from fedtune import devices
+from fedtune import devices, model_fingerprint
 from fedtune.adapters import AdapterState, set_adapter
 from fedtune.aggregation import Weighting
 from fedtune.attacks import Attack
@@ -48,6 +48,11 @@ class Experiment:
     def hash(self) -> str:
         """Identifies everything that determines training (see :func:`fedtune.config.experiment_hash`)."""
         return fedtune_config.experiment_hash(self.cfg)
+
+    @cached_property
+    def base_model(self) -> str:
+        """The base model by its content (:func:`fedtune.model_fingerprint.model_identity`), as hashed."""
+        return model_fingerprint.model_identity(str(self.cfg.model.path))
 
     @cached_property
     def model_spec(self) -> ModelSpec:

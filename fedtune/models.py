@@ -25,12 +25,11 @@ from transformers import (
 
 from fedtune import devices
 from fedtune.adapters import AdapterState, get_adapter
-from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS
+from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS, BUILTIN_PREFIX
 from fedtune.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
 POOLINGS = ("cls", "mean")
 _TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
 # transformers 5 deprecation that PEFT triggers on every forward; nothing for users to act on.
@@ -79,7 +78,8 @@ class ModelSpec:
         elif not (Path(self.path) / "config.json").is_file():
             raise ValueError(
                 f"model.path={self.path!r} is not a Hugging Face model directory (no config.json). Point it at a "
-                "local directory saved with save_pretrained; fedtune never downloads models."
+                "local directory saved with save_pretrained; fedtune never downloads models. A SuperNode whose "
+                "copy lies elsewhere names it in its node config: model-path='/path/to/copy'."
             )
 
     def resolve(self) -> Path:

@@ -54,9 +54,10 @@ class Transport:
         self.run_nonce = secrets.token_hex(16)  # fresh per server start: replies from another run never verify
 
     def message(self, node_id: int, message_type: str, content: RecordDict, server_round: int) -> Message:
-        """A message to ``node_id``, stamped with the experiment hash, run nonce and round it must be bound to."""
+        """A message to ``node_id``, stamped with the experiment hash (and the base model, so that a node with
+        other weights can say so), the run nonce and the round it must be bound to."""
         record = content.config_records.setdefault(wire.CONFIG, ConfigRecord())
-        record[wire.EXPERIMENT_HASH] = self.experiment.hash
+        record[wire.EXPERIMENT_HASH], record[wire.BASE_MODEL] = self.experiment.hash, self.experiment.base_model
         record[wire.RUN_NONCE], record[wire.SERVER_ROUND] = self.run_nonce, server_round
         return Message(content=content, dst_node_id=node_id, message_type=message_type)
 

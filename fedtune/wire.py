@@ -20,6 +20,7 @@ from fedtune.secure.session import Session
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 EXPERIMENT_HASH, SERVER_ROUND, CLIENT_KEY, DESCRIPTION = "experiment-hash", "server-round", "client-key", "description"
 NUM_SAMPLED, RUN_NONCE, NODE_KEY = "num-sampled", "run-nonce", "node-key"
+BASE_MODEL = "base-model"  # in every message: the server's base model (fedtune/model_fingerprint.py), for errors
 SETTINGS = "settings"  # in a train message: the strategy's ClientSettings for this client (JSON)
 SIGNATURE = "signature"
 # Secure aggregation steps (message types) and their records.

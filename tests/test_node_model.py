@@ -1,0 +1,102 @@
+"""A node's own copy of the base model: any path (node config ``model-path``), the same files as the server's.
+
+The experiment hash holds the model directory's fingerprint (fedtune/model_fingerprint.py), not its path: a
+copy elsewhere composes the same experiment, and a node with other weights is refused at connect, named in
+the server's log, while the run goes on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedtune import config, model_fingerprint
+from fedtune.run_dir import RunDir
+from fedtune.server_app import run_federation
+from tests.conftest import tiny_overrides
+from tests.nodes import InProcessGrid, make_nodes
+
+
+def _copy(model_dir: Path, target: Path) -> Path:
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def _other_weights(model_dir: Path, target: Path) -> Path:
+    """A copy of ``model_dir`` with one weight changed by 1e-3: another base model of the same shape."""
+    _copy(model_dir, target)
+    weights = load_file(target / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def _final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "round-0002.pt", weights_only=True)["adapter"]
+
+
+def test_the_experiment_hash_follows_the_model_files_not_their_path(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    def hashed(model_dir: Path) -> str:
+        return config.experiment_hash(config.compose(tiny_overrides(model_dir, tmp_path / "run")))
+
+    copy = _copy(tiny_bert_dir, tmp_path / "elsewhere" / "copy")
+    assert hashed(copy) == hashed(tiny_bert_dir)
+    assert hashed(_other_weights(tiny_bert_dir, tmp_path / "other")) != hashed(tiny_bert_dir)
+    (copy / "README.md").write_text("notes\n")  # not a model file
+    assert hashed(copy) == hashed(tiny_bert_dir)
+    tokenizer = copy / "tokenizer_config.json"  # the tokenizer is part of the model
+    settings = json.loads(tokenizer.read_text())
+    tokenizer.write_text(json.dumps({**settings, "do_lower_case": not settings["do_lower_case"]}))
+    assert hashed(copy) != hashed(tiny_bert_dir)
+
+
+def test_a_file_changed_in_place_is_hashed_again(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The digests kept on disk are keyed by size and modification time: an edit that keeps the size is seen."""
+    copy = _copy(tiny_bert_dir, tmp_path / "copy")
+    before = model_fingerprint.fingerprint(copy)
+    config_file = copy / "config.json"
+    text = config_file.read_text()
+    config_file.write_text(text.replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
+    assert len(config_file.read_text()) == len(text) and config_file.read_text() != text
+    assert model_fingerprint.fingerprint(copy) != before
+    config_file.write_text(text)
+    assert model_fingerprint.fingerprint(copy) == before
+
+
+def test_nodes_with_their_own_model_paths(
+    tiny_bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deployed nodes: one reads a copy of the server's model at its own path and trains exactly what the
+    others do (the result equals a run where every node reads the server's path); one has other weights and
+    is refused at connect with its name and the fix in the server's log, the run going on without it."""
+
+    def run(root: Path, model_paths: dict[str, Path]) -> Path:
+        overrides = tiny_overrides(tiny_bert_dir, root / "run", "federation.num_clients=3")
+        nodes = make_nodes(root, overrides, 3, simulated=False, prefix="partition")
+        for node in nodes:
+            if node.name in model_paths:
+                node.context.node_config["model-path"] = str(model_paths[node.name])
+        experiment = config.load_experiment(config.to_run_config(overrides, str(root / "run")))
+        run_federation(InProcessGrid(nodes), experiment)
+        return root / "run"
+
+    reference = run(tmp_path / "same-path", {})
+    copied = run(tmp_path / "copied", {"partition-1": _copy(tiny_bert_dir, tmp_path / "site-b" / "model")})
+    expected, trained = _final_adapter(reference), _final_adapter(copied)
+    assert expected.keys() == trained.keys() and all(torch.equal(expected[k], trained[k]) for k in expected)
+
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        other = run(tmp_path / "other", {"partition-2": _other_weights(tiny_bert_dir, tmp_path / "site-c" / "model")})
+    refusals = [r.getMessage() for r in caplog.records if "failed the query message" in r.getMessage()]
+    assert len(refusals) == 1 and "Node partition-2: its base model" in refusals[0], refusals
+    assert "is not the server's" in refusals[0] and "model-path=" in refusals[0]
+    clients = [m for m in RunDir(other).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
+    assert [m["value"] for m in clients] == [2.0, 2.0]
+    assert not [m for m in RunDir(other).read_metrics() if m["scope"] == "client:partition-2"]
