@@ -40,6 +40,28 @@ from fedtune.secure import at_rest
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedtune`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    _configure_logging()
+    handlers = {
+        "run": _run_command,
+        "keygen": _keygen,
+        "encrypt": _encrypt,
+        "decrypt": _decrypt,
+        "audit": _audit,
+        "identity": _identity,
+        "worker": _worker,
+        "code-digest": _code_digest,
+    }
+    try:
+        return handlers[args.command](args)
+    except config.ConfigError as error:
+        print(f"fedtune: config error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedtune`` command's arguments (also what tests check documented commands against)."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run an experiment as a Flower simulation")
@@ -77,24 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--superexec-auth-secret-file", type=Path, help="the SuperNode's SuperExec secret file")
     worker.add_argument("--poll-interval", type=float, default=0.05, help="seconds between asks when idle")
     commands.add_parser("code-digest", help="print the digest of the installed code (fedtune, strategies, conf)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    _configure_logging()
-    handlers = {
-        "run": _run_command,
-        "keygen": _keygen,
-        "encrypt": _encrypt,
-        "decrypt": _decrypt,
-        "audit": _audit,
-        "identity": _identity,
-        "worker": _worker,
-        "code-digest": _code_digest,
-    }
-    try:
-        return handlers[args.command](args)
-    except config.ConfigError as error:
-        print(f"fedtune: config error: {error}", file=sys.stderr)
-        return 2
+    return parser
 
 
 def _run_command(args: argparse.Namespace) -> int:
