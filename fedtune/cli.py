@@ -1,6 +1,6 @@
 """The ``fedtune`` command.
 
-    fedtune run [OVERRIDE ...] [--multirun] [--cfg] [--partitions]
+    fedtune [--debug] run [OVERRIDE ...] [--multirun] [--cfg] [--partitions]
     fedtune keygen KEY_FILE
     fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import config
+from fedtune.errors import DataError
 from fedtune.secure import at_rest
 
 
@@ -55,14 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except config.ConfigError as error:
-        print(f"fedtune: config error: {error}", file=sys.stderr)
+    except (config.ConfigError, DataError) as error:
+        if args.debug:
+            raise
+        kind = "data" if isinstance(error, DataError) else "config"
+        print(f"fedtune: {kind} error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedtune`` command's arguments (also what tests check documented commands against)."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a config or data error")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run an experiment as a Flower simulation")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=smollm2 federation.num_rounds=3")
@@ -206,6 +211,8 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
             experiment = get_experiment(cfg)
             client_resources(experiment, os.cpu_count() or 1)
             experiment.preflight()
+        except DataError:
+            raise
         except (ValueError, FileNotFoundError, FileExistsError) as error:
             raise config.ConfigError(str(error)) from error
     for job, cfg in zip(jobs, configs, strict=True):

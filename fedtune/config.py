@@ -26,6 +26,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fedtune import model_fingerprint
+from fedtune.errors import DataError
 
 # run_config keys (Flower's wire format: flat scalars, hyphenated names).
 OVERRIDES_KEY = "overrides"
@@ -104,8 +105,19 @@ def validate(cfg: DictConfig) -> None:
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """Build the object a config node describes (``_target_`` + arguments)."""
-    return hydra_instantiate(node, **kwargs)
+    """Build the object a config node describes (``_target_`` + arguments).
+
+    Raises:
+        DataError: The object's data could not be used (raised as is, not wrapped in Hydra's error).
+    """
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, DataError):
+            cause.__suppress_context__ = True  # the data's own error, once, not twice
+            raise cause  # noqa: B904 - the cause itself, with its own traceback
+        raise
 
 
 def load_experiment(run_config: Mapping[str, Any], model_path: str | None = None) -> DictConfig:

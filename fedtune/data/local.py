@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import datasets
 
 from fedtune.data.corpus import Corpus, Task
+from fedtune.errors import DataError
 
 # format -> (datasets packaged builder, extra builder arguments); these builders ship with `datasets`.
 _FORMATS: dict[str, tuple[str, dict[str, str]]] = {
@@ -24,7 +26,11 @@ _SUFFIXES = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+logger = logging.getLogger(__name__)
+
 _STRING_TYPES = ("string", "large_string")
+_TEXT_FORMATS = ("csv", "tsv", "json", "jsonl")
+_SNIFF_BYTES = 64 * 1024  # enough to tell a text export from a binary or otherwise-encoded file
 
 
 def local_file(
@@ -36,6 +42,7 @@ def local_file(
     prompt_column: str = "prompt",
     response_column: str = "response",
     label_names: list[str] | None = None,
+    drop_incomplete: bool = False,
 ) -> Corpus:
     """Load a local file as a corpus.
 
@@ -50,6 +57,9 @@ def local_file(
         label_names: Name of each label id. For integer labels it defaults to ``"0"``, ``"1"``, ...; for
             string labels it fixes the id order (default: the strings sorted alphabetically) and must
             contain every string.
+        drop_incomplete: Drop the rows with an empty cell in a mapped column (real exports have missing
+            values) and say how many, per column, in the log and the model card; by default such rows are
+            refused, since a silently shrunk dataset is worse than an error.
 
     Returns:
         The corpus with the mapped columns renamed to ``text``/``label`` or ``prompt``/``response``;
@@ -57,32 +67,86 @@ def local_file(
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"data file not found: {file} (set data.loader.path to an existing file).")
-    builder, options = _FORMATS[_format(file, format)]
+        raise DataError(f"data file not found: {file} (set data.loader.path to an existing file).")
+    kind = _format(file, format)
+    builder, options = _FORMATS[kind]
     if file.stat().st_size == 0:
-        raise ValueError(f"data file is empty: {file}.")
+        raise DataError(f"data file is empty: {file}.")
+    if kind in _TEXT_FORMATS:
+        _check_utf8(file, kind)
     try:
         dataset = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
     except ValueError as error:  # a header without rows: "Instruction 'train' corresponds to no data"
-        raise ValueError(f"data file has no rows: {file} ({error}).") from error
+        raise DataError(f"data file has no rows: {file} (only a header, or nothing {kind} can parse).") from error
+    except Exception as error:  # noqa: BLE001 - pyarrow's and datasets' parse errors have no common base
+        raise DataError(f"{file} could not be read as {kind}: {_one_line(error)}") from error
     if len(dataset) == 0:
-        raise ValueError(f"data file has no rows: {file}.")
+        raise DataError(f"data file has no rows: {file}.")
 
     if task == "classification":
         mapping = {"text": ("text_column", text_column), "label": ("label_column", label_column)}
     elif task == "causal_lm":
         mapping = {"prompt": ("prompt_column", prompt_column), "response": ("response_column", response_column)}
     else:
-        raise ValueError(f"task must be 'classification' or 'causal_lm', got {task!r}.")
+        raise ValueError(f"data.loader.task must be 'classification' or 'causal_lm', got {task!r}.")
     dataset = _rename(dataset, mapping, file)
+    description = f"Local file {file}."
+    if drop_incomplete:
+        dataset, dropped = _drop_incomplete(dataset, mapping, file)
+        description += f" {dropped}" if dropped else ""
     for name in mapping:
         if name != "label":
             _check_strings(dataset, name, mapping[name][1], file)
 
     if task == "causal_lm":
-        return Corpus(dataset=dataset, task=task, description=f"Local file {file}.")
+        return Corpus(dataset=dataset, task=task, description=description)
     dataset, names = _encode_labels(dataset, label_column, label_names, file)
-    return Corpus(dataset=dataset, task=task, label_names=names, description=f"Local file {file}.")
+    return Corpus(dataset=dataset, task=task, label_names=names, description=description)
+
+
+def _drop_incomplete(
+    dataset: datasets.Dataset, mapping: dict[str, tuple[str, str]], file: Path
+) -> tuple[datasets.Dataset, str]:
+    """``dataset`` without the rows that have an empty cell in a mapped column, and a sentence saying how many
+    were dropped per column (empty when none were)."""
+    columns = {name: dataset[name][:] for name in mapping}
+    keep = [row for row in range(len(dataset)) if all(values[row] is not None for values in columns.values())]
+    if len(keep) == len(dataset):
+        return dataset, ""
+    if not keep:
+        raise DataError(f"every row of {file} has an empty cell in {', '.join(c for _, c in mapping.values())}.")
+    empty = {column: sum(v is None for v in columns[name]) for name, (_, column) in mapping.items()}
+    counts = ", ".join(f"{n} with an empty {column!r}" for column, n in empty.items() if n)
+    sentence = (
+        f"{len(dataset) - len(keep)} of {len(dataset)} rows dropped for empty cells ({counts}; "
+        "data.loader.drop_incomplete=true)."
+    )
+    logger.warning("%s: %s", file, sentence)
+    return dataset.select(keep), sentence
+
+
+def _check_utf8(file: Path, kind: str) -> None:
+    """Refuse a binary file, or text in another encoding, before a parser fails on it with a cast error."""
+    with open(file, "rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    problem = None
+    if b"\0" in head:
+        problem = "it holds NUL bytes: a binary file (a spreadsheet, an archive?), not a text export"
+    else:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if error.start < len(head) - 3:  # not just a character cut at the end of what was read
+                problem = f"byte {error.start} is not UTF-8 (another encoding, such as Latin-1 or UTF-16?)"
+    if problem is not None:
+        raise DataError(
+            f"{file} is not UTF-8 {kind} text: {problem}. Export it as UTF-8 {kind}, or as Parquet "
+            "(data.loader.format=parquet)."
+        )
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _format(file: Path, format: str | None) -> str:
@@ -90,12 +154,12 @@ def _format(file: Path, format: str | None) -> str:
     if format is None:
         format = _SUFFIXES.get(file.suffix.lower())
         if format is None:
-            raise ValueError(
+            raise DataError(
                 f"cannot infer the format of {file} from its suffix {file.suffix!r}; supported suffixes: "
                 f"{', '.join(sorted(_SUFFIXES))}; or set data.loader.format to one of {', '.join(_FORMATS)}."
             )
     if format not in _FORMATS:
-        raise ValueError(f"unknown format {format!r} for {file}; supported formats: {', '.join(_FORMATS)}.")
+        raise DataError(f"unknown format {format!r} for {file}; supported formats: {', '.join(_FORMATS)}.")
     return format
 
 
@@ -105,13 +169,13 @@ def _rename(dataset: datasets.Dataset, mapping: dict[str, tuple[str, str]], file
     renames: dict[str, str] = {}
     for canonical, (key, column) in mapping.items():
         if column not in columns:
-            raise ValueError(
+            raise DataError(
                 f"column {column!r} not found in {file}; available columns: {', '.join(columns)}. "
                 f"Set data.loader.{key} to the column that holds the {canonical}."
             )
         if column != canonical:
             if canonical in columns:
-                raise ValueError(
+                raise DataError(
                     f"{file} has a column {canonical!r} and data.loader.{key}={column!r}: renaming {column!r} "
                     f"to {canonical!r} would clash; set data.loader.{key}={canonical!r} or rename a column."
                 )
@@ -123,10 +187,18 @@ def _check_strings(dataset: datasets.Dataset, name: str, column: str, file: Path
     """Text columns must hold strings, with no missing values."""
     dtype = getattr(dataset.features[name], "dtype", None)
     if dtype not in _STRING_TYPES:
-        raise ValueError(f"column {column!r} in {file} must hold text, found {dtype or dataset.features[name]}.")
-    missing = [row for row, value in enumerate(dataset[name][:]) if value is None]  # [:]: a list, fast
+        raise DataError(f"column {column!r} in {file} must hold text, found {dtype or dataset.features[name]}.")
+    _refuse_empty_cells(dataset[name][:], column, file)  # [:]: a list, fast
+
+
+def _refuse_empty_cells(values: list, column: str, file: Path) -> None:
+    missing = [row for row, value in enumerate(values) if value is None]
     if missing:
-        raise ValueError(f"column {column!r} in {file} is empty in {len(missing)} rows (first: row {missing[0]}).")
+        raise DataError(
+            f"column {column!r} in {file} is empty in {len(missing)} of {len(values)} rows (first: data row "
+            f"{missing[0] + 1}, counting from 1 after the header); fill or remove those rows, or drop them with "
+            "data.loader.drop_incomplete=true."
+        )
 
 
 def _encode_labels(
@@ -135,8 +207,7 @@ def _encode_labels(
     """Integer label ids and their names; string labels become ids in alphabetical (or given) order."""
     feature = dataset.features["label"]
     values = dataset["label"][:]
-    if None in values:
-        raise ValueError(f"label column {column!r} in {file} is empty in row {values.index(None)}.")
+    _refuse_empty_cells(values, column, file)
     if isinstance(feature, datasets.ClassLabel):  # Parquet written from a datasets ClassLabel keeps its names
         return dataset, tuple(label_names or feature.names)
     dtype = getattr(feature, "dtype", None)
@@ -145,21 +216,21 @@ def _encode_labels(
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted(set(values) - index.keys())
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"labels {unknown[:5]} in column {column!r} of {file} are not in data.loader.label_names "
                 f"{names}; add them or leave label_names unset to use all labels in alphabetical order."
             )
         ids = [index[value] for value in values]
         return dataset.remove_columns("label").add_column("label", ids), tuple(names)
     if dtype is None or not dtype.startswith(("int", "uint")):
-        raise ValueError(
+        raise DataError(
             f"label column {column!r} in {file} must hold integer ids or strings, found {dtype or feature}."
         )
     low, high = min(values), max(values)
     if low < 0:
-        raise ValueError(f"label column {column!r} in {file} has a negative id {low}; ids start at 0.")
+        raise DataError(f"label column {column!r} in {file} has a negative id {low}; ids start at 0.")
     if label_names is not None and high >= len(label_names):
-        raise ValueError(
+        raise DataError(
             f"label id {high} in column {column!r} of {file} has no name: data.loader.label_names has "
             f"{len(label_names)} names; add names or leave label_names unset."
         )

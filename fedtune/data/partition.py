@@ -28,6 +28,7 @@ import datasets
 import numpy as np
 
 from fedtune.data.corpus import Corpus
+from fedtune.errors import DataError
 
 if TYPE_CHECKING:  # flwr_datasets pulls in matplotlib (1.5 s): import it only where partitioners are built
     from flwr_datasets.partitioner import Partitioner
@@ -91,6 +92,11 @@ def split_test(corpus: Corpus, test_size: int | float, seed: int) -> tuple[datas
         n_test = int(test_size)
     else:
         raise ValueError(f"test_size={test_size} is neither a fraction below 1 nor a whole row count.")
+    if n < 2:
+        raise DataError(
+            f"the data has {n} row(s): a run needs at least one test row (data.test_size) and one training row per "
+            "client; use a larger file."
+        )
     if not 1 <= n_test <= n - 1:
         raise ValueError(
             f"test_size={test_size} gives {n_test} test rows out of {n}: both the test set and the pool need "
@@ -133,8 +139,9 @@ def client_partition(
         )
     if len(pool) < num_partitions:  # some partition would be empty (IidPartitioner raises IndexError)
         raise ValueError(
-            f"the pool has {len(pool)} rows for {num_partitions} partitions: every client needs a row; use "
-            "fewer partitions or a smaller test_size."
+            f"the pool has {len(pool)} rows (the data less data.test_size's test rows) for {num_partitions} "
+            f"clients: every client needs at least one, so the data needs {num_partitions - len(pool)} more row(s), or "
+            "use fewer clients (federation.num_clients) or a smaller data.test_size."
         )
     part = partitioner.load_partition(partition_id)
     if len(part) == 0:
