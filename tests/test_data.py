@@ -323,3 +323,22 @@ def test_summary_counts_add_up(corpus: Corpus) -> None:
     assert lm_summary["label_names"] is None and all(client["labels"] is None for client in lm_summary["clients"])
     assert lm_summary["train"] + lm_summary["val"] == 360
     assert len(format_summary(lm_summary).splitlines()) == 2 + 3
+
+
+@pytest.mark.parametrize("name", ["iid", "dirichlet"])
+def test_a_long_label_tail_partitions_completely(tmp_path: Path, offline: None, name: str) -> None:
+    """Hundreds of classes, most of them with one or two rows (real diagnosis codes): every row lands in
+    exactly one client or the test set, and every class keeps its id."""
+    rng = np.random.default_rng(0)
+    labels = [f"code{int(c)}" for c in rng.zipf(1.3, size=1500) % 600]
+    path = tmp_path / "tail.csv"
+    path.write_text("text,label\n" + "".join(f"note {i},{label}\n" for i, label in enumerate(labels)))
+    corpus = local_file(str(path))
+    assert len(corpus.label_names) > 200 and sum(labels.count(n) == 1 for n in corpus.label_names) > 100
+    pool, test = split_test(Corpus(corpus.dataset.add_column("row_id", range(1500)), "classification"), 150, seed=0)
+    partitioner = {
+        "iid": IidPartitioner(4),
+        "dirichlet": DirichletPartitioner(4, partition_by="label", alpha=0.5, seed=0, min_partition_size=5),
+    }[name]
+    every = [row for train, val in _client_ids(pool, partitioner) for row in train + val]
+    assert sorted(every + list(test["row_id"])) == list(range(1500))
