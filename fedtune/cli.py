@@ -4,6 +4,7 @@
     fedtune keygen KEY_FILE
     fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
+    fedtune evaluate RUN_DIR [data=... data.loader.path=...] [model.path=...] [--json FILE]
     fedtune audit RUN_DIR [--head HASH] [--server-key HEX]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
     fedtune worker [--runtime-api-address HOST:PORT] [--superexec-auth-secret-file FILE] [--root-certificates PEM]
@@ -13,6 +14,9 @@
 the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
 expands sweeps (``lora.r=4,8 seed=0,1``) into one run per combination; ``--cfg`` prints the resolved
 config, and ``--partitions`` how the data is split into clients, without running anything.
+
+``evaluate`` runs a run's final adapter over a site's own held-out file on its own machine (default: the
+run's central test set) and prints the task's metrics (fedtune/evaluate_run.py).
 
 ``keygen`` writes a new AES-256 key file (mode 0600); ``encrypt`` and ``decrypt`` turn a file or every
 file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
@@ -26,6 +30,7 @@ the digest of the installed code that a worker compares each run's app bundle wi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "keygen": _keygen,
         "encrypt": _encrypt,
         "decrypt": _decrypt,
+        "evaluate": _evaluate,
         "audit": _audit,
         "identity": _identity,
         "worker": _worker,
@@ -88,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             remove, dest="remove_source", action="store_true", help="delete each source file once written"
         )
+    evaluate = commands.add_parser("evaluate", help="a run's final adapter on your own held-out data")
+    evaluate.add_argument("run_dir", type=Path, help="the run directory")
+    evaluate.add_argument(
+        "overrides", nargs="*", help="the data to evaluate (data=local data.loader.path=...) and model.path=..."
+    )
+    evaluate.add_argument("--json", type=Path, help="also write the result to this JSON file")
     audit = commands.add_parser("audit", help="verify a run's ledger against its metrics, checkpoints and adapter")
     audit.add_argument("run_dir", type=Path, help="the run directory")
     audit.add_argument("--head", help="the ledger head hash published at the end of the run")
@@ -128,6 +140,16 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"fedtune worker: {error}", file=sys.stderr)
         return 2
     serve(options, args.argv)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fedtune.evaluate_run import evaluate_run, format_evaluation  # deferred: loads the model
+
+    result = evaluate_run(args.run_dir, args.overrides)
+    print(format_evaluation(args.run_dir, result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return 0
 
 

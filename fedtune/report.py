@@ -77,7 +77,7 @@ def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState)
         run_dir.write_json("baseline.json", {"majority_class": baseline})
     plot_metrics(metrics, run_dir)
     (run_dir.path / "README.md").write_text(model_card(experiment, metrics, baseline, final_adapter), encoding="utf-8")
-    final = _final_central(metrics)
+    final = final_central(metrics)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     logger.info("Finished: central test %s", summary)
     privacy = _epsilon_spent(experiment, metrics).strip().replace("**", "")
@@ -125,7 +125,7 @@ def model_card(
     cfg, spec, federation = experiment.cfg, experiment.model_spec, experiment.federation
     lora = cfg.lora
     trained, residuals = adapters.split_residuals(adapter)
-    final = _final_central(metrics)
+    final = final_central(metrics)
     partitions = (
         " (clients' sizes withheld: secure aggregation)" if experiment.secure.masked else " (see `partitions.json`)"
     )
@@ -248,7 +248,8 @@ def _membership_note(experiment: Experiment) -> str:
     )
 
 
-def _final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:
+def final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """The central test metrics of the last round that has them."""
     last = max((m["round"] for m in metrics if m["scope"] == "central"), default=0)
     return {m["metric"]: m["value"] for m in metrics if m["scope"] == "central" and m["round"] == last}
 

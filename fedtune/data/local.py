@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 
 from fedtune.data.corpus import Corpus, Task
-from fedtune.errors import DataError
+from fedtune.errors import DataError, UnknownLabels
 
 # format -> (datasets packaged builder, extra builder arguments); these builders ship with `datasets`.
 _FORMATS: dict[str, tuple[str, dict[str, str]]] = {
@@ -216,10 +216,7 @@ def _encode_labels(
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted(set(values) - index.keys())
         if unknown:
-            raise DataError(
-                f"labels {unknown[:5]} in column {column!r} of {file} are not in data.loader.label_names "
-                f"{names}; add them or leave label_names unset to use all labels in alphabetical order."
-            )
+            raise UnknownLabels(unknown, names, column, str(file))
         ids = [index[value] for value in values]
         return dataset.remove_columns("label").add_column("label", ids), tuple(names)
     if dtype is None or not dtype.startswith(("int", "uint")):

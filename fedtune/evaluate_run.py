@@ -1,0 +1,157 @@
+"""``fedtune evaluate``: a run's final adapter on a site's own held-out file, on the site's own machine.
+
+A hospital checks the shared model on its own data before adopting it. The run's saved config says what
+was trained (base model, LoRA, task, label names); only where the data is (``data=...``, ``data.*``) and where
+this machine keeps the base model (``model.path=...``) may change. The adapter is used only with the base
+model it was trained on: the run's checkpoints carry the experiment hash, which holds a fingerprint of the
+model's files (fedtune/model_fingerprint.py), so a copy of other weights is refused. Nothing is written to
+the run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedtune import config
+from fedtune.errors import DataError, UnknownLabels
+from fedtune.evaluation import majority_baseline
+from fedtune.experiment import Experiment, get_experiment
+from fedtune.report import final_central
+from fedtune.run_dir import RunDir
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The final adapter's metrics on the data evaluated, beside what the run itself measured.
+
+    Attributes:
+        server_round: The round whose adapter was evaluated (the run's last checkpoint).
+        rows: How many rows were evaluated.
+        source: What was evaluated: the site's file, or the run's own central test set.
+        metrics: The task's metrics (classification: loss, accuracy, macro-F1; causal LM: loss, perplexity...).
+        majority: Classification only: always predicting the evaluated data's most common label.
+        run_central: The run's own central test metrics of its final round (metrics.jsonl).
+    """
+
+    server_round: int
+    rows: int
+    source: str
+    metrics: dict[str, float]
+    majority: dict[str, float] | None
+    run_central: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def evaluate_run(run_dir: Path, overrides: Sequence[str]) -> Evaluation:
+    """Evaluate the last checkpoint of ``run_dir`` on the data ``overrides`` name (default: the run's central
+    test set, which reproduces the run's own final central metrics).
+
+    Raises:
+        ConfigError: An override changes anything but the data or the base model's path; the run has no
+            checkpoint; or the base model here is not the one the adapter was trained on.
+        DataError: The file cannot be read, or holds labels the run did not train on.
+    """
+    data_overrides, model_path = _split(overrides)
+    trained = _saved_config(run_dir, model_path)
+    run = get_experiment(trained)
+    checkpoint = _last_checkpoint(run_dir)
+    if checkpoint["experiment_hash"] != run.hash:
+        raise config.ConfigError(
+            f"{run_dir}'s adapter was trained on another base model than model.path={trained.model.path} (or by "
+            "another fedtune version): the model files' fingerprint differs. Point model.path at a copy of the "
+            "run's base model."
+        )
+    if not data_overrides:
+        evaluated, source = run, "the run's central test set"
+        dataset = run.test_set
+    else:
+        evaluated = get_experiment(_with_data(trained, data_overrides, run))
+        try:
+            dataset = evaluated.corpus.dataset
+        except UnknownLabels as error:
+            raise DataError(
+                f"labels {error.unknown[:5]} in column {error.column!r} of {error.file} are not among the "
+                f"{len(error.names)} classes the run trained on ({error.names[:5]}"
+                f"{' ...' if len(error.names) > 5 else ''}): write them as the run's class names."
+            ) from error
+        source = str(evaluated.cfg.data.loader.get("path", "the data named"))
+    dataset = dataset.select(range(min(len(dataset), evaluated.train_config.eval_max_examples or len(dataset))))
+    metrics = evaluated.evaluate(checkpoint["adapter"], dataset)
+    majority = None
+    if evaluated.corpus.task == "classification":
+        majority = majority_baseline(dataset["label"], dataset["label"])
+    run_central = final_central(RunDir(run_dir).read_metrics())
+    return Evaluation(int(checkpoint["round"]), len(dataset), source, metrics, majority, run_central)
+
+
+def format_evaluation(run_dir: Path, result: Evaluation) -> str:
+    """The evaluation as the lines ``fedtune evaluate`` prints."""
+
+    def line(metrics: dict[str, float]) -> str:
+        return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+    lines = [
+        f"Final adapter of {run_dir} (round {result.server_round}) on {result.source} ({result.rows} rows):",
+        f"  {line(result.metrics)}",
+    ]
+    if result.majority is not None:
+        lines.append(f"  always its most common label: {line(result.majority)}")
+    if result.run_central:
+        lines.append(f"  the run's own central test set, final round: {line(result.run_central)}")
+    return "\n".join(lines)
+
+
+def _split(overrides: Sequence[str]) -> tuple[list[str], str | None]:
+    data, model_path = [], None
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "data" or key.startswith("data."):
+            data.append(override)
+        elif key == "model.path":
+            model_path = value
+        else:
+            raise config.ConfigError(
+                f"fedtune evaluate changes only the data (data=..., data.*) and where this machine keeps the base "
+                f"model (model.path=...), not {key!r}: the rest is what the run trained."
+            )
+    return data, model_path
+
+
+def _saved_config(run_dir: Path, model_path: str | None) -> DictConfig:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise config.ConfigError(f"{run_dir} is not a run directory (no config.yaml).")
+    cfg = OmegaConf.load(saved)
+    assert isinstance(cfg, DictConfig)
+    if model_path is not None:
+        cfg.model.path = model_path
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _with_data(trained: DictConfig, data_overrides: list[str], run: Experiment) -> DictConfig:
+    """The run's config with the data section of ``data_overrides``, every row evaluated, and (for a
+    classifier) the run's label names, so that the file's labels get the ids the adapter was trained with."""
+    data = config.compose(data_overrides).data
+    cfg = OmegaConf.merge(OmegaConf.to_container(trained), {"train": {"eval_max_examples": 0}})  # 0: all rows
+    cfg.data = OmegaConf.to_container(data)
+    names = run.label_names
+    if names is not None and "label_names" in cfg.data.loader and cfg.data.loader.label_names is None:
+        cfg.data.loader.label_names = list(names)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _last_checkpoint(run_dir: Path) -> dict[str, Any]:
+    checkpoints = sorted(RunDir(run_dir).checkpoints.glob("round-*.pt"))
+    if not checkpoints:
+        raise config.ConfigError(f"{run_dir} has no checkpoint yet: no round has finished.")
+    return torch.load(checkpoints[-1], weights_only=True)
