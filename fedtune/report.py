@@ -142,6 +142,8 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 {_pooling_note(spec)}{_residual_note(residuals)}
 ## Base model
 - `{spec.path}` ({spec.task}), licence: {spec.licence()}
+- Identified by {_base_model_identity(experiment.base_model)}: use the adapter only on these files
+  (`fedtune evaluate` and the nodes check it).
 
 ## Data
 - {experiment.corpus.description}
@@ -246,6 +248,12 @@ def _membership_note(experiment: Experiment) -> str:
         "\n- Organisation-level DP hides who took part: this card names no participant. The run directory's "
         "`ledger.jsonl` and `metrics.jsonl` do; they are for the consortium only."
     )
+
+
+def _base_model_identity(identity: str) -> str:
+    if identity.startswith("sha256:"):
+        return f"the fingerprint of its files (weights, config, tokenizer) `{identity}`"
+    return f"its built-in name `{identity}` (the pinned package that ships it fixes its files)"
 
 
 def final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fedtune import adapters, assets, config
+from fedtune import adapters, assets, config, model_fingerprint
 from fedtune.experiment import get_experiment
 from fedtune.models import ModelSpec, build_model, count_parameters, load_tokenizer, use_mean_pooling
 from fedtune.run_dir import RunDir
@@ -97,6 +97,7 @@ def test_an_adapter_trained_with_mean_pooling_loads_back_as_its_model_card_says(
     run = federate(tmp_path, overrides, 2)
     assert "use_mean_pooling(base_model)" in (run / "README.md").read_text()
     experiment = get_experiment(config.compose(overrides))
+    assert f"`sha256:{model_fingerprint.fingerprint(tiny_bert_dir)}`" in (run / "README.md").read_text()
     final = torch.load(RunDir(run).checkpoints / "round-0002.pt", weights_only=True)["adapter"]
     server = experiment.model()
     adapters.set_adapter(server, final)
