@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune import adapters, client, client_state, config, wire
+from fedtune.assets import BUILTIN_PREFIX
 from fedtune.attacks.collusion import PARTITION
 from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
@@ -74,6 +75,11 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         expected = received.get(wire.EXPERIMENT_HASH)
         if expected is not None and expected != experiment.hash:
             name, theirs = client_key(context.node_config), received.get(wire.BASE_MODEL)
+            if theirs is not None and theirs != experiment.base_model and str(theirs).startswith(BUILTIN_PREFIX):
+                raise RuntimeError(
+                    f"Node {name}: the server trains the built-in model {theirs}, and this node's node config names "
+                    f"its own (model-path={experiment.cfg.model.path}): remove model-path from its node config."
+                )
             if theirs is not None and theirs != experiment.base_model:
                 raise RuntimeError(
                     f"Node {name}: its base model (model.path={experiment.cfg.model.path}, "

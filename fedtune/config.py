@@ -131,10 +131,12 @@ def load_experiment(run_config: Mapping[str, Any], model_path: str | None = None
             of the same files composes the same experiment.
 
     Raises:
-        ConfigError: ``model_path`` cannot be written as an override (it holds a quote).
+        ConfigError: ``model_path`` cannot be written as an override (a quote, a backslash, an interpolation).
     """
-    if model_path is not None and ("'" in model_path or "\\" in model_path):
-        raise ConfigError(f"node config model-path={model_path!r}: a path without quotes or backslashes, please.")
+    if model_path is not None and any(c in model_path for c in ("'", "\\", "${")):
+        raise ConfigError(
+            f"node config model-path={model_path!r}: a path without quotes, backslashes or '${{', please."
+        )
     return _load(str(run_config.get(OVERRIDES_KEY, "")), str(run_config.get(RUN_DIR_KEY, "")), model_path)
 
 

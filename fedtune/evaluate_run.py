@@ -61,13 +61,18 @@ def evaluate_run(run_dir: Path, overrides: Sequence[str]) -> Evaluation:
     """
     data_overrides, model_path = _split(overrides)
     trained = _saved_config(run_dir, model_path)
-    run = get_experiment(trained)
+    try:
+        config.instantiate(trained.model)  # the base model is here (a directory with config.json)
+        run = get_experiment(trained)
+        run_hash = run.hash
+    except (ValueError, OSError) as error:
+        raise config.ConfigError(f"{error} (fedtune evaluate: set model.path=... to this machine's copy)") from error
     checkpoint = _last_checkpoint(run_dir)
-    if checkpoint["experiment_hash"] != run.hash:
+    if checkpoint["experiment_hash"] != run_hash:
         raise config.ConfigError(
-            f"{run_dir}'s adapter was trained on another base model than model.path={trained.model.path} (or by "
-            "another fedtune version): the model files' fingerprint differs. Point model.path at a copy of the "
-            "run's base model."
+            f"{run_dir}'s adapter was trained on another base model than the files at model.path="
+            f"{trained.model.path} ({run.base_model[:23]}...), or by a fedtune version that composes its config "
+            "differently. Point model.path at a copy of the run's base model (its model card names the fingerprint)."
         )
     if not data_overrides:
         evaluated, source = run, "the run's central test set"
@@ -138,20 +143,55 @@ def _saved_config(run_dir: Path, model_path: str | None) -> DictConfig:
 
 
 def _with_data(trained: DictConfig, data_overrides: list[str], run: Experiment) -> DictConfig:
-    """The run's config with the data section of ``data_overrides``, every row evaluated, and (for a
-    classifier) the run's label names, so that the file's labels get the ids the adapter was trained with."""
-    data = config.compose(data_overrides).data
+    """The run's config with the data section of ``data_overrides``, every row evaluated, the run's task, and
+    (for a classifier) the run's label names, so that the file's labels get the ids the adapter was trained
+    with (string and Parquet class labels by name; integer labels are taken as the run's ids)."""
+    data = config.compose([*data_overrides, *_loader_task(data_overrides, str(trained.model.task))]).data
     cfg = OmegaConf.merge(OmegaConf.to_container(trained), {"train": {"eval_max_examples": 0}})  # 0: all rows
     cfg.data = OmegaConf.to_container(data)
-    names = run.label_names
-    if names is not None and "label_names" in cfg.data.loader and cfg.data.loader.label_names is None:
-        cfg.data.loader.label_names = list(names)
+    names = _run_label_names(trained, run) if trained.model.task == "classification" else None
+    loader = cfg.data.loader
+    if names is not None and "label_names" in loader:
+        if loader.label_names is not None and list(loader.label_names) != list(names):
+            raise config.ConfigError(
+                "data.loader.label_names must be the run's class names, in the run's order (leave it unset: "
+                "fedtune evaluate sets it)."
+            )
+        loader.label_names = list(names)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
+def _run_label_names(trained: DictConfig, run: Experiment) -> list[str]:
+    """The run's class names: from its config (set for deployments), else from its data (a built-in corpus, or
+    the run's own file where this machine has it)."""
+    given = trained.data.get("loader", {}).get("label_names")
+    if given is not None:
+        return list(given)
+    try:
+        return list(run.label_names or ())
+    except (OSError, ValueError) as error:  # the run's file is on the server's machine
+        raise config.ConfigError(
+            "the run's class names are neither in its config.yaml (data.loader.label_names) nor readable from its "
+            f"data here ({error}); evaluate where the run's data is, or rerun with data.loader.label_names set."
+        ) from error
+
+
+def _loader_task(data_overrides: list[str], task: str) -> list[str]:
+    """``data.loader.task=<the run's task>`` for a local file, unless the overrides set it."""
+    local = any(o.partition("=")[0] == "data" and o.partition("=")[2] == "local" for o in data_overrides)
+    given = any(o.startswith("data.loader.task=") for o in data_overrides)
+    return [f"data.loader.task={task}"] if local and not given else []
+
+
 def _last_checkpoint(run_dir: Path) -> dict[str, Any]:
-    checkpoints = sorted(RunDir(run_dir).checkpoints.glob("round-*.pt"))
+    folder = RunDir(run_dir).checkpoints
+    checkpoints = sorted(folder.glob("round-*.pt"))
     if not checkpoints:
-        raise config.ConfigError(f"{run_dir} has no checkpoint yet: no round has finished.")
+        encrypted = any(folder.glob("round-*.pt.enc"))
+        raise config.ConfigError(
+            f"{folder} holds only encrypted checkpoints: `fedtune decrypt {folder} --key-file ...` first."
+            if encrypted
+            else f"{run_dir} has no checkpoint yet: no round has finished."
+        )
     return torch.load(checkpoints[-1], weights_only=True)

@@ -342,3 +342,16 @@ def test_a_long_label_tail_partitions_completely(tmp_path: Path, offline: None, 
     }[name]
     every = [row for train, val in _client_ids(pool, partitioner) for row in train + val]
     assert sorted(every + list(test["row_id"])) == list(range(1500))
+
+
+def test_parquet_class_labels_are_remapped_by_name_to_given_names(tmp_path: Path, offline: None) -> None:
+    """A Parquet file written from a datasets ClassLabel carries its own id order; given label names (the run's,
+    under `fedtune evaluate`) win, by name, and a name outside them is refused."""
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["b", "a"])})
+    rows = datasets.Dataset.from_dict({"text": ["x", "y", "z"], "label": [0, 1, 0]}, features=features)
+    rows.to_parquet(tmp_path / "rows.parquet")
+    corpus = local_file(str(tmp_path / "rows.parquet"), label_names=["a", "b"])
+    assert corpus.label_names == ("a", "b") and corpus.dataset["label"] == [1, 0, 1]  # "b", "a", "b"
+    assert local_file(str(tmp_path / "rows.parquet")).dataset["label"] == [0, 1, 0]  # the file's own order
+    with pytest.raises(DataError, match=r"labels \['b'\] .* are not in data.loader.label_names"):
+        local_file(str(tmp_path / "rows.parquet"), label_names=["a", "c"])

@@ -50,8 +50,13 @@ CASES = {
     "another encoding": (
         _write(LATIN1),
         f"{{path}} is not UTF-8 csv text: byte {FIRST_NON_UTF8} is not UTF-8 (another encoding, such as Latin-1 or "
-        "UTF-16?). "
+        "Windows-1252?). "
         "Export it as UTF-8 csv, or as Parquet (data.loader.format=parquet).",
+    ),
+    "UTF-16": (
+        _write(ROWS.encode("utf-16")),
+        "{path} is not UTF-8 csv text: it is UTF-16 text (it starts with a UTF-16 byte-order mark). Export it as "
+        "UTF-8 csv, or as Parquet (data.loader.format=parquet).",
     ),
     "empty label cell": (
         _write(ROWS.replace("chest pain,I", "chest pain,")),
@@ -115,3 +120,12 @@ def test_empty_cells_can_be_dropped_and_are_counted(
         assert cli.main(["run", *overrides, "partition=iid", "federation.num_clients=2", "--partitions"]) == 0
     assert any(expected in record.getMessage() for record in caplog.records)
     assert "client" in capsys.readouterr().out  # the partition summary printed as usual
+
+
+def test_integer_labels_with_empty_cells_are_ids_once_those_rows_are_dropped(tmp_path: Path) -> None:
+    """An integer label column with an empty cell is read as floats; dropped rows leave integer ids."""
+    path = tmp_path / "notes.csv"
+    path.write_text("text,label\nfever,0\nrash,\ncough,2\nache,1\n")
+    corpus = local_file(str(path), drop_incomplete=True)
+    assert corpus.dataset["label"] == [0, 2, 1] and corpus.label_names == ("0", "1", "2")
+    assert corpus.dataset.features["label"].dtype == "int64"

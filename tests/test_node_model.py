@@ -100,3 +100,20 @@ def test_nodes_with_their_own_model_paths(
     clients = [m for m in RunDir(other).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
     assert [m["value"] for m in clients] == [2.0, 2.0]
     assert not [m for m in RunDir(other).read_metrics() if m["scope"] == "client:partition-2"]
+
+
+def test_every_file_but_readmes_and_hidden_ones_counts(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """A chat template (transformers saves it as chat_template.jinja) or a file in a subfolder changes what
+    the model computes; READMEs, licences and hidden files do not."""
+    copy = _copy(tiny_bert_dir, tmp_path / "copy")
+    before = model_fingerprint.fingerprint(copy)
+    for ignored in ("README.md", "LICENSE", ".gitattributes", ".cache/huggingface/download.lock"):
+        (copy / ignored).parent.mkdir(parents=True, exist_ok=True)
+        (copy / ignored).write_text("x")
+    assert model_fingerprint.fingerprint(copy) == before
+    (copy / "chat_template.jinja").write_text("{{ messages }}")
+    with_template = model_fingerprint.fingerprint(copy)
+    assert with_template != before
+    (copy / "additional_chat_templates").mkdir()
+    (copy / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    assert model_fingerprint.fingerprint(copy) not in (before, with_template)

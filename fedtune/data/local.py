@@ -130,14 +130,17 @@ def _check_utf8(file: Path, kind: str) -> None:
     with open(file, "rb") as handle:
         head = handle.read(_SNIFF_BYTES)
     problem = None
-    if b"\0" in head:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        problem = "it is UTF-16 text (it starts with a UTF-16 byte-order mark)"
+    elif b"\0" in head:
         problem = "it holds NUL bytes: a binary file (a spreadsheet, an archive?), not a text export"
     else:
         try:
             head.decode("utf-8")
         except UnicodeDecodeError as error:
-            if error.start < len(head) - 3:  # not just a character cut at the end of what was read
-                problem = f"byte {error.start} is not UTF-8 (another encoding, such as Latin-1 or UTF-16?)"
+            cut = len(head) == _SNIFF_BYTES and error.start >= len(head) - 3  # a character cut by the read
+            if not cut:
+                problem = f"byte {error.start} is not UTF-8 (another encoding, such as Latin-1 or Windows-1252?)"
     if problem is not None:
         raise DataError(
             f"{file} is not UTF-8 {kind} text: {problem}. Export it as UTF-8 {kind}, or as Parquet "
@@ -209,7 +212,14 @@ def _encode_labels(
     values = dataset["label"][:]
     _refuse_empty_cells(values, column, file)
     if isinstance(feature, datasets.ClassLabel):  # Parquet written from a datasets ClassLabel keeps its names
-        return dataset, tuple(label_names or feature.names)
+        if label_names is None or list(label_names) == feature.names:
+            return dataset, tuple(feature.names)
+        index = {name: i for i, name in enumerate(label_names)}  # the given order wins: remap the file's ids by name
+        unknown = sorted(set(feature.names[v] for v in values) - index.keys())
+        if unknown:
+            raise UnknownLabels(unknown, list(label_names), column, str(file))
+        ids = [index[feature.names[v]] for v in values]
+        return dataset.remove_columns("label").add_column("label", ids), tuple(label_names)
     dtype = getattr(feature, "dtype", None)
     if dtype in _STRING_TYPES:
         names = list(label_names) if label_names is not None else sorted(set(values))
@@ -219,7 +229,9 @@ def _encode_labels(
             raise UnknownLabels(unknown, names, column, str(file))
         ids = [index[value] for value in values]
         return dataset.remove_columns("label").add_column("label", ids), tuple(names)
-    if dtype is None or not dtype.startswith(("int", "uint")):
+    if dtype is not None and dtype.startswith("float") and all(float(v).is_integer() for v in values):
+        values = [int(v) for v in values]  # integer ids read as floats because the file had empty cells
+    elif dtype is None or not dtype.startswith(("int", "uint")):
         raise DataError(
             f"label column {column!r} in {file} must hold integer ids or strings, found {dtype or feature}."
         )
@@ -232,4 +244,6 @@ def _encode_labels(
             f"{len(label_names)} names; add names or leave label_names unset."
         )
     names = list(label_names) if label_names is not None else [str(i) for i in range(high + 1)]
-    return dataset.cast_column("label", datasets.Value("int64")), tuple(names)
+    return dataset.remove_columns("label").add_column("label", values).cast_column(
+        "label", datasets.Value("int64")
+    ), tuple(names)
