@@ -1,6 +1,6 @@
 """The ``fedtune`` command.
 
-    fedtune [--debug] run [OVERRIDE ...] [--multirun] [--cfg] [--partitions]
+    fedtune [--debug] run [OVERRIDE ...] [--multirun] [--cfg] [--hash] [--partitions]
     fedtune keygen KEY_FILE
     fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
@@ -13,7 +13,8 @@
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
 the result before any work starts, and runs the federation as a Flower simulation. ``--multirun``
 expands sweeps (``lora.r=4,8 seed=0,1``) into one run per combination; ``--cfg`` prints the resolved
-config, and ``--partitions`` how the data is split into clients, without running anything.
+config, ``--hash`` the experiment hash a node can pin (node config ``experiment-hash``), and ``--partitions``
+how the data is split into clients, without running anything.
 
 ``evaluate`` runs a run's final adapter over a site's own held-out file on its own machine (default: the
 run's central test set) and prints the task's metrics (fedtune/evaluate_run.py).
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=smollm2 federation.num_rounds=3")
     run.add_argument("--multirun", "-m", action="store_true", help="expand sweeps (a=1,2) into several runs")
     run.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    run.add_argument(
+        "--hash", action="store_true", help="print the experiment hash (what a node pins: experiment-hash) and exit"
+    )
     run.add_argument("--partitions", action="store_true", help="print how the data is split into clients and exit")
     keygen = commands.add_parser("keygen", help="write a new key file for encrypt/decrypt (mode 0600)")
     keygen.add_argument("key_file", type=Path, help="where to write the key; an existing file is never overwritten")
@@ -122,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_command(args: argparse.Namespace) -> int:
     if args.partitions:
         return _show_partitions(args.overrides)
+    if args.hash:
+        print(config.experiment_hash(config.compose(args.overrides)))
+        return 0
     return _run(args.overrides, multirun=args.multirun, show_config=args.cfg)
 
 

@@ -5,11 +5,12 @@ Node config keys (``flower-supernode --node-config``): ``partition-id`` / ``num-
 partition of the configured dataset (simulation, demos); ``data-path`` points at the node's own file,
 ``model-path`` at its own copy of the base model (the same files as the server's, wherever they lie: the
 experiment hash holds their fingerprint), and ``name`` labels the node in logs and reports (deployments);
-``identity-key`` is the node's Ed25519
-key file (created on first use; default beside ``state-dir``); ``state-dir`` holds its privacy state and
-its record of the rounds it uploaded in. Under ``secure=masking``: ``trusted-keys`` lists the peers'
+``identity-key`` is the node's Ed25519 key file (created on first use; default beside ``state-dir``);
+``state-dir`` holds its privacy state and its record of the rounds it uploaded in. Under ``secure=masking``: ``trusted-keys`` lists the peers'
 identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
 cannot invent peers), and ``min-round-clients`` (default 3) is the smallest round it takes part in.
+``experiment-hash`` (from ``fedtune run OVERRIDES --hash``) makes the node refuse every other experiment, so a
+server cannot restart the same training under a cosmetically different config (README, threat model).
 ``lora-rank`` is the LoRA rank this node trains at (a node with less compute; at most the experiment's
 ``lora.r``; default: ``federation.client_ranks`` for a simulated partition, else ``lora.r``).
 """
@@ -71,10 +72,16 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         run_config = bound_run_config if bound_run_config is not None else context.run_config
         model_path = context.node_config.get("model-path")
         experiment = get_experiment(config.load_experiment(run_config, None if model_path is None else str(model_path)))
+        name, pinned = client_key(context.node_config), context.node_config.get("experiment-hash")
+        if pinned is not None and experiment.hash != str(pinned):
+            raise RuntimeError(
+                f"Node {name} takes part only in the experiment its node config pins (experiment-hash="
+                f"{str(pinned)[:16]}...); the server's run is another ({experiment.hash[:16]}...). Refused."
+            )
         received = msg.content.config_records[wire.CONFIG]
         expected = received.get(wire.EXPERIMENT_HASH)
         if expected is not None and expected != experiment.hash:
-            name, theirs = client_key(context.node_config), received.get(wire.BASE_MODEL)
+            theirs = received.get(wire.BASE_MODEL)
             if theirs is not None and theirs != experiment.base_model and str(theirs).startswith(BUILTIN_PREFIX):
                 raise RuntimeError(
                     f"Node {name}: the server trains the built-in model {theirs}, and this node's node config names "

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedtune import config, model_fingerprint
+from fedtune import cli, config, model_fingerprint
+from fedtune.channel import RoundFailedError
 from fedtune.run_dir import RunDir
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
@@ -117,3 +118,27 @@ def test_every_file_but_readmes_and_hidden_ones_counts(tiny_bert_dir: Path, tmp_
     (copy / "additional_chat_templates").mkdir()
     (copy / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
     assert model_fingerprint.fingerprint(copy) not in (before, with_template)
+
+
+def test_a_node_that_pins_the_experiment_refuses_any_other(
+    tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node config experiment-hash (printed by `fedtune run OVERRIDES --hash`): the pinned experiment runs; the
+    same training with a setting changed that does not change any update (so a second round-1 upload of the same
+    updates over other clients) is refused by every node, and the run cannot start."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_rounds=1")
+    pinned = config.experiment_hash(config.compose(overrides))
+
+    def run(root: Path, changed: list[str]) -> None:
+        moved = [*overrides, *changed, f"run_dir={root / 'run'}"]
+        nodes = make_nodes(root, moved, 2, simulated=False, prefix="partition", node_config={"experiment-hash": pinned})
+        run_federation(InProcessGrid(nodes), config.load_experiment(config.to_run_config(moved, str(root / "run"))))
+
+    run(tmp_path / "pinned", [])
+    assert (tmp_path / "pinned" / "run" / "checkpoints" / "round-0001.pt").is_file()
+    with caplog.at_level(logging.WARNING, logger="fedtune"), pytest.raises(RoundFailedError, match="0 nodes"):
+        run(tmp_path / "other", ["train.eval_max_examples=40"])
+    refusals = [r.getMessage() for r in caplog.records if "takes part only in the experiment" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert cli.main(["run", *overrides, "--hash"]) == 0  # what an operator publishes and a site pins
+    assert capsys.readouterr().out.strip() == pinned
