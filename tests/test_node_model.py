@@ -140,5 +140,6 @@ def test_a_node_that_pins_the_experiment_refuses_any_other(
         run(tmp_path / "other", ["train.eval_max_examples=40"])
     refusals = [r.getMessage() for r in caplog.records if "takes part only in the experiment" in r.getMessage()]
     assert len(refusals) == 2, refusals
+    capsys.readouterr()  # the runs' log lines (the fedtune logger prints to stdout once the CLI configured it)
     assert cli.main(["run", *overrides, "--hash"]) == 0  # what an operator publishes and a site pins
     assert capsys.readouterr().out.strip() == pinned
