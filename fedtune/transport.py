@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -29,6 +29,7 @@ from fedtune.secure.session import Session
 logger = logging.getLogger("fedtune")
 
 _MIN_POLL, _MAX_POLL = 0.005, 0.5  # seconds between polls for replies (see Transport.exchange)
+WAITING_LOG_SECONDS = 60.0  # while a step waits longer, say every this often whom it still waits for
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,20 @@ class Transport:
         record[wire.RUN_NONCE], record[wire.SERVER_ROUND] = self.run_nonce, server_round
         return Message(content=content, dst_node_id=node_id, message_type=message_type)
 
-    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+    def exchange(
+        self, messages: list[Message], timeout: float, names: Mapping[int, str] | None = None
+    ) -> list[Message]:
         """Push ``messages`` and collect their replies until all are in or ``timeout`` seconds have passed.
 
         Flower's ``Grid.send_and_receive`` polls at a fixed interval (0.1 s in simulation, 3 s in a
         deployment), which would dominate the short protocol steps of secure aggregation. This polls at a
         tenth of the time waited so far, between 5 ms and 0.5 s: a reply is seen at most ~10% late, and a
-        long training step costs at most two polls a second.
+        long training step costs at most two polls a second. A step that waits long (a real model's
+        training round) logs every ``WAITING_LOG_SECONDS`` whom it still waits for: ``names`` by node id.
         """
-        pending = set(self.grid.push_messages(messages))
-        started, replies = time.monotonic(), []
+        ids = list(self.grid.push_messages(messages))
+        node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=False)}  # pushed in order
+        pending, started, replies, told = set(ids), time.monotonic(), [], 1
         while True:
             for reply in self.grid.pull_messages(list(pending)):
                 replies.append(reply)
@@ -78,6 +83,11 @@ class Transport:
             waited = time.monotonic() - started
             if not pending or waited >= timeout:
                 return replies
+            if waited >= told * WAITING_LOG_SECONDS:
+                told += 1
+                waiting = sorted((names or {}).get(node_of.get(i, -1), f"node {node_of.get(i, '?')}") for i in pending)
+                step, done = messages[0].metadata.message_type, f"{len(replies)} of {len(messages)} replies in"
+                logger.info("%s: %s after %.0f s; waiting for %s", step, done, waited, ", ".join(waiting))
             time.sleep(min(_MAX_POLL, max(_MIN_POLL, waited / 10), timeout - waited))
 
     def send(
@@ -97,7 +107,7 @@ class Transport:
             for client in by_node.values()
         ]
         timeout = self.experiment.federation.round_timeout
-        replies = self.exchange(messages, timeout)
+        replies = self.exchange(messages, timeout, {node_id: client.key for node_id, client in by_node.items()})
         session = Session(self.run_nonce, server_round)
         accepted = []
         for reply in replies:

@@ -7,7 +7,9 @@ what does not depend on Ray reruns it in-process (tests/nodes.py) and compares.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from fedtune import adapters, cli, client_state, config, wire
+from fedtune import adapters, cli, client_state, config, transport, wire
 from fedtune.client_app import client_key, make_client_app
 from fedtune.run_dir import RunDir
 from fedtune.secure import identity
 from fedtune.secure.session import Session
-from fedtune.server_app import make_server_app
+from fedtune.server_app import make_server_app, run_federation
 from tests.conftest import tiny_overrides
-from tests.nodes import federate
+from tests.nodes import InProcessGrid, federate, make_nodes
 
 
 def _run(overrides: list[str]) -> Path:
@@ -193,3 +195,45 @@ def test_failing_malformed_and_forged_replies_are_skipped_and_the_round_goes_on(
     assert clients == {1: 2.0, 2: 2.0}
     assert all(torch.isfinite(t).all() for t in _final_adapter(tmp_path / "run").values())
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class _SlowGrid(InProcessGrid):
+    """An in-process grid whose node ``slow`` answers ``delay`` seconds after each message was pushed."""
+
+    def __init__(self, nodes: list, slow: int, delay: float) -> None:
+        super().__init__(nodes)
+        self.slow, self.delay, self.ready_at = slow, delay, {}
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201 - Grid's signature
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for message_id, message in zip(ids, messages, strict=True):
+            if message.metadata.dst_node_id == self.slow:
+                self.ready_at[message_id] = time.monotonic() + self.delay
+        return ids
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        now = time.monotonic()
+        return super().pull_messages([i for i in message_ids if self.ready_at.get(i, 0.0) <= now])
+
+
+def test_a_long_step_says_whom_it_still_waits_for(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a round that takes minutes (a real model), the server's log names the clients it is still waiting for."""
+    monkeypatch.setattr(transport, "WAITING_LOG_SECONDS", 0.1)
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run", "federation.num_rounds=1")
+    nodes = make_nodes(tmp_path, overrides, 2, prefix="partition")
+    grid = _SlowGrid(nodes, slow=nodes[1].node_id, delay=0.35)
+    with caplog.at_level(logging.INFO, logger="fedtune"):
+        run_federation(grid, config.load_experiment(config.to_run_config(overrides, str(tmp_path / "run"))), True)
+    waiting = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert all("1 of 2 replies in" in m for m in waiting)
+    assert {m.split(":")[0] for m in waiting} >= {"query", "train", "evaluate"}
+    for message in waiting:  # by name once the node is known; at connect only its Flower node id
+        assert message.endswith("waiting for node 2" if message.startswith("query") else "waiting for partition-1")
+    assert _clients_per_round(tmp_path / "run") == [2.0]  # the slow node's reply still counts
+
+
+def _clients_per_round(run_dir: Path) -> list[float]:
+    return [m["value"] for m in RunDir(run_dir).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
