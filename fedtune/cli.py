@@ -4,6 +4,7 @@
     fedtune keygen KEY_FILE
     fedtune encrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-plaintext]
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
+    fedtune compare RUN_DIR|SWEEP_DIR ... [--out DIR]
     fedtune evaluate RUN_DIR [data=... data.loader.path=...] [model.path=...] [--json FILE]
     fedtune audit RUN_DIR [--head HASH] [--server-key HEX]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
@@ -16,8 +17,10 @@ expands sweeps (``lora.r=4,8 seed=0,1``) into one run per combination; ``--cfg``
 config, ``--hash`` the experiment hash a node can pin (node config ``experiment-hash``), and ``--partitions``
 how the data is split into clients, without running anything.
 
-``evaluate`` runs a run's final adapter over a site's own held-out file on its own machine (default: the
-run's central test set) and prints the task's metrics (fedtune/evaluate_run.py).
+``compare`` prints the final central metrics of several runs (or a sweep's folder) side by side, with the
+config keys that differ, seeds folded into mean and spread (fedtune/compare.py). ``evaluate`` runs a run's
+final adapter over a site's own held-out file on its own machine (default: the run's central test set) and
+prints the task's metrics (fedtune/evaluate_run.py).
 
 ``keygen`` writes a new AES-256 key file (mode 0600); ``encrypt`` and ``decrypt`` turn a file or every
 file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "keygen": _keygen,
         "encrypt": _encrypt,
         "decrypt": _decrypt,
+        "compare": _compare,
         "evaluate": _evaluate,
         "audit": _audit,
         "identity": _identity,
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             remove, dest="remove_source", action="store_true", help="delete each source file once written"
         )
+    compare = commands.add_parser("compare", help="final metrics of several runs side by side, seeds folded")
+    compare.add_argument("runs", nargs="+", type=Path, help="run directories, or folders of them (multirun/...)")
+    compare.add_argument("--out", type=Path, help="also write compare.csv, compare.md and compare.png here")
     evaluate = commands.add_parser("evaluate", help="a run's final adapter on your own held-out data")
     evaluate.add_argument("run_dir", type=Path, help="the run directory")
     evaluate.add_argument(
@@ -147,6 +154,21 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"fedtune worker: {error}", file=sys.stderr)
         return 2
     serve(options, args.argv)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedtune import compare  # deferred: matplotlib
+
+    runs = compare.find_runs(args.runs)
+    keys, groups = compare.compare(runs)
+    rows = compare.table(keys, groups)
+    print(compare.markdown(rows), end="")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.csv").write_text(compare.to_csv(rows))
+        (args.out / "compare.md").write_text(compare.markdown(rows))
+        compare.plot(runs, keys, args.out / "compare.png")
     return 0
 
 
