@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,9 @@ from transformers import PreTrainedTokenizerBase
 from fedtune import devices
 from fedtune.privacy import LocalPlan, NoPrivacy, PlanRequest, PrivacyMechanism
 from fedtune.tasks import Task
+
+logger = logging.getLogger(__name__)
+PROGRESS_LOG_SECONDS = 30.0  # a local round that runs longer says every this often how far it is
 
 if TYPE_CHECKING:  # a type only: training needs no dataset library (GPU machines run it without one)
     import datasets
@@ -186,7 +191,8 @@ def local_train(
     device = devices.of(model)
     rates = iter(learning_rates(config, first_step, total_steps or config.local_steps))
     model.train()
-    losses = []
+    losses: list[torch.Tensor] = []
+    progress = _Progress(config.local_steps)
     try:
         for indices in plan.batches:
             for group in optimizer.param_groups:  # the DP wrappers step this optimizer's groups
@@ -200,6 +206,7 @@ def local_train(
             loss = train_step(plan, batches, task, config.precision)
             if loss is not None:
                 losses.append(loss)
+            progress.step(losses[-1] if losses else None)
     finally:
         if proximal is not None:
             proximal.remove()
@@ -207,6 +214,24 @@ def local_train(
         model.eval()
     values = torch.stack(losses).tolist() if losses else [float("nan")]
     return {"train_loss": sum(values) / len(values), "train_loss_last": values[-1], **plan.report()}
+
+
+class _Progress:
+    """Logs a long local round's progress (a real model's round takes minutes) every PROGRESS_LOG_SECONDS:
+    the step, the time so far and left, and the last loss; a round shorter than that logs nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started, self.told = total, 0, time.monotonic(), 0
+
+    def step(self, loss: torch.Tensor | None) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        if elapsed < (self.told + 1) * PROGRESS_LOG_SECONDS:
+            return
+        self.told = int(elapsed // PROGRESS_LOG_SECONDS) if PROGRESS_LOG_SECONDS > 0 else self.told + 1
+        left = elapsed / self.done * (self.total - self.done)
+        last = f", last loss {loss.item():.4f}" if loss is not None else ""
+        logger.info("local step %d/%d, %.0f s, about %.0f s left%s", self.done, self.total, elapsed, left, last)
 
 
 def learning_rates(config: TrainConfig, first_step: int, total_steps: int) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from peft import LoraConfig
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from fedtune import adapters, client, config
+from fedtune import adapters, client, config, training
 from fedtune.evaluation import evaluate, macro_f1, majority_baseline
 from fedtune.experiment import get_experiment
 from fedtune.models import ModelSpec, build_model, load_tokenizer
@@ -135,3 +136,19 @@ def test_a_batch_in_physical_batches_trains_as_the_whole_batch(tiny_bert_dir: Pa
     assert adapters.fingerprint(whole) != adapters.fingerprint(initial)
     for name, tensor in whole.items():
         assert torch.allclose(split[name], tensor, atol=1e-6, rtol=1e-4), name
+
+
+def test_a_long_local_round_logs_its_progress(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node's operator sees a minutes-long round advance (here every step: the interval is set to zero)."""
+    monkeypatch.setattr(training, "PROGRESS_LOG_SECONDS", 0.0)
+    spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), num_labels=4, seed=0)
+    adapters.set_adapter(model, initial)
+    config_ = TrainConfig(local_steps=3, batch_size=8, lr=0.01)
+    with caplog.at_level(logging.INFO, logger="fedtune"):
+        local_train(model, TEXTS, "classification", load_tokenizer(spec), 32, config_, torch.Generator().manual_seed(0))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("local step")]
+    assert [line.split(",")[0] for line in lines] == ["local step 1/3", "local step 2/3", "local step 3/3"]
+    assert all("last loss" in line and "s left" in line for line in lines)
