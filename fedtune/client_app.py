@@ -6,8 +6,8 @@ partition of the configured dataset (simulation, demos); ``data-path`` points at
 ``model-path`` at its own copy of the base model (the same files as the server's, wherever they lie: the
 experiment hash holds their fingerprint), and ``name`` labels the node in logs and reports (deployments);
 ``identity-key`` is the node's Ed25519 key file (created on first use; default beside ``state-dir``);
-``state-dir`` holds its privacy state and its record of the rounds it uploaded in. Under ``secure=masking``: ``trusted-keys`` lists the peers'
-identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
+``state-dir`` holds its privacy state and its record of the rounds it uploaded in. Under
+``secure=masking``: ``trusted-keys`` lists the peers' identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
 cannot invent peers), and ``min-round-clients`` (default 3) is the smallest round it takes part in.
 ``experiment-hash`` (from ``fedtune run OVERRIDES --hash``) makes the node refuse every other experiment, so a
 server cannot restart the same training under a cosmetically different config (README, threat model).
@@ -82,12 +82,12 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         expected = received.get(wire.EXPERIMENT_HASH)
         if expected is not None and expected != experiment.hash:
             theirs = received.get(wire.BASE_MODEL)
-            if theirs is not None and theirs != experiment.base_model and str(theirs).startswith(BUILTIN_PREFIX):
-                raise RuntimeError(
-                    f"Node {name}: the server trains the built-in model {theirs}, and this node's node config names "
-                    f"its own (model-path={experiment.cfg.model.path}): remove model-path from its node config."
-                )
             if theirs is not None and theirs != experiment.base_model:
+                if str(theirs).startswith(BUILTIN_PREFIX):
+                    raise RuntimeError(
+                        f"Node {name}: the server trains the built-in model {theirs}, and this node's node config "
+                        f"names its own (model-path={experiment.cfg.model.path}): remove model-path from it."
+                    )
                 raise RuntimeError(
                     f"Node {name}: its base model (model.path={experiment.cfg.model.path}, "
                     f"{experiment.base_model[:23]}...) is not the server's ({str(theirs)[:23]}...): give this node "

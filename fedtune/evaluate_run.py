@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedtune import config
@@ -23,7 +22,7 @@ from fedtune.errors import DataError, UnknownLabels
 from fedtune.evaluation import majority_baseline
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.report import final_central
-from fedtune.run_dir import RunDir
+from fedtune.run_dir import Checkpoint, RunDir
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def evaluate_run(run_dir: Path, overrides: Sequence[str]) -> Evaluation:
     except (ValueError, OSError) as error:
         raise config.ConfigError(f"{error} (fedtune evaluate: set model.path=... to this machine's copy)") from error
     checkpoint = _last_checkpoint(run_dir)
-    if checkpoint["experiment_hash"] != run_hash:
+    if checkpoint.experiment_hash != run_hash:
         raise config.ConfigError(
             f"{run_dir}'s adapter was trained on another base model than the files at model.path="
             f"{trained.model.path} ({run.base_model[:23]}...), or by a fedtune version that composes its config "
@@ -89,12 +88,12 @@ def evaluate_run(run_dir: Path, overrides: Sequence[str]) -> Evaluation:
             ) from error
         source = str(evaluated.cfg.data.loader.get("path", "the data named"))
     dataset = dataset.select(range(min(len(dataset), evaluated.train_config.eval_max_examples or len(dataset))))
-    metrics = evaluated.evaluate(checkpoint["adapter"], dataset)
+    metrics = evaluated.evaluate(checkpoint.adapter, dataset)
     majority = None
     if evaluated.corpus.task == "classification":
         majority = majority_baseline(dataset["label"], dataset["label"])
     run_central = final_central(RunDir(run_dir).read_metrics())
-    return Evaluation(int(checkpoint["round"]), len(dataset), source, metrics, majority, run_central)
+    return Evaluation(checkpoint.round, len(dataset), source, metrics, majority, run_central)
 
 
 def format_evaluation(run_dir: Path, result: Evaluation) -> str:
@@ -184,9 +183,9 @@ def _loader_task(data_overrides: list[str], task: str) -> list[str]:
     return [f"data.loader.task={task}"] if local and not given else []
 
 
-def _last_checkpoint(run_dir: Path) -> dict[str, Any]:
-    folder = RunDir(run_dir).checkpoints
-    checkpoints = sorted(folder.glob("round-*.pt"))
+def _last_checkpoint(run_dir: Path) -> Checkpoint:
+    runs = RunDir(run_dir)
+    folder, checkpoints = runs.checkpoints, runs.checkpoint_paths()
     if not checkpoints:
         encrypted = any(folder.glob("round-*.pt.enc"))
         raise config.ConfigError(
@@ -194,4 +193,4 @@ def _last_checkpoint(run_dir: Path) -> dict[str, Any]:
             if encrypted
             else f"{run_dir} has no checkpoint yet: no round has finished."
         )
-    return torch.load(checkpoints[-1], weights_only=True)
+    return RunDir.read_checkpoint(checkpoints[-1])

@@ -252,7 +252,7 @@ def _membership_note(experiment: Experiment) -> str:
 
 def _base_model_identity(identity: str) -> str:
     if identity.startswith("sha256:"):
-        return f"the fingerprint of its files (weights, config, tokenizer) `{identity}`"
+        return f"the fingerprint of its files (weights, config, tokenizer, every file but READMEs) `{identity}`"
     return f"its built-in name `{identity}` (the pinned package that ships it fixes its files)"
 
 

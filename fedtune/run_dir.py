@@ -120,20 +120,26 @@ class RunDir:
         Raises:
             ValueError: The checkpoint was written by a different experiment config.
         """
-        candidates = sorted(
-            p for p in self.checkpoints.glob("round-*.pt") if at_most is None or int(p.stem[6:]) <= at_most
-        )
-        data = torch.load(candidates[-1], weights_only=True) if candidates else None
-        if data is not None and data["experiment_hash"] != experiment_hash:
+        candidates = [p for p in self.checkpoint_paths() if at_most is None or int(p.stem[6:]) <= at_most]
+        checkpoint = self.read_checkpoint(candidates[-1]) if candidates else None
+        if checkpoint is not None and checkpoint.experiment_hash != experiment_hash:
             raise ValueError(
                 f"{candidates[-1]} belongs to a different experiment config; resume with the same overrides as the "
                 f"original run (see {self.path / 'config.yaml'})."
             )
-        last = data["round"] if data is not None else at_most
+        last = checkpoint.round if checkpoint is not None else at_most
         kept = [line for line in self.read_metrics() if last is None or line["round"] <= last]
         atomic_write(self.metrics_file, "".join(json.dumps(line) + "\n" for line in kept).encode())
-        if data is None:
-            return None
+        return checkpoint
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The rounds' checkpoint files, oldest first."""
+        return sorted(self.checkpoints.glob("round-*.pt"))
+
+    @staticmethod
+    def read_checkpoint(path: Path) -> Checkpoint:
+        """One checkpoint file, as :meth:`save_checkpoint` wrote it (changes nothing)."""
+        data = torch.load(path, weights_only=True)
         return Checkpoint(
             data["round"],
             data["adapter"],

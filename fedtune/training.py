@@ -221,14 +221,14 @@ class _Progress:
     the step, the time so far and left, and the last loss; a round shorter than that logs nothing."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.started, self.told = total, 0, time.monotonic(), 0
+        self.total, self.done, self.started, self.next_at = total, 0, time.monotonic(), PROGRESS_LOG_SECONDS
 
     def step(self, loss: torch.Tensor | None) -> None:
         self.done += 1
         elapsed = time.monotonic() - self.started
-        if elapsed < (self.told + 1) * PROGRESS_LOG_SECONDS:
+        if elapsed < self.next_at:
             return
-        self.told = int(elapsed // PROGRESS_LOG_SECONDS) if PROGRESS_LOG_SECONDS > 0 else self.told + 1
+        self.next_at = elapsed + PROGRESS_LOG_SECONDS
         left = elapsed / self.done * (self.total - self.done)
         last = f", last loss {loss.item():.4f}" if loss is not None else ""
         logger.info("local step %d/%d, %.0f s, about %.0f s left%s", self.done, self.total, elapsed, left, last)
