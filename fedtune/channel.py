@@ -60,6 +60,8 @@ class TrainRequest:
         weighting: How each client's update is weighted in the sum.
         next_clients: Who trains in the next round (None after the last): a masked channel has them
             prepare that round's keys during this one.
+        groups: Fixed groups to mask within (contribution accounting under masking): the channel then returns
+            each group's sum as well as the total. None: one sum over the round.
     """
 
     server_round: int
@@ -68,6 +70,7 @@ class TrainRequest:
     layout: AdapterState
     weighting: Weighting
     next_clients: list[Client] | None = None
+    groups: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,16 @@ class Contribution:
     metrics: dict[str, float]
     digest: str  # of the whole signed reply
     signature: bytes  # the node's signature over the digest, bound to the run, round and step
+    report: tuple[str, bytes] | None = None  # its signed contribution report (fedtune/contribution/reports.py)
+
+
+@dataclass(frozen=True)
+class GroupSum:
+    """The unmasked sum of one fixed group's updates (contribution accounting under masking)."""
+
+    members: tuple[str, ...]  # the group's clients whose updates are in the sum
+    weighted_sum: AdapterState  # float64: sum of weight x update over them
+    total_weight: float
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,7 @@ class Collected:
         round_size: How many clients were to contribute (the denominator under organisation-level DP).
         upload_bytes: Mean bytes a contributor sent in the round.
         individual: Each contributor's update and weight, in ``contributions`` order; None when masked.
+        groups: When masked within fixed groups (``TrainRequest.groups``), each group's sum; else None.
         extra: Channel-specific round metrics (aggregation error bound, message exchanges...).
     """
 
@@ -100,6 +114,7 @@ class Collected:
     round_size: int
     upload_bytes: float
     individual: tuple[tuple[AdapterState, ...], tuple[float, ...]] | None = None
+    groups: tuple[GroupSum, ...] | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@
     fedtune compare RUN_DIR|SWEEP_DIR ... [--out DIR]
     fedtune evaluate RUN_DIR [data=... data.loader.path=...] [model.path=...] [--json FILE]
     fedtune audit RUN_DIR [--head HASH] [--server-key HEX]
+    fedtune contributions RUN_DIR [--out DIR]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
     fedtune worker [--runtime-api-address HOST:PORT] [--superexec-auth-secret-file FILE] [--root-certificates PEM]
     fedtune code-digest
@@ -25,7 +26,8 @@ prints the task's metrics (fedtune/evaluate_run.py).
 ``keygen`` writes a new AES-256 key file (mode 0600); ``encrypt`` and ``decrypt`` turn a file or every
 file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
 (see :mod:`fedtune.secure.at_rest`). ``audit`` checks a run's hash-chained ledger (fedtune/ledger.py)
-and names the first broken entry; ``identity`` creates a node's Ed25519 key and lists it in the trusted
+and names the first broken entry; ``contributions`` shows who contributed what to a run that accounted it
+(``contribution=shapley``: fedtune/contribution/), from its ledger; ``identity`` creates a node's Ed25519 key and lists it in the trusted
 keys file the server reads (``federation.trusted_keys``). ``worker`` serves a SuperNode started with
 ``--isolation process``, keeping the model loaded between messages (fedtune/worker.py); ``code-digest`` prints
 the digest of the installed code that a worker compares each run's app bundle with.
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _compare,
         "evaluate": _evaluate,
         "audit": _audit,
+        "contributions": _contributions,
         "identity": _identity,
         "worker": _worker,
         "code-digest": _code_digest,
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("run_dir", type=Path, help="the run directory")
     audit.add_argument("--head", help="the ledger head hash published at the end of the run")
     audit.add_argument("--server-key", help="the server identity public key (hex) you trust to have signed it")
+    contributions = commands.add_parser("contributions", help="who contributed what to a run, from its ledger")
+    contributions.add_argument("run_dir", type=Path, help="the run directory (run with contribution=shapley)")
+    contributions.add_argument("--out", type=Path, help="also write contributions.csv, .md and .png here")
     node = commands.add_parser("identity", help="create a node's identity key and list it as trusted")
     node.add_argument("name", help="the node's name (its node-config 'name')")
     node.add_argument("key_file", type=Path, help="the node's private key (created with mode 0600 if absent)")
@@ -229,6 +235,21 @@ def _audit(args: argparse.Namespace) -> int:
     if not problems:
         print(f"{args.run_dir}: ledger, metrics, checkpoints and adapter are consistent")
     return 1 if problems else 0
+
+
+def _contributions(args: argparse.Namespace) -> int:
+    from fedtune.contribution import leaderboard  # deferred: matplotlib for --out
+
+    try:
+        board = leaderboard.from_run(args.run_dir)
+    except ValueError as error:
+        print(f"fedtune contributions: {error}", file=sys.stderr)
+        return 2
+    print(board.text(), end="")
+    if args.out is not None:
+        board.write(args.out)
+        print(f"written to {args.out} (contributions.csv, contributions.md, contributions.png)")
+    return 0
 
 
 def _identity(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from fedtune import adapters, client, client_state, config, wire
 from fedtune.assets import BUILTIN_PREFIX
 from fedtune.attacks.collusion import PARTITION
 from fedtune.client_settings import ClientSettings
+from fedtune.contribution import reports
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity
@@ -183,6 +184,10 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             content = RecordDict({wire.ARRAYS: ArrayRecord(update), wire.METRICS: MetricRecord(metrics)})
         else:
             content = masked.upload(msg, secagg, update, metrics)
+        if experiment.contribution.enabled:  # what this node states it brought, signed on its own for the ledger
+            report = reports.for_round(experiment, int(metrics["num_examples"]))
+            text, signature = reports.sign(report, _signer(context.node_config), session_of(msg), key)
+            content.config_records[reports.RECORD] = ConfigRecord({reports.REPORT: text, reports.SIGNATURE: signature})
         return reply(msg, context, content)
 
     @app.train("secagg_keys")

@@ -69,6 +69,11 @@ def rings_file(node_config: Mapping[str, Any], experiment_key: str, client_key: 
     return _state_dir(node_config) / "rings" / f"{_hashed(f'{experiment_key}|{client_key}')}.json"
 
 
+def groups_file(node_config: Mapping[str, Any], experiment_key: str, client_key: str) -> Path:
+    """Where this client records its fixed group for contribution accounting in one experiment."""
+    return _state_dir(node_config) / "groups" / f"{_hashed(f'{experiment_key}|{client_key}')}.json"
+
+
 def personal_file(node_config: Mapping[str, Any], run_key: str, client_key: str) -> Path:
     """Where this client keeps, for one run, the adapter tensors it does not share (FedSA-LoRA's B and head)."""
     return _state_dir(node_config) / "personal" / f"{_hashed(f'{run_key}|{client_key}')}.pt"

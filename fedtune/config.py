@@ -36,7 +36,22 @@ RUN_DIR_KEY = "run-dir"
 _BOOKKEEPING_KEYS = ("run_dir", "resume")
 # Top-level groups built at validation time so that their own value checks run. All of them are cheap:
 # the model and the data loader are descriptions here and are only loaded later.
-_COMPONENTS = ("model", "data", "partition", "lora", "strategy", "privacy", "secure", "federation", "train", "attack")
+_COMPONENTS = (
+    "model",
+    "data",
+    "partition",
+    "lora",
+    "strategy",
+    "privacy",
+    "secure",
+    "federation",
+    "train",
+    "attack",
+    "contribution",
+)
+# contribution=none is left out of the experiment hash, so that the hashes that nodes pinned and keyed their
+# records on before contribution accounting existed still name the same experiments.
+_NO_CONTRIBUTION = "fedtune.contribution.NoContribution"
 _HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
 
 
@@ -165,6 +180,8 @@ def experiment_hash(cfg: DictConfig) -> str:
     assert isinstance(container, dict)
     for key in _BOOKKEEPING_KEYS:
         container.pop(key, None)
+    if container.get("contribution", {}).get("_target_") == _NO_CONTRIBUTION:
+        container.pop("contribution")
     container["model"]["path"] = model_fingerprint.model_identity(str(container["model"]["path"]))
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(container)).encode()).hexdigest()
 

@@ -24,6 +24,7 @@ from fedtune.anomalies import update_statistics
 from fedtune.assets import cache_dir
 from fedtune.channel import Channel, Client, RoundAbandoned, RoundFailedError, TrainRequest
 from fedtune.client_settings import ClientSettings
+from fedtune.contribution import rounds as contribution_rounds
 from fedtune.data.partition import format_summary
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.federation import Federation
@@ -71,6 +72,19 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
         summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
         run_dir.write_json("partitions.json", summary)
         logger.info("Partition summary:\n%s", format_summary(summary))
+    opening = {}  # contribution accounting's validation rows and fixed groups, fixed for the run
+    if experiment.contribution.enabled:
+        entries = ledger.entries()
+        opening = entries[0]["contribution"] if entries else contribution_rounds.start(experiment, clients, secrets)
+    groups = contribution_rounds.fixed_groups(opening)
+    if groups is not None:  # a node that joins a resumed run is in no group: it cannot be masked with anyone
+        grouped = {name for group in groups for name in group}
+        if any(c.key not in grouped for c in clients):
+            logger.warning(
+                "%s are in none of the run's fixed groups; they do not train",
+                [c.key for c in clients if c.key not in grouped],
+            )
+        clients = [c for c in clients if c.key in grouped]
     if ledger.last_round() < 0:
         _log_central(run_dir, experiment, global_adapter, 0)
         ledger.append(
@@ -80,6 +94,7 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
             config_file=file_hash(run_dir.path / "config.yaml"),
             aggregate=adapters.fingerprint(global_adapter),
             metrics=metrics_hash(run_dir.metrics_file, 0),
+            **({"contribution": opening} if opening else {}),
         )
     if unfinished is not None:
         path = run_dir.checkpoints / f"round-{unfinished.round:04d}.pt"
@@ -96,19 +111,25 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
             run_dir,
             privacy_state,
             secrets,
+            groups,
         )
         checkpoint = Checkpoint(
             server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state, record
         )
         checkpoint_path = run_dir.save_checkpoint(checkpoint)
         _complete_round(channel, experiment, strategy, clients, run_dir, ledger, checkpoint, checkpoint_path, started)
-    report.finish(run_dir, experiment, global_adapter)
+    contributions = {}
+    if experiment.contribution.enabled:
+        rounds = [e["contribution"] for e in ledger.entries() if e["kind"] == "round" and "contribution" in e]
+        contributions = {"contribution": contribution_rounds.finish(experiment, rounds, secrets)}
+    report.finish(run_dir, experiment, global_adapter, contributions.get("contribution"))
     exported = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()] + [run_dir.path / "README.md"]
     head = ledger.append(
         "export",
         federation.num_rounds,
         adapter=adapters.fingerprint(global_adapter),
         files={str(p.relative_to(run_dir.path)): file_hash(p) for p in exported},
+        **contributions,
     )
     logger.info(
         "Ledger head %s: publish it; `fedtune audit %s --head HASH` checks the run against it",
@@ -198,9 +219,11 @@ def _train_step(
     run_dir: RunDir,
     privacy_state: dict[str, Any],
     secrets: dict[str, Any],
+    groups: tuple[tuple[str, ...], ...] | None,
 ) -> tuple[AdapterState, dict[str, Any]]:
     """One round's training: sample, configure, collect, combine, step. Returns the new global adapter and the
-    round's ledger fields."""
+    round's ledger fields. With ``groups`` (contribution accounting under masking) updates are masked within
+    each group."""
     federation, organisation = experiment.federation, experiment.privacy.organisation
     sampled = _sample(clients, federation.fraction_train, experiment, server_round, "train", secrets)
     settings = {client.key: strategy.configure(server_round, client.key) for client in sampled}
@@ -208,7 +231,7 @@ def _train_step(
     if server_round < federation.num_rounds:
         next_clients = _sample(clients, federation.fraction_train, experiment, server_round + 1, "train", secrets)
     layout = _upload_layout(settings, global_adapter, server_round)
-    request = TrainRequest(server_round, global_adapter, settings, layout, experiment.weighting, next_clients)
+    request = TrainRequest(server_round, global_adapter, settings, layout, experiment.weighting, next_clients, groups)
     try:
         collected = channel.train(sampled, request)
     except RoundAbandoned as error:  # clients uploaded, so the round is recorded, never retried
@@ -270,6 +293,18 @@ def _train_step(
         },
         "privacy": privacy,
     }
+    if experiment.contribution.enabled:  # before the strategy moves on: coalitions step from its current state
+        record["contribution"] = contribution_rounds.account_round(
+            experiment,
+            strategy.state_dict(),
+            collected,
+            global_adapter,
+            layout,
+            server_round,
+            channel.run_nonce,
+            divisor if organisation is not None else None,
+            run_dir,
+        )
     updates = RoundUpdates(mean, len(contributions), individual, weights, global_adapter)
     combined = strategy.aggregate(updates, server_round)
     return strategy.step(global_adapter, combined, server_round), record

@@ -22,6 +22,7 @@ from fedtune import devices, model_fingerprint
 from fedtune.adapters import AdapterState, set_adapter
 from fedtune.aggregation import Weighting
 from fedtune.attacks import Attack
+from fedtune.contribution import NoContribution, ShapleyContribution
 from fedtune.data import Corpus, DataSpec
 from fedtune.data.local import local_file
 from fedtune.data.partition import ClientData, client_partition, split_test
@@ -94,6 +95,11 @@ class Experiment:
         """The simulated malicious clients (``attack=none``: none)."""
         return fedtune_config.instantiate(self.cfg.attack)
 
+    @cached_property
+    def contribution(self) -> NoContribution | ShapleyContribution:
+        """Contribution accounting (``contribution=none``: none)."""
+        return fedtune_config.instantiate(self.cfg.contribution)
+
     def check_attack(self, simulated: bool) -> None:
         """Refuse the configured attack where it cannot run (the server and every node call this at setup).
 
@@ -157,10 +163,27 @@ class Experiment:
         """Rows available to clients (the corpus minus the central test set)."""
         return self._split[0]
 
+    @cached_property
+    def _held_out(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        held_out = self._split[1]
+        rows = self.contribution.validation_rows if self.contribution.enabled else 0
+        if rows >= len(held_out):
+            raise ValueError(
+                f"contribution.validation_rows={rows} would take every row of the central test set ({len(held_out)}, "
+                "data.test_size); lower it, or raise data.test_size."
+            )
+        return held_out.select(range(rows, len(held_out))), held_out.select(range(rows))
+
     @property
     def test_set(self) -> datasets.Dataset:
-        """The central held-out test set, evaluated by the server."""
-        return self._split[1]
+        """The central held-out test set, evaluated by the server (less the contribution validation rows)."""
+        return self._held_out[0]
+
+    @property
+    def contribution_set(self) -> datasets.Dataset:
+        """The server's validation rows for contribution accounting: the first ``contribution.validation_rows``
+        of the held-out rows (already shuffled), never part of the central test set; empty when it is off."""
+        return self._held_out[1]
 
     @cached_property
     def partitioner(self) -> Any:
@@ -219,6 +242,7 @@ class Experiment:
                 layer, or the partitioner's number of partitions differs from ``federation.num_clients``.
         """
         self.corpus  # noqa: B018 - loading checks the task pairing
+        self.test_set  # noqa: B018 - the held-out rows leave some to test after contribution validation
         check_model = getattr(self.privacy, "check_model", None)
         if check_model is not None:  # DP refuses layers it cannot clip per record, before any client starts
             check_model(self.model())
@@ -266,6 +290,15 @@ class Experiment:
                 f"federation.min_train_clients to {method.min_clients} (and num_clients with it) or lower "
                 "strategy.byzantine."
             )
+        organisation = self.privacy.organisation
+        self.contribution.check(
+            masked=self.secure.masked,
+            num_clients=self.federation.num_clients,
+            fraction_train=self.federation.fraction_train,
+            ring=getattr(self.secure, "neighbours", None) is not None,
+            noise_at_clients=organisation is not None and organisation.noise_at == "clients",
+            min_round_clients=MIN_ROUND_CLIENTS,
+        )
         if not self.secure.masked:
             return
         if self.federation.min_train_clients < 2:

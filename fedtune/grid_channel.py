@@ -18,6 +18,7 @@ from fedtune.adapters import AdapterState
 from fedtune.aggregation import weighted_sum
 from fedtune.channel import Client, Collected, Contribution, TrainRequest
 from fedtune.client_settings import ClientSettings
+from fedtune.contribution import reports
 from fedtune.experiment import Experiment
 from fedtune.run_dir import RunDir
 from fedtune.secure_server import SecureRounds
@@ -54,7 +55,13 @@ class GridChannel:
 
         if self.secure_rounds is not None:  # the server sees only the sum of the weighted updates and weights
             masked = self.secure_rounds.collect(
-                clients, content, request.layout, request.server_round, request.weighting.unit, request.next_clients
+                clients,
+                content,
+                request.layout,
+                request.server_round,
+                request.weighting.unit,
+                request.next_clients,
+                request.groups,
             )
             return Collected(
                 [_contribution(r, dict(r.content.metric_records[METRICS])) for r in masked.uploads],
@@ -62,6 +69,7 @@ class GridChannel:
                 masked.total_weight,
                 masked.round_size,  # the clients whose keys were verified: each one's DP noise share is for them
                 masked.upload_bytes,
+                groups=None if masked.groups is None else tuple(masked.groups),
                 extra={"aggregation_error_bound": masked.error_bound, "exchanges": float(masked.exchanges)},
             )
         contributions, updates, weights, replies = [], [], [], []
@@ -98,7 +106,16 @@ class GridChannel:
 
 
 def _contribution(reply: Reply, metrics: dict[str, float]) -> Contribution:
-    return Contribution(reply.client, metrics, reply.digest, reply.signature)
+    """The reply as the engine sees it, with its contribution report if it carries a well-formed one."""
+    record = reply.content.config_records.get(reports.RECORD)
+    report = None
+    if (
+        record is not None
+        and isinstance(record.get(reports.REPORT), str)
+        and isinstance(record.get(reports.SIGNATURE), bytes)
+    ):
+        report = (str(record[reports.REPORT]), bytes(record[reports.SIGNATURE]))
+    return Contribution(reply.client, metrics, reply.digest, reply.signature, report)
 
 
 def _read_update(content: RecordDict, layout: AdapterState) -> tuple[AdapterState, dict[str, float]]:

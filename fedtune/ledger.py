@@ -7,6 +7,9 @@ editing, removing or reordering any entry, metric line, checkpoint or adapter fi
 at a point :func:`audit` names. Whoever publishes the last entry's hash (printed at the end of a run)
 also fixes the length of the run: ``fedtune audit RUN_DIR --head HASH`` then detects a cut-off tail.
 
+With contribution accounting, every number the entries hold about who contributed what is recomputed from
+the entries themselves (fedtune/contribution/audit.py).
+
 Every entry is signed with the server's Ed25519 identity key (named in the first entry), and each round's
 entry keeps every contributing client's own reply signature with its public key, bound to the run nonce,
 round and step: a third party checks who contributed without trusting the server's files
@@ -133,9 +136,21 @@ def audit(run_dir: str | Path, head: str | None = None, server_key: str | None =
         if problem:
             return [f"{where}: {problem}"]
         previous = entry["hash"]
+    if any("contribution" in entry for entry in entries):
+        from fedtune.contribution import audit as contribution_audit  # deferred: builds the config's components
+
+        problem = contribution_audit.check(run_dir, entries, _metric_lines(run_dir))
+        if problem:
+            return [problem]
     if head is not None and previous != head:
         return [f"the ledger ends at {previous[:16]}…, not at the published head {head[:16]}… (entries were cut off)"]
     return []
+
+
+def _metric_lines(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _signed_by(public_hex: str, entry: dict[str, Any]) -> bool:

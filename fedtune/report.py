@@ -14,6 +14,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from fedtune import adapters, config  # noqa: E402
 from fedtune.adapters import RESIDUAL_FILE, AdapterState  # noqa: E402
+from fedtune.contribution import leaderboard  # noqa: E402
 from fedtune.evaluation import majority_baseline  # noqa: E402
 from fedtune.experiment import Experiment  # noqa: E402
 from fedtune.federation import Federation  # noqa: E402
@@ -62,8 +63,11 @@ def progress_line(
     return " | ".join(parts)
 
 
-def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState) -> None:
-    """Export the final adapter in PEFT format, write the plot and the model card, log a summary."""
+def finish(
+    run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState, contributions: dict[str, Any] | None = None
+) -> None:
+    """Export the final adapter in PEFT format, write the plot and the model card (with the ``contributions``
+    leaderboard, if accounted: fedtune/contribution/), log a summary."""
     model = experiment.model()
     adapters.set_adapter(model, final_adapter)
     model.save_pretrained(run_dir.path / "adapter")
@@ -76,7 +80,12 @@ def finish(run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState)
         baseline = majority_baseline(experiment.pool["label"], experiment.test_set["label"])
         run_dir.write_json("baseline.json", {"majority_class": baseline})
     plot_metrics(metrics, run_dir)
-    (run_dir.path / "README.md").write_text(model_card(experiment, metrics, baseline, final_adapter), encoding="utf-8")
+    card = model_card(experiment, metrics, baseline, final_adapter)
+    if contributions is not None:
+        card += leaderboard.model_card_section(
+            contributions, experiment.secure.masked, experiment.privacy.organisation is not None
+        )
+    (run_dir.path / "README.md").write_text(card, encoding="utf-8")
     final = final_central(metrics)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     logger.info("Finished: central test %s", summary)
@@ -161,6 +170,7 @@ model = PeftModel.from_pretrained(base_model, "adapter")
 - Differential privacy: {experiment_component(experiment, "privacy")}{_epsilon_spent(experiment, metrics)}
 - Secure aggregation: {experiment_component(experiment, "secure")}
 - Simulated attack: {experiment.attack.describe()}
+- Contribution accounting: {experiment.contribution.describe()}
 - Integrity: every client reply was signed; `ledger.jsonl` chains every round (`fedtune audit <run dir>`).{_membership_note(experiment)}
 
 ## Results (central held-out test set, final round)

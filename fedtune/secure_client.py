@@ -21,12 +21,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedtune import client_state, wire
 from fedtune.adapters import AdapterState
+from fedtune.contribution.groups import Groups, check_partition, group_of
 from fedtune.experiment import Experiment
 from fedtune.secure import identity, masking
 from fedtune.secure.identity import Identity
 from fedtune.secure.masking import MIN_ROUND_CLIENTS
 from fedtune.secure.session import DOMAIN, ClientRound, KeyBundle, ProtocolError, RingReveal, Session
-from fedtune.secure.uploads import RingRecord, UploadRecord
+from fedtune.secure.uploads import GroupRecord, RingRecord, UploadRecord
 
 logger = logging.getLogger("fedtune")
 
@@ -95,7 +96,7 @@ class SecureClient:
                 f"The server says {num_sampled} clients take part in round {server_round}, but this node verified "
                 f"the keys of {state.round_size}; a larger count would shrink its DP noise. Refused."
             )
-        self._require_group(json.loads(str(received[wire.SURVIVORS])), "shared keys in this round")
+        self._require_group(_summed_with(state, json.loads(str(received[wire.SURVIVORS]))), "shared keys in this round")
         return state
 
     def upload(self, msg: Message, state: ClientRound, update: AdapterState, metrics: dict[str, float]) -> RecordDict:
@@ -125,7 +126,7 @@ class SecureClient:
         received = msg.content.config_records[wire.CONFIG]
         del self._store()[_state_key(session)]
         survivors = json.loads(str(received[wire.SURVIVORS]))
-        self._require_group(survivors, "would be summed")
+        self._require_group(_summed_with(state, survivors), "would be summed")
         revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])))
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:
@@ -173,7 +174,10 @@ class SecureClient:
                 name: RingReveal.from_json(text) for name, text in json.loads(str(received[wire.RING_REVEALS])).items()
             }
         identities = self.peer_identities(received)
-        sealed, commitment, committed = masking.share_keys(state, bundles, identities, self.experiment.secure, ring)
+        groups = self._groups(received, [b.client for b in bundles])
+        sealed, commitment, committed = masking.share_keys(
+            state, bundles, identities, self.experiment.secure, ring, groups
+        )
         self._keep(state)
         return RecordDict(
             {
@@ -182,6 +186,32 @@ class SecureClient:
                 wire.CONFIG: ConfigRecord({wire.COMMITMENT: commitment}),
             }
         )
+
+    def _groups(self, received: ConfigRecord, round_clients: list[str]) -> Groups | None:
+        """The fixed groups the server asks this node to mask within (None: the whole round), once they are
+        what the experiment agreed to: contribution accounting under masking, groups of at least its
+        ``contribution.group_size`` that split the round, this node's own group the same as in every earlier
+        round of the experiment (written down the first time), and enough of it in the round.
+
+        Raises:
+            ProtocolError: Any of these does not hold.
+        """
+        if wire.GROUPS not in received:
+            return None
+        accounting = self.experiment.contribution
+        if not accounting.enabled:
+            raise ProtocolError(
+                "The server asks this node to mask within groups, but the experiment does not account contributions "
+                "(contribution=none): each group's sum would tell it more than the experiment allows. Refused."
+            )
+        try:
+            groups = check_partition(json.loads(str(received[wire.GROUPS])), round_clients, accounting.group_size)
+            own = group_of(groups, self.name)
+        except ValueError as error:
+            raise ProtocolError(f"The groups the server sent are not the experiment's: {error}") from error
+        GroupRecord(client_state.groups_file(self.node_config, self._scope(), self.name)).record(list(own))
+        self._require_group(sorted(set(own) & set(round_clients)), "of this node's group sent round keys")
+        return groups
 
     def _bundles(self, received: ConfigRecord) -> list[KeyBundle]:
         """The round keys the server forwards, once there are enough of them for this node."""
@@ -252,6 +282,12 @@ class SecureClient:
                 f"{len(set(names))} clients {what}, fewer than this node's minimum of {minimum} (node config "
                 "min-round-clients): in so small a round the server and a colluding client could isolate its update."
             )
+
+
+def _summed_with(state: ClientRound, names: list[str]) -> list[str]:
+    """Those of ``names`` whose updates end up in the same revealed sum as this node's: all of them, or in a
+    grouped round (contribution accounting) only its group's."""
+    return sorted(set(names) & set(state.peers)) if state.grouped else names
 
 
 def session_of(msg: Message, next_round: bool = False) -> Session:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,9 +28,10 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import wire
 from fedtune.adapters import AdapterState, l2_norm
-from fedtune.channel import Client, RoundAbandoned, RoundFailedError
+from fedtune.channel import Client, GroupSum, RoundAbandoned, RoundFailedError
+from fedtune.contribution.groups import Groups
 from fedtune.secure import fixed_point, primitives
-from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask
+from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask, unmask_groups
 from fedtune.secure.session import KeyBundle, ProtocolError, RingReveal, Session, view_digest
 from fedtune.transport import Reply, Transport
 
@@ -51,6 +52,7 @@ class MaskedSum:
     round_size: int  # |U1|: the clients whose round keys were verified (each client's DP noise share is for them)
     upload_bytes: float  # mean bytes a contributor sent in this round's messages
     exchanges: int  # message exchanges the round took (2 when its keys and shares came pipelined, 4 on a ring)
+    groups: list[GroupSum] | None = None  # each fixed group's sum, when masked within groups
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,15 @@ class SecureRounds:
         server_round: int,
         unit_weights: bool,
         next_sampled: list[Client] | None,
+        groups: Groups | None = None,
     ) -> MaskedSum:
         """One round with ``sampled``; ``train_content`` builds each client's train message, and ``layout`` holds
         the tensors each client uploads (its shapes and order fix the masked vector).
 
         ``next_sampled`` are the clients of the next round (None after the last): they make that round's
-        keys and shares during this one.
+        keys and shares during this one. With ``groups`` (contribution accounting) each client masks only
+        with the members of its fixed group, every group must keep its own t at every step, and the result
+        holds each group's sum as well as the total.
 
         Raises:
             RoundFailedError: Before any upload, fewer clients shared keys than the round needs (t, and
@@ -125,10 +130,9 @@ class SecureRounds:
         else:
             keys = prepared if prepared is not None else self._round_keys(step, sampled, session)
             round_clients = [c for c in sampled if c.key in keys.bundles]
-            setup = self._share(step, round_clients, self._fix_ring(step, round_clients, keys))
-        threshold = self.secure.round_minimum(len(setup.bundles))
-        needed = max(threshold, self.transport.experiment.federation.min_train_clients)  # t, and the run's minimum
-        _require(len(setup.sealed), needed, server_round, "shared their keys")
+            setup = self._share(step, round_clients, self._fix_ring(step, round_clients, keys), groups)
+        quorum = _Quorum(self.secure, setup.bundles, groups, self.transport.experiment.federation.min_train_clients)
+        quorum.require(setup.sealed, server_round, "shared their keys")
         survivors = sorted(setup.sealed)
         next_session = Session(self.transport.run_nonce, server_round + 1)
         # Pipelining needs every next-round client in this round; otherwise the next round runs every step.
@@ -172,7 +176,7 @@ class SecureRounds:
         excluded_by = {name: excluded for name, (_, _, excluded) in accepted.items() if name in masked}
         # Every condition for using the sum is checked before anything is unmasked: a sum revealed and then
         # discarded could be subtracted from another one.
-        _require(len(uploads), needed, server_round, "uploaded a masked update", RoundAbandoned)
+        quorum.require(masked, server_round, "uploaded a masked update", RoundAbandoned)
         uploaders = sorted(masked)
         dropped = sorted(set(survivors) - set(uploaders))
         next_keys = _accepted(
@@ -186,7 +190,7 @@ class SecureRounds:
         unmask_fields = {wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)}
         next_fields = {}
         if preparing and not next_ring:  # the next round's clients get its keys and answer with their shares
-            next_fields = _keys_message({c.key: c.public_key for c in next_sampled}, next_keys)
+            next_fields = _keys_message({c.key: c.public_key for c in next_sampled}, next_keys, groups)
 
         def unmask_request(client: Client) -> RecordDict:
             fields = {**unmask_fields, **next_fields} if client.key in next_clients else unmask_fields
@@ -199,20 +203,37 @@ class SecureRounds:
             if next_ring:  # the keys of those still here (the next round starts from its first step otherwise)
                 self._prepared = _Keys(next_session, {r.client.key: next_keys[r.client.key] for r in preparers}, None)
             else:
-                self._prepared = self._dealt(preparers, _Keys(next_session, next_keys, None), "next-round shares")
-        _require(len(revealed), threshold, server_round, "revealed their shares", RoundAbandoned)
+                self._prepared = self._dealt(
+                    preparers, _Keys(next_session, next_keys, None), "next-round shares", groups
+                )
+        quorum.require(revealed, server_round, "revealed their shares", RoundAbandoned, only_t=True)
         try:
-            total, liars = unmask(
-                session,
-                masked,
-                setup.bundles,
-                setup.commitments,
-                revealed,
-                self.secure,
-                setup.share_commitments,
-                excluded_by,
-                setup.ring,
-            )
+            if groups is None:
+                total, liars = unmask(
+                    session,
+                    masked,
+                    setup.bundles,
+                    setup.commitments,
+                    revealed,
+                    self.secure,
+                    setup.share_commitments,
+                    excluded_by,
+                    setup.ring,
+                )
+                group_totals = None
+            else:  # each group unmasked on its own: the server learns the groups' sums and nothing finer
+                group_totals, liars = unmask_groups(
+                    session,
+                    masked,
+                    setup.bundles,
+                    setup.commitments,
+                    revealed,
+                    self.secure,
+                    setup.share_commitments,
+                    excluded_by,
+                    groups,
+                )
+                total = np.sum([t for _, t in group_totals], axis=0, dtype=np.uint32)  # mod 2^32, as one sum
         except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
             raise RoundAbandoned(f"Round {server_round}: unmasking failed ({error})") from error
         if liars:
@@ -224,6 +245,21 @@ class SecureRounds:
         code = self.secure.fixed_point(len(setup.bundles), unit_weights)
         weighted_sum, total_weight = code.decode(total, layout)
         problem = self._implausible(weighted_sum, total_weight, len(uploads), len(setup.bundles), unit_weights, code)
+        group_sums = None
+        if group_totals is not None:
+            group_sums = [GroupSum(members, *code.decode(sum_, layout)) for members, sum_ in group_totals]
+            problem = problem or next(
+                (
+                    f"group {list(g.members)}: {why}"
+                    for g in group_sums
+                    if (
+                        why := self._implausible(
+                            g.weighted_sum, int(g.total_weight), len(g.members), len(setup.bundles), unit_weights, code
+                        )
+                    )
+                ),
+                None,
+            )
         if problem is not None:
             raise RoundAbandoned(
                 f"Round {server_round}: the unmasked sum is not one that honest clients can produce ({problem}); "
@@ -239,6 +275,7 @@ class SecureRounds:
             len(setup.bundles),
             sum(sent[key] for key in uploaders) / len(uploaders),
             exchanges,
+            group_sums,
         )
 
     def _round_keys(self, step: Step, sampled: list[Client], session: Session) -> _Keys:
@@ -277,17 +314,17 @@ class SecureRounds:
             )
         return _Keys(keys.session, keys.bundles, ring)
 
-    def _share(self, step: Step, clients: list[Client], keys: _Keys) -> _Setup:
-        """Step 2 as its own exchange with ``clients`` (those of ``keys``)."""
-        fields = _keys_message({c.key: c.public_key for c in clients}, keys.bundles)
+    def _share(self, step: Step, clients: list[Client], keys: _Keys, groups: Groups | None) -> _Setup:
+        """Step 2 as its own exchange with ``clients`` (those of ``keys``), masking within ``groups`` if any."""
+        fields = _keys_message({c.key: c.public_key for c in clients}, keys.bundles, groups)
         if keys.ring is not None:
             fields[wire.RING_REVEALS] = json.dumps({name: reveal.to_json() for name, reveal in keys.ring.items()})
         config = ConfigRecord(fields)
-        return self._dealt(step(clients, wire.SECAGG_SHARES, lambda c: _request(config)), keys, "reply")
+        return self._dealt(step(clients, wire.SECAGG_SHARES, lambda c: _request(config)), keys, "reply", groups)
 
-    def _dealt(self, replies: list[Reply], keys: _Keys, what: str) -> _Setup:
+    def _dealt(self, replies: list[Reply], keys: _Keys, what: str, groups: Groups | None) -> _Setup:
         """The set-up of ``keys`` from replies that carry encrypted shares (malformed ones logged, left out)."""
-        peers = self.secure.peers(keys.bundles, keys.ring)
+        peers = self.secure.peers(keys.bundles, keys.ring, groups)
         shared = _accepted(replies, _shares_reader(peers), keys.session.server_round, what)
         return _Setup(
             keys.session,
@@ -332,6 +369,39 @@ class SecureRounds:
         return None
 
 
+class _Quorum:
+    """How many clients each step of a round needs: t of the round (of each group, when masked within groups),
+    and the run's ``federation.min_train_clients`` in all."""
+
+    def __init__(
+        self, secure: SecureAggregation, bundles: dict[str, KeyBundle], groups: Groups | None, minimum: int
+    ) -> None:
+        self.minimum = minimum
+        if groups is None:
+            self.parts = [(None, set(bundles), secure.round_minimum(len(bundles)))]
+        else:  # a group's t is of its members in the round, as each member computes it
+            present = [set(group) & set(bundles) for group in groups]
+            self.parts = [
+                (list(group), p, secure.min_survivors(len(p))) for group, p in zip(groups, present, strict=True) if p
+            ]
+
+    def require(
+        self,
+        names: Iterable[str],
+        server_round: int,
+        what: str,
+        error: type[RuntimeError] = RoundFailedError,
+        only_t: bool = False,
+    ) -> None:
+        """Raise ``error`` unless ``names`` hold every part's t (and, unless ``only_t``, the run's minimum)."""
+        names = set(names)
+        for group, members, threshold in self.parts:
+            where = "" if group is None else f" of group {group}"
+            _require(len(names & members), threshold, server_round, f"{what}{where}", error)
+        if not only_t:
+            _require(len(names), self.minimum, server_round, what, error)
+
+
 def _keys(clients: list[Client]) -> set[str]:
     return {c.key for c in clients}
 
@@ -340,12 +410,18 @@ def _request(config: ConfigRecord) -> RecordDict:
     return RecordDict({wire.CONFIG: config})
 
 
-def _keys_message(identities: dict[str, str], bundles: dict[str, KeyBundle]) -> dict[str, str]:
-    """What a client needs to deal its shares: every round client's signed keys and identity key."""
-    return {
+def _keys_message(
+    identities: dict[str, str], bundles: dict[str, KeyBundle], groups: Groups | None = None
+) -> dict[str, str]:
+    """What a client needs to deal its shares: every round client's signed keys and identity key (and the
+    fixed groups, when it is to mask within its own)."""
+    fields = {
         wire.BUNDLES: json.dumps([bundles[name].to_json() for name in sorted(bundles)]),
         wire.IDENTITIES: json.dumps(identities),
     }
+    if groups is not None:
+        fields[wire.GROUPS] = json.dumps([list(group) for group in groups])
+    return fields
 
 
 def _read_bundle(reply: Reply, session: Session) -> KeyBundle:

@@ -30,6 +30,7 @@ RING_REVEAL, RING_REVEALS = "ring-reveal", "ring-reveals"  # one client's reveal
 BUNDLE, BUNDLES, IDENTITIES, SEALED, COMMITMENT = "bundle", "bundles", "identities", "sealed", "commitment"
 SURVIVORS, DROPPED, REVEALED, MASKED = "survivors", "dropped", "revealed", "masked"
 SHARE_COMMITMENTS, EXCLUDED = "share-commitments", "excluded"  # per-share commitments; peers a client left out
+GROUPS = "groups"  # in a shares request: the fixed groups to mask within (contribution accounting), JSON
 PREPARE_NEXT = "prepare-next"  # in a masked train message: also make the next round's keys (steps pipelined)
 
 

@@ -53,8 +53,9 @@ import dataclasses
 import hashlib
 import math
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -72,6 +73,8 @@ from fedtune.secure.session import (
     ring_commitment,
     view_digest,
 )
+
+T = TypeVar("T")
 
 # The smallest masked round a node takes part in unless its node config says otherwise (min-round-clients):
 # a round of two is a victim and, possibly, the server's accomplice.
@@ -131,15 +134,25 @@ class SecureAggregation:
         return self.neighbours is not None and self.neighbours < round_size - 1
 
     def peers(
-        self, bundles: Mapping[str, KeyBundle], ring: Mapping[str, RingReveal] | None = None
+        self,
+        bundles: Mapping[str, KeyBundle],
+        ring: Mapping[str, RingReveal] | None = None,
+        groups: Sequence[Sequence[str]] | None = None,
     ) -> dict[str, frozenset[str]]:
-        """Each client's peers in the round of these verified round keys: all others, or its neighbours on the
-        ring ordered by every client's revealed ring secret (``ring``, already verified).
+        """Each client's peers in the round of these verified round keys: all others, its neighbours on the
+        ring ordered by every client's revealed ring secret (``ring``, already verified), or the other members
+        of its fixed group (``groups``: contribution accounting; the server then learns each group's sum).
 
         Raises:
-            ProtocolError: A ring round without the secret of each of its clients.
+            ProtocolError: A ring round without the secret of each of its clients, or a client in no group
+                or in two.
         """
         names = sorted(bundles)
+        if groups is not None:
+            holding = {name: [g for g in groups if name in g] for name in names}
+            if any(len(found) != 1 for found in holding.values()):
+                raise ProtocolError("Every client of a grouped round must be in exactly one group.")
+            return {name: frozenset(holding[name][0]) & frozenset(names) - {name} for name in names}
         if not self.uses_ring(len(names)):
             return {name: frozenset(names) - {name} for name in names}
         if ring is None or set(ring) != set(names):
@@ -241,10 +254,13 @@ def share_keys(
     identities: Mapping[str, str],
     config: SecureAggregation,
     ring: Mapping[str, RingReveal] | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> tuple[dict[str, bytes], bytes, dict[str, str]]:
     """Step 2 (client): encrypted shares for every peer, the commitment to the self-mask seed, and a
     commitment to each share (recipient -> seed-share and key-share commitments, hex, joined). In a ring
-    round, ``ring`` holds every client's revealed ring secret, which orders the ring.
+    round, ``ring`` holds every client's revealed ring secret, which orders the ring; in a grouped round,
+    ``groups`` the fixed groups (the caller checks them: fedtune/secure_client.py), whose members mask only
+    with each other.
 
     Raises:
         ProtocolError: A peer's keys are not validly signed, this client's own keys were altered, names
@@ -262,7 +278,8 @@ def share_keys(
             if name not in peers or reveal.client != name:
                 raise ProtocolError(f"A ring secret for {name}, who is not in this round.")
             reveal.verify(state.session, view, identities.get(name), peers[name])
-    names = sorted(config.peers(peers, ring)[state.client] | {state.client})
+    names = sorted(config.peers(peers, ring, groups)[state.client] | {state.client})
+    state.grouped = groups is not None
     state.threshold = config.min_survivors(len(names))
     if len(names) < state.threshold:
         raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
@@ -430,6 +447,52 @@ def unmask(
             mask = primitives.keystream(_pair_seed(session, mask_private, gone, bundles[name]), length)
             (np.subtract if name < gone else np.add)(total, mask, out=total)  # undo what ``name`` added
     return total, liars
+
+
+def unmask_groups(
+    session: Session,
+    masked: Mapping[str, np.ndarray],
+    bundles: Mapping[str, KeyBundle],
+    commitments: Mapping[str, bytes],
+    revealed: Mapping[str, dict[str, dict[str, str]]],
+    config: SecureAggregation,
+    share_commitments: Mapping[str, Mapping[str, str]],
+    excluded: Mapping[str, Iterable[str]],
+    groups: Sequence[Sequence[str]],
+) -> tuple[list[tuple[tuple[str, ...], np.ndarray]], list[str]]:
+    """Step 4 (server) of a grouped round: each group's unmasked sum (members masked only with each other, so
+    each group is a masked round of its own, unmasked by :func:`unmask` from its members' shares alone).
+
+    Returns:
+        Per group with uploads in the round: its uploaders and their sum; and the revealers left out for
+        revealing a wrong share.
+
+    Raises:
+        ProtocolError: Fewer than a group's t valid shares for a secret that is needed.
+    """
+    sums, liars = [], []
+    for group in groups:
+        members = set(group)
+        uploaders = _within(masked, members)
+        if not uploaders:
+            continue
+        total, group_liars = unmask(
+            session,
+            uploaders,
+            _within(bundles, members),
+            _within(commitments, members),
+            _within(revealed, members),
+            config,
+            _within(share_commitments, members),
+            _within(excluded, members),
+        )
+        sums.append((tuple(sorted(uploaders)), total))
+        liars += group_liars
+    return sums, sorted(liars)
+
+
+def _within(mapping: Mapping[str, T], members: set[str]) -> dict[str, T]:
+    return {name: value for name, value in mapping.items() if name in members}
 
 
 def _honest(

@@ -141,6 +141,7 @@ class ClientRound:
     round_size: int = 0  # |U1|: every client whose keys were verified, neighbours or not (fixes the code's scale)
     ring_secret: bytes = b""  # committed to in the round keys, revealed once U1 is fixed (SecAgg+ rings)
     ring_view: str = ""  # the U1 (view_digest) this client revealed its ring secret for; "" before
+    grouped: bool = False  # its peers are its fixed group (contribution accounting): its sum is the group's
 
     def to_json(self) -> str:
         """Serialised for Flower's Context.state (the client's memory between messages)."""
@@ -158,6 +159,7 @@ class ClientRound:
                 "round_size": self.round_size,
                 "ring_secret": self.ring_secret.hex(),
                 "ring_view": self.ring_view,
+                "grouped": self.grouped,
             }
         )
 
@@ -178,4 +180,5 @@ class ClientRound:
             data["round_size"],
             bytes.fromhex(data["ring_secret"]),
             data["ring_view"],
+            data["grouped"],
         )

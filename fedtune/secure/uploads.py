@@ -8,6 +8,8 @@ sums of that round over different client sets differ by one client's update. So 
 once per round of an experiment, whatever the run, and writes that down (fsynced) before the upload
 leaves the node.
 
+A node also keeps its fixed group for contribution accounting (:class:`GroupRecord`).
+
 The same holds for the SecAgg+ ring (fedtune/secure/masking.py): a node reveals its ring secret for one set
 of clients per round of an experiment, whatever the run, and writes that set down before the secret leaves;
 the secret itself is derived from the node's identity key, the experiment and the round, so a server that
@@ -34,8 +36,11 @@ class _RoundFile:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def _write(self, server_round: int, value: Any) -> None:
+        self._write_key(str(server_round), value)
+
+    def _write_key(self, key: str, value: Any) -> None:
         rounds = self._rounds()
-        rounds[str(server_round)] = value
+        rounds[key] = value
         atomic_write(self.path, json.dumps(rounds, sort_keys=True).encode())  # fsynced
 
 
@@ -63,6 +68,31 @@ class RingRecord(_RoundFile):
         """Write down, before the secret is sent, that this node reveals it for ``clients`` in ``server_round``."""
         self.check(server_round, clients)
         self._write(server_round, sorted(clients))
+
+
+class GroupRecord(_RoundFile):
+    """The fixed group one node masks within for contribution accounting, for one experiment (under the key
+    "group"): the server draws the groups once a run (fedtune/contribution/groups.py), and regrouping later
+    would reveal sums over other sets of clients.
+
+    Args:
+        path: The record's file.
+    """
+
+    def record(self, group: list[str]) -> None:
+        """Write ``group`` down the first time; afterwards refuse any other.
+
+        Raises:
+            ProtocolError: Another group was written down for this experiment.
+        """
+        kept = self._rounds().get("group")
+        if kept is None:
+            self._write_key("group", sorted(group))
+        elif kept != sorted(group):
+            raise ProtocolError(
+                f"This node masks within the group {kept} in this experiment; the server now puts it in "
+                f"{sorted(group)}, which would reveal a sum over other clients. Refused."
+            )
 
 
 class UploadRecord(_RoundFile):
