@@ -242,11 +242,11 @@ class Experiment:
                 layer, or the partitioner's number of partitions differs from ``federation.num_clients``.
         """
         self.corpus  # noqa: B018 - loading checks the task pairing
-        self.test_set  # noqa: B018 - the held-out rows leave some to test after contribution validation
         check_model = getattr(self.privacy, "check_model", None)
         if check_model is not None:  # DP refuses layers it cannot clip per record, before any client starts
             check_model(self.model())
         self.check_composition()
+        self.test_set  # noqa: B018 - the held-out rows leave some to test after contribution validation
         self._check_masked_round_size()
         self.client_data(0)  # assigns the pool, which natural partitioning needs to count its partitions
         partitions = self.partitioner.num_partitions

@@ -149,10 +149,12 @@ def make_nodes(
     tampering: dict[str, dict[tuple[int, str], Callable[[RecordDict], None]]] | None = None,
     prefix: str = "hospital",
     app: ClientApp | None = None,
+    own_config: dict[str, dict[str, Any]] | None = None,
 ) -> list[Node]:
     """``count`` nodes named <prefix>-0.. on partitions 0.., with their own state dirs and identity keys, all of
     whom trust each other's keys (``trusted-keys``); the run's config is ``overrides`` with run dir ``root/run``.
-    With ``prefix="partition"`` they have the names (and so the seeds) of Flower simulation's nodes."""
+    With ``prefix="partition"`` they have the names (and so the seeds) of Flower simulation's nodes.
+    ``node_config`` goes to every node's node config, ``own_config[name]`` to that node's only."""
     run_config = config.to_run_config(overrides, str(root / "run"))
     trusted = root / "trusted_keys.json"
     names = [f"{prefix}-{i}" for i in range(count)]
@@ -169,6 +171,7 @@ def make_nodes(
                 "identity-key": str(root / "keys" / f"{name}.pem"),
                 "trusted-keys": str(trusted),
                 **(node_config or {}),
+                **(own_config or {}).get(name, {}),
             },
             run_config,
             simulated,
