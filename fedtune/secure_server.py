@@ -248,18 +248,17 @@ class SecureRounds:
         group_sums = None
         if group_totals is not None:
             group_sums = [GroupSum(members, *code.decode(sum_, layout)) for members, sum_ in group_totals]
-            problem = problem or next(
-                (
-                    f"group {list(g.members)}: {why}"
-                    for g in group_sums
-                    if (
-                        why := self._implausible(
-                            g.weighted_sum, int(g.total_weight), len(g.members), len(setup.bundles), unit_weights, code
-                        )
-                    )
-                ),
-                None,
-            )
+            for group in group_sums:  # a group's sum must be plausible too, not only the total
+                why = self._implausible(
+                    group.weighted_sum,
+                    int(group.total_weight),
+                    len(group.members),
+                    len(setup.bundles),
+                    unit_weights,
+                    code,
+                )
+                if problem is None and why is not None:
+                    problem = f"group {list(group.members)}: {why}"
         if problem is not None:
             raise RoundAbandoned(
                 f"Round {server_round}: the unmasked sum is not one that honest clients can produce ({problem}); "

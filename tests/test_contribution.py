@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from fedtune import cli, config, wire
 from fedtune.assets import cache_dir
+from fedtune.channel import RoundFailedError
 from fedtune.contribution import reports
 from fedtune.contribution.valuation import coalition_key
 from fedtune.data.icd10 import icd10_chapters
@@ -345,3 +346,50 @@ def test_contribution_none_leaves_the_experiment_hash_as_it_was_and_shapley_chan
     del without["contribution"]  # type: ignore[union-attr, arg-type]
     assert config.experiment_hash(plain) == config.experiment_hash(OmegaConf.create(without))
     assert config.experiment_hash(config.compose([*overrides, "contribution=shapley"])) != config.experiment_hash(plain)
+
+
+def test_a_resumed_run_credits_every_round_once_as_an_uninterrupted_one(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """A round that fails (a node lost) and a resume: the ledger's contribution records and summary are those
+    of the uninterrupted run, and the audit passes."""
+    extra = ("contribution=shapley", "contribution.validation_rows=20", "federation.num_rounds=3")
+    whole = tiny_overrides(tiny_bert_dir, tmp_path / "a" / "run", *extra)
+    uninterrupted = _federate(tmp_path / "a", whole, 2)
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "b" / "run", *extra)
+    with pytest.raises(RoundFailedError):
+        _federate(tmp_path / "b", overrides, 2, failures={"hospital-1": [(3, "train")]})
+    resumed = _federate(tmp_path / "b", [*overrides, "resume=true"], 2)
+    assert audit(resumed) == []
+    records = [[e["contribution"]["utilities"] for e in _rounds(run)] for run in (uninterrupted, resumed)]
+    assert records[0] == records[1]
+    summaries = [Ledger(run).entries()[-1]["contribution"] for run in (uninterrupted, resumed)]
+    assert summaries[0] == summaries[1]
+
+
+def _federate(root: Path, overrides: list[str], count: int, **options: Any) -> Path:
+    run_config = config.to_run_config(overrides, str(root / "run"))
+    run_federation(InProcessGrid(make_nodes(root, overrides, count, **options)), config.load_experiment(run_config))
+    return root / "run"
+
+
+def test_a_sampled_round_is_replayed_by_the_audit_from_its_seed(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Above ``exact_up_to`` players GTG-Shapley samples, seeded per round: the ledger records only the
+    coalitions it evaluated, and the audit draws the same permutations and gets the same values."""
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        tmp_path / "run",
+        "federation.num_clients=4",
+        "contribution=shapley",
+        "contribution.validation_rows=20",
+        "contribution.exact_up_to=2",
+    )
+    run_dir = _federate(tmp_path, overrides, 4)
+    records = [e["contribution"] for e in _rounds(run_dir)]
+    assert all(r["method"] == "gtg" and 4 <= r["permutations"] <= 50 for r in records)
+    assert all(len(r["utilities"]) <= 16 for r in records)
+    assert audit(run_dir) == []
+
+    def fewer_permutations(entries: list[dict[str, Any]]) -> None:
+        entries[1]["contribution"]["permutations"] -= 1
+
+    resign(run_dir, fewer_permutations)
+    assert audit(run_dir)[0].startswith("entry 1 (round 1): GTG-Shapley draws")

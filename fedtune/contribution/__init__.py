@@ -70,7 +70,7 @@ class ShapleyContribution:
 
     weights: Mapping[str, float] = field(default_factory=lambda: {"data": 0.25, "compute": 0.25, "utility": 0.5})
     exact_up_to: int = 6
-    validation_rows: int = 200
+    validation_rows: int = 100
     group_size: int = 3
     data_bucket: int = 100
     truncation: float = 0.01

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedtune.contribution import groups, reports
+from fedtune.contribution import KINDS, groups, reports
 from fedtune.contribution.accounting import credits, data_rule, summary, utility_shares
 from fedtune.contribution.reports import Report
 from fedtune.contribution.shapley import exact_shapley, gtg_shapley
@@ -144,7 +144,7 @@ def _check_metric_lines(
     logged = {(m["scope"], m["metric"]): m["value"] for m in metrics if m["round"] == server_round}
     expected = {("contribution", "validation_loss_before"): -before, ("contribution", "validation_loss_after"): -after}
     for name in record["utility"]:
-        expected.update({(f"contribution:{name}", kind): record[kind][name] for kind in ("data", "compute", "utility")})
+        expected.update({(f"contribution:{name}", kind): record[kind][name] for kind in KINDS})
     for key, value in expected.items():
         if key not in logged or not math.isclose(logged[key], value, rel_tol=_CLOSE, abs_tol=_CLOSE):
             return f"metrics.jsonl's {key[0]} {key[1]} is not what the ledger records"

@@ -25,6 +25,7 @@ class Board:
         rounds: Each accounted round's number and record.
         groups: The fixed groups under masking, else None.
         audit: The audit's first problem, or None when every number checks out.
+        organisation_dp: The run used organisation-level DP (the scores lie outside its guarantee).
     """
 
     run_dir: Path
@@ -32,6 +33,7 @@ class Board:
     rounds: list[tuple[int, Mapping[str, Any]]]
     groups: list[list[str]] | None
     audit: str | None
+    organisation_dp: bool
 
     def text(self) -> str:
         """The leaderboard, the per-round utilities and the audit's verdict, as markdown."""
@@ -47,10 +49,12 @@ class Board:
                 + "; ".join(", ".join(g) for g in self.groups)
                 + "\n\n"
             )
-        weights = ", ".join(f"{k} {w:g}" for k, w in self.summary["weights"].items())
+        explained = "\n".join(
+            f"- {note}" for note in notes(self.summary, self.groups is not None, self.organisation_dp)
+        )
         return (
-            f"Contributions to {self.run_dir} ({verdict})\n\n{groups}V = sum of weight x share; weights: {weights}\n\n"
-            f"{markdown(rows(self.summary))}\nUtility credit per round:\n\n{per_round(self.rounds)}"
+            f"Contributions to {self.run_dir} ({verdict})\n\n{groups}{markdown(rows(self.summary))}\n"
+            f"Utility credit per round:\n\n{per_round(self.rounds)}\n{explained}\n"
         )
 
     def write(self, out: Path) -> None:
@@ -67,6 +71,7 @@ def from_run(run_dir: Path) -> Board:
     Raises:
         ValueError: The run has no ledger or accounted no contributions.
     """
+    from fedtune.experiment import Experiment  # deferred: builds the config's privacy component
     from fedtune.ledger import Ledger, audit  # deferred: a cycle through fedtune.contribution.audit otherwise
 
     entries = Ledger(run_dir).entries()
@@ -75,14 +80,21 @@ def from_run(run_dir: Path) -> Board:
             f"{run_dir} has no ledger of a run with contribution accounting (run with contribution=shapley)."
         )
     rounds = [(e["round"], e["contribution"]) for e in entries if e["kind"] == "round" and "contribution" in e]
+    experiment = Experiment(OmegaConf.load(run_dir / "config.yaml"))
     last = entries[-1]
     if last["kind"] == "export":
         summary = last["contribution"]
-    else:
-        weights = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").contribution.weights)
-        summary = run_summary([record for _, record in rounds], weights)  # type: ignore[arg-type]
+    else:  # a run still going: its rounds so far
+        summary = run_summary([record for _, record in rounds], experiment.contribution.weights)
     problems = audit(run_dir)
-    return Board(run_dir, summary, rounds, entries[0]["contribution"].get("groups"), problems[0] if problems else None)
+    return Board(
+        run_dir,
+        summary,
+        rounds,
+        entries[0]["contribution"].get("groups"),
+        problems[0] if problems else None,
+        experiment.privacy.organisation is not None,
+    )
 
 
 _COLUMNS = ("organisation", "rounds", "data", "compute", "utility", *(f"{k} share" for k in KINDS), "V")
@@ -156,10 +168,10 @@ def plot(rounds: Sequence[tuple[int, Mapping[str, Any]]], summary: Mapping[str, 
     plt.close(figure)
 
 
-def model_card_section(summary: Mapping[str, Any], masked: bool, organisation_dp: bool) -> str:
-    """The model card's contribution section, with what the numbers mean and do not."""
+def notes(summary: Mapping[str, Any], masked: bool, organisation_dp: bool) -> list[str]:
+    """What the numbers mean, and what they do not."""
     weights = ", ".join(f"{k} {w:g}" for k, w in summary["weights"].items())
-    notes = [
+    explained = [
         f"V = sum over kinds of weight x share (weights: {weights}); a negative utility total counts as zero "
         "in its share and is shown as measured.",
         "Utility: each organisation's Shapley value in the improvement of the loss on the server's validation "
@@ -169,17 +181,23 @@ def model_card_section(summary: Mapping[str, Any], masked: bool, organisation_dp
         "consortium's admission of nodes is what prevents that.",
     ]
     if masked:
-        notes.append(
+        explained.append(
             "Under secure aggregation the server learned only the sums of fixed groups (see the ledger's first "
-            "entry): each member shares its group's utility equally, and data is the group's masked total split "
-            "by the members' reported buckets."
+            "entry): each member shares its group's utility equally"
+            + ("." if organisation_dp else ", and data is the group's masked total split by the members' buckets.")
         )
     if organisation_dp:
-        notes.append(
+        explained.append(
             "Organisation-level DP hides whether an organisation took part; these per-organisation scores reveal "
-            "it. They lie outside the DP guarantee: share them within the consortium only."
+            "it. They lie outside the DP guarantee: share them within the consortium only. Data counts one unit "
+            "per round taken part in."
         )
-    body = "\n".join(f"- {note}" for note in notes)
+    return explained
+
+
+def model_card_section(summary: Mapping[str, Any], masked: bool, organisation_dp: bool) -> str:
+    """The model card's contribution section."""
+    body = "\n".join(f"- {note}" for note in notes(summary, masked, organisation_dp))
     return f"""
 ## Contributions
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fedtune.adapters import AdapterState
 from fedtune.aggregation import weighted_sum
 from fedtune.channel import Client, Collected, Contribution
-from fedtune.contribution import groups, reports
+from fedtune.contribution import KINDS, groups, reports
 from fedtune.contribution.accounting import data_rule, summary
 from fedtune.contribution.reports import Report
 from fedtune.contribution.valuation import Player, RoundGame, coalition_key, value_round
@@ -111,7 +111,7 @@ def account_round(
         },
     )
     for name in sorted(record["utility"]):
-        credits = {kind: float(record[kind][name]) for kind in ("data", "compute", "utility")}
+        credits = {kind: float(record[kind][name]) for kind in KINDS}
         run_dir.log_metrics(server_round, f"contribution:{name}", credits)
     return record
 
