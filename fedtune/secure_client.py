@@ -96,7 +96,7 @@ class SecureClient:
                 f"The server says {num_sampled} clients take part in round {server_round}, but this node verified "
                 f"the keys of {state.round_size}; a larger count would shrink its DP noise. Refused."
             )
-        self._require_group(_summed_with(state, json.loads(str(received[wire.SURVIVORS]))), "shared keys in this round")
+        self._require_group(self._summed_with(state, json.loads(str(received[wire.SURVIVORS]))), "shared keys")
         return state
 
     def upload(self, msg: Message, state: ClientRound, update: AdapterState, metrics: dict[str, float]) -> RecordDict:
@@ -110,6 +110,8 @@ class SecureClient:
         survivors = json.loads(str(received[wire.SURVIVORS]))
         encoded = code.encode(update, weighting.weight(metrics["num_examples"]))
         masked, excluded = masking.mask_update(state, sealed, committed, survivors, encoded)
+        # A peer left out is not in this node's masks: the server could unmask this node's sum without it.
+        self._require_group(self._summed_with(state, survivors), "dealt this node valid shares")
         self._keep(state)
         self._uploads().record(state.session.server_round, state.session.run_nonce)  # before the upload leaves
         if excluded:
@@ -126,7 +128,7 @@ class SecureClient:
         received = msg.content.config_records[wire.CONFIG]
         del self._store()[_state_key(session)]
         survivors = json.loads(str(received[wire.SURVIVORS]))
-        self._require_group(_summed_with(state, survivors), "would be summed")
+        self._require_group(self._summed_with(state, survivors), "would be summed")
         revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])))
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:
@@ -178,6 +180,9 @@ class SecureClient:
         sealed, commitment, committed = masking.share_keys(
             state, bundles, identities, self.experiment.secure, ring, groups
         )
+        if groups is not None:  # before the shares leave: any other group later in the experiment is refused
+            own = group_of(groups, self.name)
+            GroupRecord(client_state.groups_file(self.node_config, self._scope(), self.name)).record(list(own))
         self._keep(state)
         return RecordDict(
             {
@@ -188,28 +193,51 @@ class SecureClient:
         )
 
     def _groups(self, received: ConfigRecord, round_clients: list[str]) -> Groups | None:
-        """The fixed groups the server asks this node to mask within (None: the whole round), once they are
-        what the experiment agreed to: contribution accounting under masking, groups of at least its
-        ``contribution.group_size`` that split the round, this node's own group the same as in every earlier
-        round of the experiment (written down the first time), and enough of it in the round.
+        """The fixed groups this node masks within: those the server sends when the experiment accounts
+        contributions (None otherwise: the whole round), once they are what the experiment agreed to: a
+        setting that may reveal group sums (``contribution.check``, run here too), groups of at least
+        ``contribution.group_size`` nodes it knows (its own ``trusted-keys``, where it has them) that split the
+        round, this node's own group the same as in every earlier round of the experiment (fedtune/secure/
+        uploads.py ``GroupRecord``), and enough of it in the round. Each share is sealed under the grouping too
+        (fedtune/secure/masking.py), so a peer shown other groups cannot open it.
 
         Raises:
-            ProtocolError: Any of these does not hold.
+            ProtocolError: Any of these does not hold, groups where the experiment has none, or none where it
+                has them.
         """
-        if wire.GROUPS not in received:
-            return None
         accounting = self.experiment.contribution
         if not accounting.enabled:
+            if wire.GROUPS in received:
+                raise ProtocolError(
+                    "The server asks this node to mask within groups, but the experiment does not account "
+                    "contributions (contribution=none): each group's sum would tell it more than the experiment "
+                    "allows. Refused."
+                )
+            return None
+        if wire.GROUPS not in received:
             raise ProtocolError(
-                "The server asks this node to mask within groups, but the experiment does not account contributions "
-                "(contribution=none): each group's sum would tell it more than the experiment allows. Refused."
+                "The experiment masks within fixed groups (contribution accounting), but the server sent none; "
+                "masking with other clients than its group would give the server another sum. Refused."
             )
+        federation, secure = self.experiment.federation, self.experiment.secure
+        organisation = self.experiment.privacy.organisation
         try:
+            accounting.check(
+                masked=True,
+                num_clients=federation.num_clients,
+                fraction_train=federation.fraction_train,
+                ring=secure.neighbours is not None,
+                noise_at_clients=organisation is not None and organisation.noise_at == "clients",
+                min_round_clients=self._minimum(),
+            )
             groups = check_partition(json.loads(str(received[wire.GROUPS])), round_clients, accounting.group_size)
             own = group_of(groups, self.name)
         except ValueError as error:
             raise ProtocolError(f"The groups the server sent are not the experiment's: {error}") from error
-        GroupRecord(client_state.groups_file(self.node_config, self._scope(), self.name)).record(list(own))
+        known = set(self.peer_identities(received)) if "trusted-keys" in self.node_config else None
+        unknown = sorted({name for group in groups for name in group} - known) if known is not None else []
+        if unknown:
+            raise ProtocolError(f"The groups the server sent name nodes this node does not know: {unknown}. Refused.")
         self._require_group(sorted(set(own) & set(round_clients)), "of this node's group sent round keys")
         return groups
 
@@ -220,15 +248,17 @@ class SecureClient:
         return bundles
 
     def _round_keys(self, session: Session, still_open: Session | None = None) -> ConfigRecord:
-        """Keys for ``session``, kept; asked again in the same round, the same keys (and the same ring secret,
-        which this node reveals for one set of clients only)."""
+        """Keys for ``session``, kept; asked again in the same round, the same keys until this node has dealt its
+        shares for them, fresh ones after (the server sets a round up again when a client is gone: the shares
+        of the first keys are then never used, and the keys are never dealt twice). The ring secret stays the
+        same: this node reveals it for one set of clients only."""
         if not 1 <= session.server_round <= self.experiment.federation.num_rounds:
             raise ProtocolError(
                 f"Round {session.server_round} is not a round of this experiment "
                 f"(federation.num_rounds={self.experiment.federation.num_rounds}). Refused."
             )
         kept = self._store().get(_state_key(session))
-        if kept is not None:
+        if kept is not None and not ClientRound.from_json(str(kept)).view:
             bundle = masking.signed_bundle(ClientRound.from_json(str(kept)), self.signer)
         else:
             ring_secret = self._ring_secret(session.server_round)
@@ -274,20 +304,28 @@ class SecureClient:
         """This node's record of the clients it revealed its ring secret for, per round."""
         return RingRecord(client_state.rings_file(self.node_config, self._scope(), self.name))
 
+    def _summed_with(self, state: ClientRound, names: list[str]) -> list[str]:
+        """Those of ``names`` whose updates the server can only see summed with this node's: its peers (its whole
+        round, or its fixed group), and once it has masked only the peers it masked with (whose valid shares
+        it holds), itself included. On a SecAgg+ ring, where a node sees only its neighbourhood of the sum,
+        all of ``names``."""
+        if self.experiment.secure.uses_ring(state.round_size) and not state.grouped:
+            return names
+        tied = state.shares if state.uploaders else state.peers
+        return sorted(set(names) & set(tied))
+
+    def _minimum(self) -> int:
+        """The smallest sum this node's update may be in (node config ``min-round-clients``)."""
+        return int(self.node_config.get("min-round-clients", MIN_ROUND_CLIENTS))
+
     def _require_group(self, names: list[str], what: str) -> None:
         """Refuse a round of fewer clients than this node's own minimum (node config ``min-round-clients``)."""
-        minimum = int(self.node_config.get("min-round-clients", MIN_ROUND_CLIENTS))
+        minimum = self._minimum()
         if len(set(names)) < minimum:
             raise ProtocolError(
                 f"{len(set(names))} clients {what}, fewer than this node's minimum of {minimum} (node config "
                 "min-round-clients): in so small a round the server and a colluding client could isolate its update."
             )
-
-
-def _summed_with(state: ClientRound, names: list[str]) -> list[str]:
-    """Those of ``names`` whose updates end up in the same revealed sum as this node's: all of them, or in a
-    grouped round (contribution accounting) only its group's."""
-    return sorted(set(names) & set(state.peers)) if state.grouped else names
 
 
 def session_of(msg: Message, next_round: bool = False) -> Session:

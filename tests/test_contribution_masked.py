@@ -10,6 +10,7 @@ the wire format (tests/nodes.py), so they hold whatever the server's code become
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from fedtune.secure.session import ProtocolError
 from fedtune.server_app import run_federation
 from tests.conftest import tiny_overrides
 from tests.nodes import HostileServer, InProcessGrid, Node, make_nodes
+from tests.test_contribution import resign
 
 NAMES = [f"hospital-{i}" for i in range(6)]
 
@@ -256,3 +258,22 @@ def test_a_group_survives_a_dropout_and_the_run_goes_on(tiny_bert_dir: Path, tmp
     assert audit(run_dir) == []
     checkpoint = torch.load(run_dir / first["checkpoint_file"], weights_only=True)["adapter"]
     assert all(torch.isfinite(t).all() for t in checkpoint.values())
+
+
+def test_audit_refuses_a_masked_round_valued_by_finer_sums_than_the_groups(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A ledger whose masked round has each hospital as its own player admits that the server obtained sums
+    finer than the committed groups': the audit names it, even signed again by the server."""
+    copy = tmp_path / "run"
+    shutil.copytree(runs["masked"], copy)
+
+    def singletons(entries: list[dict[str, Any]]) -> None:
+        record = entries[1]["contribution"]
+        record["players"] = [[name] for player in record["players"] for name in player]
+
+    resign(copy, singletons)
+    assert audit(copy) == [
+        "entry 1 (round 1): the players are not the committed groups' members in the round (the server valued "
+        "finer sums)"
+    ]

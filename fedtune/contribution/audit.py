@@ -47,7 +47,10 @@ def check(run_dir: Path, entries: Sequence[Mapping[str, Any]], metrics: Sequence
         if entry["kind"] != "round" or record is None:
             continue
         where = f"entry {index} (round {entry['round']})"
-        problem = _check_round(entry, record, accounting, rule, committed, metrics, experiment.cfg.seed)
+        try:
+            problem = _check_round(entry, record, accounting, rule, committed, metrics, experiment.cfg.seed)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            problem = f"its contribution record is malformed ({type(error).__name__}: {error})"
         if problem:
             return f"{where}: {problem}"
         rounds.append(record)
@@ -112,6 +115,8 @@ def _check_round(
             return f"the contribution report of {name} does not verify ({error})"
     if record.get("data_rule") != rule:
         return f"data credited by rule {record.get('data_rule')!r}, but the config's settings make it {rule!r}"
+    if committed is not None and len(record.get("group_weights") or ()) != count:
+        return "a masked round records no total weight for each group"
     data, compute, checks = credits(players, stated, rule, record.get("group_weights"))
     if not _close_maps(data, record["data"]) or not _close_maps(compute, record["compute"]):
         return "the data or compute credits do not follow from the signed reports"
@@ -128,9 +133,9 @@ def _check_players(
         return "the players are not the round's participants, each once"
     if committed is None:
         return None if all(len(player) == 1 for player in players) else "players are grouped without masking"
-    for player in players:
-        if not any(set(player) <= set(group) for group in committed):
-            return f"player {player} is not within one of the groups committed in the first entry"
+    present = [sorted(set(group) & set(participants)) for group in committed]
+    if sorted(sorted(player) for player in players) != sorted(group for group in present if group):
+        return "the players are not the committed groups' members in the round (the server valued finer sums)"
     return None
 
 

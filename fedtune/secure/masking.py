@@ -70,6 +70,7 @@ from fedtune.secure.session import (
     ProtocolError,
     RingReveal,
     Session,
+    dealing_view,
     ring_commitment,
     view_digest,
 )
@@ -278,12 +279,19 @@ def share_keys(
             if name not in peers or reveal.client != name:
                 raise ProtocolError(f"A ring secret for {name}, who is not in this round.")
             reveal.verify(state.session, view, identities.get(name), peers[name])
+    dealing = dealing_view(state.session, bundles, groups)
+    if state.view and state.view != dealing:
+        raise ProtocolError(
+            "This node already dealt its shares in this round for other clients or groups; a second dealing of the "
+            "same keys would let the server rebuild its secrets from two sets of peers. Ask for fresh round keys."
+        )
     names = sorted(config.peers(peers, ring, groups)[state.client] | {state.client})
     state.grouped = groups is not None
     state.threshold = config.min_survivors(len(names))
     if len(names) < state.threshold:
         raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
     state.peers = {name: peers[name] for name in names}
+    state.view = dealing
     state.round_size = len(peers)
     state.self_seed = secrets.token_bytes(shamir.SECRET_BYTES)
     seed_shares = shamir.split(state.self_seed, state.threshold, len(names))
@@ -295,8 +303,8 @@ def share_keys(
             state.shares[name] = (seed_share, key_share)
         else:
             key = _share_key(state, name)
-            sealed[name] = primitives.seal(
-                key, seed_share + key_share, state.session.context("share", state.client, name)
+            sealed[name] = primitives.seal(  # bound to the view: a peer shown another round cannot open it
+                key, seed_share + key_share, state.session.context("share", state.client, name, state.view)
             )
     return sealed, hashlib.sha256(state.self_seed).digest(), committed
 
@@ -371,7 +379,7 @@ def _open_share(
         return None
     try:
         share = primitives.unseal(
-            _share_key(state, dealer), sealed, state.session.context("share", dealer, state.client)
+            _share_key(state, dealer), sealed, state.session.context("share", dealer, state.client, state.view)
         )
     except primitives.AuthenticationError:
         return None

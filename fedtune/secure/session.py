@@ -89,6 +89,13 @@ def view_digest(session: Session, bundles: Iterable[KeyBundle]) -> str:
     return digest.hexdigest()
 
 
+def dealing_view(session: Session, bundles: Iterable[KeyBundle], groups: Iterable[Iterable[str]] | None) -> str:
+    """Names what a client deals its shares for: the round keys it was shown (U1) and, when masked within fixed
+    groups, the grouping (hex). Every share is sealed under it, so a peer shown anything else cannot open it."""
+    grouping = "" if groups is None else json.dumps(sorted(sorted(group) for group in groups))
+    return hashlib.sha256(session.context("dealing", view_digest(session, bundles), grouping)).hexdigest()
+
+
 @dataclass(frozen=True)
 class RingReveal:
     """A client's ring secret, revealed once the round's clients (U1) are fixed and signed with the digest of
@@ -141,6 +148,7 @@ class ClientRound:
     round_size: int = 0  # |U1|: every client whose keys were verified, neighbours or not (fixes the code's scale)
     ring_secret: bytes = b""  # committed to in the round keys, revealed once U1 is fixed (SecAgg+ rings)
     ring_view: str = ""  # the U1 (view_digest) this client revealed its ring secret for; "" before
+    view: str = ""  # what it dealt its shares for (dealing_view); "" before it deals
     grouped: bool = False  # its peers are its fixed group (contribution accounting): its sum is the group's
 
     def to_json(self) -> str:
@@ -159,6 +167,7 @@ class ClientRound:
                 "round_size": self.round_size,
                 "ring_secret": self.ring_secret.hex(),
                 "ring_view": self.ring_view,
+                "view": self.view,
                 "grouped": self.grouped,
             }
         )
@@ -180,5 +189,6 @@ class ClientRound:
             data["round_size"],
             bytes.fromhex(data["ring_secret"]),
             data["ring_view"],
+            data["view"],
             data["grouped"],
         )

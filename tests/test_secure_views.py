@@ -1,0 +1,159 @@
+"""What a hostile server cannot do by showing nodes different rounds: each test is an attack in the wire format
+(the server is the test, tests/nodes.py), and each recovered a hospital's update, or a sum of two, against the
+code before its fix (a hostile review of the fixed-group masking found them; the first and the share-withholding
+attacks predate it).
+
+The common thread: a node's update is safe only inside a sum of at least its ``min-round-clients``, and what
+a node counts must be the peers its masks actually tie it to. So a node seals every share it deals under what
+it was shown (the round's keys and, with contribution accounting, the groups): a peer shown anything else
+cannot open it and is left out of its masks. It counts only the peers it masked with, refuses to upload or
+reveal with fewer than its minimum, and never deals the same round keys for two different views.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedtune import config, wire
+from fedtune.experiment import get_experiment
+from fedtune.secure.session import ProtocolError
+from tests.conftest import tiny_overrides
+from tests.nodes import HostileServer, make_nodes
+
+H = [f"hospital-{i}" for i in range(6)]
+
+
+def _hostile(model_dir: Path, tmp_path: Path, count: int, *extra: str) -> tuple[HostileServer, Any]:
+    overrides = tiny_overrides(
+        model_dir,
+        tmp_path / "run",
+        f"federation.num_clients={count}",
+        "data.loader.max_examples=600",
+        "secure=masking",
+        *extra,
+    )
+    experiment = get_experiment(config.compose(overrides))
+    return HostileServer(make_nodes(tmp_path, overrides, count), experiment.hash), experiment
+
+
+def _deal(
+    server: HostileServer, name: str, bundles: dict[str, str], shown: list[str], grouping: list[list[str]] | None = None
+) -> dict[str, Any]:
+    """The shares request to ``name`` with only the keys of ``shown`` (its view of the round), and a grouping."""
+    fields = {} if grouping is None else {wire.GROUPS: json.dumps(grouping)}
+    reply = server.send(name, wire.SECAGG_SHARES, 1, server.forward({n: bundles[n] for n in shown}, **fields))
+    return {
+        "sealed": {k: bytes(v) for k, v in reply.config_records[wire.SEALED].items()},
+        "committed": {k: str(v) for k, v in reply.config_records[wire.SHARE_COMMITMENTS].items()},
+    }
+
+
+def _train(
+    server: HostileServer, name: str, adapter: dict, survivors: list[str], dealt: dict[str, dict], round_size: int
+) -> tuple[np.ndarray, list[str]]:
+    """A masked train message to ``name`` with every share dealt to it; its upload and the peers it left out."""
+    sealed = {d: s["sealed"][name] for d, s in dealt.items() if name in s["sealed"]}
+    content = RecordDict({wire.ARRAYS: ArrayRecord(adapter)})
+    content.config_records[wire.CONFIG] = ConfigRecord(
+        {wire.SURVIVORS: json.dumps(survivors), wire.NUM_SAMPLED: round_size}
+    )
+    content.config_records[wire.SEALED] = ConfigRecord(sealed)
+    content.config_records[wire.SHARE_COMMITMENTS] = ConfigRecord({d: dealt[d]["committed"][name] for d in sealed})
+    reply = server.send(name, "train", 1, content)
+    return reply.array_records[wire.MASKED]["0"].numpy(), json.loads(
+        str(reply.config_records[wire.CONFIG][wire.EXCLUDED])
+    )
+
+
+# The victim h0 sees a normal round of three with h1 and h2; h1 and h2 are each shown a round with h3, h4, h5
+# too, and those three a round without h0. Before the fix h0 masked with h1 and h2 as usual, h1's and h2's
+# mask keys were also shared with h3, h4 and h5, who (told h1 and h2 dropped, 3 survivors of their round:
+# allowed) revealed both keys; with h0's seed from h0 and h1, h0's update fell out, with no colluding client.
+VIEWS = {
+    H[0]: [H[0], H[1], H[2]],
+    H[1]: [H[0], H[1], H[3], H[4], H[5]],
+    H[2]: [H[0], H[2], H[3], H[4], H[5]],
+    **{n: [H[1], H[2], H[3], H[4], H[5]] for n in H[3:]},
+}
+
+
+def test_a_victim_shown_another_round_than_its_peers_masks_with_none_of_them_and_refuses(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    server, experiment = _hostile(tiny_bert_dir, tmp_path, 6)
+    bundles = server.round_keys(H, 1)
+    dealt = {name: _deal(server, name, bundles, view) for name, view in VIEWS.items()}
+    with pytest.raises(ProtocolError, match=r"valid shares, fewer than"):
+        _train(server, H[0], experiment.initial_adapter(), H[:3], dealt, 3)
+
+
+def test_groups_shown_differently_to_each_member_tie_the_victim_to_no_one(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The same attack through the grouping (contribution accounting): each node is shown a partition with a
+    normal-looking group of its own, padded with other names."""
+    server, experiment = _hostile(tiny_bert_dir, tmp_path, 6, "contribution=shapley", "contribution.validation_rows=20")
+    bundles = server.round_keys(H, 1)
+    groupings = {
+        H[0]: [[H[0], H[1], H[2]], H[3:]],
+        H[1]: [[H[0], H[1], *H[3:]], [H[2]]],
+        H[2]: [[H[0], H[2], *H[3:]], [H[1]]],
+        **{n: [list(H[1:]), [H[0]]] for n in H[3:]},
+    }
+    with pytest.raises(ProtocolError, match="fewer than contribution.group_size=3"):  # a group of one: refused
+        _deal(server, H[1], bundles, H, groupings[H[1]])
+    groupings = {
+        H[0]: [[H[0], H[1], H[2]], H[3:]],
+        H[1]: [[H[0], H[1], H[3]], [H[2], H[4], H[5]]],
+        H[2]: [[H[0], H[2], H[4]], [H[1], H[3], H[5]]],
+        **{n: [[H[1], H[3], H[4]], [H[0], H[2], H[5]]] for n in H[3:]},
+    }
+    dealt = {name: _deal(server, name, bundles, H, grouping) for name, grouping in groupings.items()}
+    with pytest.raises(ProtocolError, match=r"valid shares, fewer than"):
+        _train(server, H[0], experiment.initial_adapter(), H, dealt, 6)
+
+
+def test_withholding_a_peers_shares_leaves_no_sum_of_two(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Three hospitals: the server keeps h2's shares from h0 and h1 (and theirs from it). Before the fix both left
+    h2 out of their masks and still uploaded and unmasked, counting the three names the server listed: the
+    server unmasked x0 + x1, the sum of a victim and one accomplice that min-round-clients exists to refuse."""
+    server, experiment = _hostile(tiny_bert_dir, tmp_path, 3)
+    names = H[:3]
+    bundles = server.round_keys(names, 1)
+    dealt = {name: _deal(server, name, bundles, names) for name in names}
+    withheld = {d: {**s, "sealed": {k: v for k, v in s["sealed"].items() if k != H[0]}} for d, s in dealt.items()}
+    withheld[H[2]]["sealed"] = {}
+    with pytest.raises(ProtocolError, match=r"2 clients dealt this node valid shares"):
+        _train(server, H[0], experiment.initial_adapter(), names, {H[1]: dealt[H[1]], H[2]: withheld[H[2]]}, 3)
+
+
+def test_a_node_deals_its_round_keys_for_one_view_and_takes_fresh_keys_for_another(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Dealing the same mask key twice, to two sets of peers, would let the server rebuild the key from one set
+    and the self-mask seed from the other. A second view with the same keys is refused; asked for keys again
+    (the server sets a round up again after a dropout), the node makes fresh ones, whose dealing is new."""
+    server, _ = _hostile(tiny_bert_dir, tmp_path, 5)
+    bundles = server.round_keys(H[:5], 1)
+    _deal(server, H[0], bundles, H[:5])
+    _deal(server, H[0], bundles, H[:5])  # the same view again: allowed (a retried message)
+    with pytest.raises(ProtocolError, match="already dealt its shares in this round"):
+        _deal(server, H[0], bundles, H[:4])
+    fresh = server.round_keys(H[:4], 1)
+    assert fresh[H[0]] != bundles[H[0]] and fresh[H[1]] == bundles[H[1]]  # h1 never dealt: the same keys
+    assert set(_deal(server, H[0], {**bundles, **fresh}, H[:4])["sealed"]) == set(H[1:4])
+
+
+def test_a_node_of_a_grouped_experiment_refuses_a_round_without_groups_or_with_unknown_members(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    server, _ = _hostile(tiny_bert_dir, tmp_path, 6, "contribution=shapley", "contribution.validation_rows=20")
+    bundles = server.round_keys(H, 1)
+    with pytest.raises(ProtocolError, match="the server sent none"):
+        _deal(server, H[0], bundles, H)
+    with pytest.raises(ProtocolError, match=r"does not know: \['phantom-a', 'phantom-b'\]"):
+        _deal(server, H[0], bundles, H, [[H[0], H[1], H[2], "phantom-a", "phantom-b"], H[3:]])
