@@ -16,7 +16,8 @@ linear layers: r=32 gives 1.1M adapter parameters, r=128 4.5M), ICD-10 instructi
 training (fedtune.client.train_round) in four variants: (1) fedtune plaintext, (2) fedtune secure=masking,
 (3) Flower legacy FedAvg, (4) the same under Flower's SecAggPlusWorkflow (secaggplus_mod on the clients).
 Round time is the median of the rounds between the first (start-up) and the last (final evaluation);
-with masking those rounds are pipelined (two exchanges: masked upload, unmask; round 1 takes four).
+with masking those rounds are pipelined (three exchanges: masked upload, agreement on the unmask lists,
+unmask; round 1 takes five; the results on file were measured before the agreement step, with two and four).
 
     python benchmarks/secure_overhead.py                                   # both parts, about 20 min on 2 cores
     python benchmarks/secure_overhead.py --part a --sizes 1m 4m --clients 4 10

@@ -202,6 +202,10 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def share_keys(msg: Message, context: Context) -> Message:
         return reply(msg, context, secure(context, experiment_of(msg, context)).shares(msg))
 
+    @app.train("secagg_agree")
+    def agree_lists(msg: Message, context: Context) -> Message:
+        return reply(msg, context, secure(context, experiment_of(msg, context)).agree(msg))
+
     @app.train("secagg_unmask")
     def reveal_shares(msg: Message, context: Context) -> Message:
         return reply(msg, context, secure(context, experiment_of(msg, context)).reveal(msg))

@@ -120,16 +120,29 @@ class SecureClient:
             )
         return self._upload_content(msg, masked, metrics, excluded)
 
+    def agree(self, msg: Message) -> RecordDict:
+        """Step 4a: this node's signature on the unmask lists it is given, once per round (the consistency check:
+        fedtune/secure/masking.py ``agree``)."""
+        session = session_of(msg)
+        state = self._secrets(session)
+        received = msg.content.config_records[wire.CONFIG]
+        survivors = json.loads(str(received[wire.SURVIVORS]))
+        self._require_group(self._summed_with(state, survivors), "would be summed")
+        signature = masking.agree(state, survivors, json.loads(str(received[wire.DROPPED])), self.signer)
+        self._keep(state)
+        return RecordDict({wire.CONFIG: ConfigRecord({wire.AGREEMENT: signature})})
+
     def reveal(self, msg: Message) -> RecordDict:
-        """Step 4: the shares that unmask the survivors' sum (once per round: then the secrets are erased); with
-        the next round's shares when the server pipelines."""
+        """Step 4b: the shares that unmask the survivors' sum, for the lists this node and t of its peers signed
+        (once per round: then the secrets are erased); with the next round's shares when the server pipelines."""
         session = session_of(msg)
         state = self._secrets(session)
         received = msg.content.config_records[wire.CONFIG]
         del self._store()[_state_key(session)]
         survivors = json.loads(str(received[wire.SURVIVORS]))
         self._require_group(self._summed_with(state, survivors), "would be summed")
-        revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])))
+        agreements = {name: bytes.fromhex(sig) for name, sig in json.loads(str(received[wire.AGREEMENTS])).items()}
+        revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])), agreements)
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:
             try:

@@ -1,13 +1,14 @@
 """The server's side of securely aggregated training rounds (protocol: fedtune/secure/masking.py; the
 client's side: fedtune/secure_client.py).
 
-A round has four steps with the sampled clients: round keys, encrypted shares, training with masked
-upload, unmasking (a SecAgg+ ring round has a fifth, the ring step, between keys and shares). The steps
-before training do not depend on the round's model, so they are pipelined: a client's train reply carries
-its keys for the next round, and its unmask reply its encrypted shares for it. A steady round is then two
-exchanges (train, unmask) instead of four; a round whose sampled clients did not all prepare that way
-(the first, the first after a resume, one after a dropout) runs every step. On a ring only the keys are
-pipelined and a steady round takes four exchanges (ring, shares, train, unmask): a ring secret, once
+A round has five steps with the sampled clients: round keys, encrypted shares, training with masked
+upload, agreement (every uploader signs the unmask lists: the consistency check), unmasking (a SecAgg+ ring
+round has a sixth, the ring step, between keys and shares). The steps before training do not depend on the
+round's model, so they are pipelined: a client's train reply carries its keys for the next round, and its
+unmask reply its encrypted shares for it. A steady round is then three exchanges (train, agree, unmask)
+instead of five; a round whose sampled clients did not all prepare that way (the first, the first after a
+resume, one after a dropout) runs every step. On a ring only the keys are pipelined and a steady round
+takes five exchanges (ring, shares, train, agree, unmask): a ring secret, once
 revealed for a set of clients, binds its client to that set, so it is asked for only when the round
 starts, from the clients that are still there.
 The server only ever holds masked uploads and their unmasked sum; clients that drop out before the
@@ -30,7 +31,7 @@ from fedtune import wire
 from fedtune.adapters import AdapterState, l2_norm
 from fedtune.channel import Client, GroupSum, RoundAbandoned, RoundFailedError
 from fedtune.contribution.groups import Groups
-from fedtune.secure import fixed_point, primitives
+from fedtune.secure import fixed_point, identity, masking, primitives
 from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask, unmask_groups
 from fedtune.secure.session import KeyBundle, ProtocolError, RingReveal, Session, view_digest
 from fedtune.transport import Reply, Transport
@@ -51,7 +52,7 @@ class MaskedSum:
     uploads: list[Reply]  # the contributors' masked uploads (metrics in the clear, update masked)
     round_size: int  # |U1|: the clients whose round keys were verified (each client's DP noise share is for them)
     upload_bytes: float  # mean bytes a contributor sent in this round's messages
-    exchanges: int  # message exchanges the round took (2 when its keys and shares came pipelined, 4 on a ring)
+    exchanges: int  # message exchanges the round took (3 when its keys and shares came pipelined, 5 on a ring)
     groups: list[GroupSum] | None = None  # each fixed group's sum, when masked within groups
 
 
@@ -188,6 +189,14 @@ class SecureRounds:
         preparing = pipelining and set(next_keys) == next_clients
         next_ring = self.secure.uses_ring(len(next_keys))  # only the keys are pipelined (module docstring)
         unmask_fields = {wire.SURVIVORS: json.dumps(uploaders), wire.DROPPED: json.dumps(dropped)}
+        # The consistency check: every uploader signs these lists before anyone reveals (masking.agree).
+        lists = masking.lists_digest(session, uploaders, dropped)
+        agree_replies = step(
+            [r.client for r in uploads], wire.SECAGG_AGREE, lambda c: _request(ConfigRecord(unmask_fields))
+        )
+        agreements = _accepted(agree_replies, _agreement_reader(session, lists), server_round, "agreement")
+        quorum.require(agreements, server_round, "signed the unmask lists", RoundAbandoned, only_t=True)
+        unmask_fields[wire.AGREEMENTS] = json.dumps({name: signature.hex() for name, signature in agreements.items()})
         next_fields = {}
         if preparing and not next_ring:  # the next round's clients get its keys and answer with their shares
             next_fields = _keys_message({c.key: c.public_key for c in next_sampled}, next_keys, groups)
@@ -472,6 +481,17 @@ def _accepted(replies: list[Reply], read: Callable[[Reply], T], server_round: in
         except (KeyError, TypeError, ValueError, ProtocolError) as error:  # ProtocolError is a ValueError
             logger.warning("Round %d: %s of %s rejected: %s", server_round, what, reply.client.key, error)
     return accepted
+
+
+def _agreement_reader(session: Session, lists: str) -> Callable[[Reply], bytes]:
+    def read(reply: Reply) -> bytes:
+        signature = reply.content.config_records[wire.CONFIG][wire.AGREEMENT]
+        payload = masking.agreement_bytes(session, reply.client.key, lists)
+        if not isinstance(signature, bytes) or not identity.verify(reply.client.public_key, signature, payload):
+            raise ProtocolError("its signature is not on the unmask lists it was sent")
+        return signature
+
+    return read
 
 
 def _read_revealed(reply: Reply) -> dict[str, dict[str, str]]:

@@ -25,10 +25,12 @@ SETTINGS = "settings"  # in a train message: the strategy's ClientSettings for t
 SIGNATURE = "signature"
 # Secure aggregation steps (message types) and their records.
 SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "train.secagg_keys", "train.secagg_shares", "train.secagg_unmask"
+SECAGG_AGREE = "train.secagg_agree"  # between upload and unmask: each client signs the unmask lists it is given
 SECAGG_RING = "train.secagg_ring"  # SecAgg+ only, between keys and shares: each client reveals its ring secret
 RING_REVEAL, RING_REVEALS = "ring-reveal", "ring-reveals"  # one client's revealed ring secret; all of U1's
 BUNDLE, BUNDLES, IDENTITIES, SEALED, COMMITMENT = "bundle", "bundles", "identities", "sealed", "commitment"
 SURVIVORS, DROPPED, REVEALED, MASKED = "survivors", "dropped", "revealed", "masked"
+AGREEMENT, AGREEMENTS = "agreement", "agreements"  # one client's signature on the unmask lists; all of them (hex)
 SHARE_COMMITMENTS, EXCLUDED = "share-commitments", "excluded"  # per-share commitments; peers a client left out
 GROUPS = "groups"  # in a shares request: the fixed groups to mask within (contribution accounting), JSON
 PREPARE_NEXT = "prepare-next"  # in a masked train message: also make the next round's keys (steps pipelined)

@@ -196,6 +196,7 @@ class HostileServer:
         act_as_server()
         self.nodes = {node.name: node for node in nodes}
         self.experiment_hash, self.run_nonce = experiment_hash, run_nonce
+        self.agreements: dict[tuple[Any, ...], dict[str, bytes]] = {}  # per round and unmask lists
 
     def send(self, name: str, message_type: str, server_round: int, content: RecordDict | None = None) -> RecordDict:
         """Send one message to node ``name`` and return its reply's content (raises what the node raised)."""
@@ -257,11 +258,39 @@ class HostileServer:
         content.config_records[wire.SHARE_COMMITMENTS] = ConfigRecord({d: committed[d][name] for d in dealers})
         return self.send(name, "train", server_round, content)
 
-    def unmask(
-        self, name: str, server_round: int, survivors: list[str], dropped: list[str]
-    ) -> dict[str, dict[str, str]]:
-        """An unmask request; returns the shares ``name`` reveals."""
+    def agree(self, name: str, server_round: int, survivors: list[str], dropped: list[str]) -> bytes:
+        """The consistency step: ``name``'s signature on these unmask lists (raises what it raised)."""
         request = ConfigRecord({wire.SURVIVORS: json.dumps(survivors), wire.DROPPED: json.dumps(dropped)})
+        reply = self.send(name, wire.SECAGG_AGREE, server_round, RecordDict({wire.CONFIG: request}))
+        return bytes(reply.config_records[wire.CONFIG][wire.AGREEMENT])
+
+    def unmask(
+        self,
+        name: str,
+        server_round: int,
+        survivors: list[str],
+        dropped: list[str],
+        agreements: dict[str, bytes] | None = None,
+    ) -> dict[str, dict[str, str]]:
+        """An unmask request with ``agreements`` (default: the signatures on these lists of every survivor who
+        gives one, asked once per round and lists); returns the shares ``name`` reveals."""
+        if agreements is None:
+            asked = (server_round, tuple(survivors), tuple(dropped))
+            if asked not in self.agreements:
+                self.agreements[asked] = {}
+                for survivor in survivors:
+                    try:
+                        self.agreements[asked][survivor] = self.agree(survivor, server_round, survivors, dropped)
+                    except (KeyError, ValueError, RuntimeError):  # a node that refuses (or left) does not sign
+                        continue
+            agreements = self.agreements[asked]
+        request = ConfigRecord(
+            {
+                wire.SURVIVORS: json.dumps(survivors),
+                wire.DROPPED: json.dumps(dropped),
+                wire.AGREEMENTS: json.dumps({n: signature.hex() for n, signature in agreements.items()}),
+            }
+        )
         reply = self.send(name, wire.SECAGG_UNMASK, server_round, RecordDict({wire.CONFIG: request}))
         return json.loads(str(reply.config_records[wire.CONFIG][wire.REVEALED]))
 

@@ -76,9 +76,15 @@ class Round:
     def reference(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {k: sum(self.updates[n][k].double() * self.weights[n] for n in names) for k in self.updates[names[0]]}
 
+    def reveal(self, name: str, survivors: list[str], dropped: list[str]) -> dict[str, dict[str, str]]:
+        """The consistency check as an honest server runs it (every survivor signs these lists), then what
+        ``name`` reveals."""
+        agreements = {n: masking.agree(self.states[n], survivors, dropped, self.identities[n]) for n in survivors}
+        return masking.reveal_shares(self.states[name], survivors, dropped, agreements)
+
     def unmask(self, uploads: dict[str, np.ndarray], revealers: list[str]) -> np.ndarray:
         survivors, dropped = sorted(uploads), sorted(set(self.commitments) - set(uploads))
-        revealed = {n: masking.reveal_shares(self.states[n], survivors, dropped) for n in revealers}
+        revealed = {n: self.reveal(n, survivors, dropped) for n in revealers}
         bundles = {b.client: b for b in self.bundles}
         total, liars = masking.unmask(
             self.session, uploads, bundles, self.commitments, revealed, self.config, self.committed, {}, self.ring
@@ -135,7 +141,7 @@ def test_more_than_n_minus_t_dropouts_fail_the_round_cleanly() -> None:
         parties.unmask(uploads, parties.names[:2])  # only 2 of 5 reveal; t = 3
     survivors = parties.names[:2]  # 3 dropped before uploading: the clients themselves refuse to reveal
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
-        masking.reveal_shares(parties.states[survivors[0]], survivors, parties.names[2:])
+        masking.agree(parties.states[survivors[0]], survivors, parties.names[2:], parties.identities[survivors[0]])
 
 
 def test_a_single_masked_update_is_indistinguishable_from_uniform() -> None:
@@ -156,7 +162,9 @@ def test_server_asking_for_both_masks_of_a_client_is_refused() -> None:
     for name in parties.names:
         parties.upload(name, parties.names)
     with pytest.raises(ProtocolError, match="both masks"):
-        masking.reveal_shares(parties.states[parties.names[0]], parties.names, [parties.names[1]])
+        masking.agree(
+            parties.states[parties.names[0]], parties.names, [parties.names[1]], parties.identities[parties.names[0]]
+        )
 
 
 def test_forged_or_replayed_round_keys_are_rejected() -> None:
@@ -196,7 +204,7 @@ def test_a_tampered_misdirected_or_uncommitted_share_leaves_its_dealer_out_not_i
 def test_a_wrong_revealed_share_is_caught_and_its_revealer_left_out() -> None:
     parties = Round(5)
     uploads = {n: parties.upload(n, parties.names) for n in parties.names}
-    revealed = {n: masking.reveal_shares(parties.states[n], parties.names, []) for n in parties.names}
+    revealed = {n: parties.reveal(n, parties.names, []) for n in parties.names}
     liar = parties.names[0]
     share = bytearray.fromhex(revealed[liar]["seed"][parties.names[1]])
     share[-1] ^= 1
@@ -320,3 +328,25 @@ def test_odd_or_tiny_neighbourhoods_are_refused() -> None:
     for value in (1, 3):
         with pytest.raises(ValueError, match="secure.neighbours"):
             SecureAggregation(neighbours=value)
+
+
+def test_a_client_reveals_only_for_the_unmask_lists_it_signed_and_t_of_its_peers_signed_too() -> None:
+    """The consistency check: a server that tells clients different stories of who dropped cannot gather t
+    signatures on two of them (honest clients sign one per round), so no client reveals for either."""
+    parties = Round(5)
+    for name in parties.names:
+        parties.upload(name, parties.names)
+    a, b, c, d, e = parties.names
+    story, other = ([a, b, c], [d, e]), ([a, b, d], [c, e])
+    signed = {n: masking.agree(parties.states[n], *story, parties.identities[n]) for n in (a, b)}
+    with pytest.raises(ProtocolError, match="already signed other unmask lists"):
+        masking.agree(parties.states[a], *other, parties.identities[a])
+    with pytest.raises(ProtocolError, match="2 of this client's peers signed these unmask lists"):
+        masking.reveal_shares(parties.states[a], *story, signed)
+    forged = {**signed, c: parties.identities[a].sign(masking.agreement_bytes(SESSION, c, "x"))}
+    with pytest.raises(ProtocolError, match="2 of this client's peers signed"):
+        masking.reveal_shares(parties.states[a], *story, forged)
+    signed[c] = masking.agree(parties.states[c], *story, parties.identities[c])
+    assert masking.reveal_shares(parties.states[a], *story, signed)["mask_key"].keys() == {d, e}
+    with pytest.raises(ProtocolError, match="not the unmask lists this node signed"):
+        masking.reveal_shares(parties.states[a], *other, signed)

@@ -92,12 +92,13 @@ def test_server_handles_only_masked_uploads_and_decodes_only_their_sum(runs: dic
     assert masked_bytes < 1.3 * plain_bytes  # the tiny adapter makes the fixed key/share cost visible here
 
 
-def test_a_steady_round_takes_two_exchanges_with_keys_and_shares_pipelined(runs: dict) -> None:
+def test_a_steady_round_takes_three_exchanges_with_keys_and_shares_pipelined(runs: dict) -> None:
     replies = runs["seen"]["replies"]
     steps = {r: Counter(step for rr, step, _ in replies if rr == r and step != "evaluate") for r in (1, 2)}
-    assert steps[1] == {wire.SECAGG_KEYS: 3, wire.SECAGG_SHARES: 3, "train": 3, wire.SECAGG_UNMASK: 3}
-    assert steps[2] == {"train": 3, wire.SECAGG_UNMASK: 3}  # round 1's train and unmask replies set round 2 up
-    assert _train_metric(runs["masked"], "exchanges") == {1: 4.0, 2: 2.0}
+    first = {wire.SECAGG_KEYS: 3, wire.SECAGG_SHARES: 3, "train": 3, wire.SECAGG_AGREE: 3, wire.SECAGG_UNMASK: 3}
+    assert steps[1] == first
+    assert steps[2] == {"train": 3, wire.SECAGG_AGREE: 3, wire.SECAGG_UNMASK: 3}  # round 1's replies set round 2 up
+    assert _train_metric(runs["masked"], "exchanges") == {1: 5.0, 2: 3.0}
 
 
 def test_with_client_sampling_only_rounds_of_already_prepared_clients_are_pipelined(
@@ -119,9 +120,9 @@ def test_with_client_sampling_only_rounds_of_already_prepared_clients_are_pipeli
     rounds = [e for e in Ledger(run).entries() if e["kind"] == "round"]
     participants = {e["round"]: set(e["participants"]) for e in rounds}
     assert all(len(names) == 3 for names in participants.values())
-    expected = {1: 4.0, **{r: 2.0 if participants[r] <= participants[r - 1] else 4.0 for r in (2, 3, 4)}}
+    expected = {1: 5.0, **{r: 3.0 if participants[r] <= participants[r - 1] else 5.0 for r in (2, 3, 4)}}
     assert _train_metric(run, "exchanges") == expected
-    assert set(list(expected.values())[1:]) == {2.0, 4.0}  # this seed's draws exercise both kinds of round
+    assert set(list(expected.values())[1:]) == {3.0, 5.0}  # this seed's draws exercise both kinds of round
     assert audit(run) == []
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune import config, wire
+from fedtune import client, config, wire
 from fedtune.experiment import get_experiment
-from fedtune.secure.session import ProtocolError
+from fedtune.secure import masking, primitives, shamir
+from fedtune.secure.session import KeyBundle, ProtocolError
 from tests.conftest import tiny_overrides
 from tests.nodes import HostileServer, make_nodes
 
@@ -157,3 +158,59 @@ def test_a_node_of_a_grouped_experiment_refuses_a_round_without_groups_or_with_u
         _deal(server, H[0], bundles, H)
     with pytest.raises(ProtocolError, match=r"does not know: \['phantom-a', 'phantom-b'\]"):
         _deal(server, H[0], bundles, H, [[H[0], H[1], H[2], "phantom-a", "phantom-b"], H[3:]])
+
+
+def _update(experiment: Any, partition: int, name: str) -> tuple[dict, int]:
+    """A node's round-1 update and weight, as it computes them itself (what the server must not see alone)."""
+    update, metrics = client.train_round(
+        experiment, experiment.client_data(partition), experiment.initial_adapter(), 1, name, {}
+    )
+    return update, int(metrics["num_examples"])
+
+
+def _combine(revealed: list[dict[str, dict[str, str]]], kind: str, name: str, threshold: int) -> bytes:
+    shares = [bytes.fromhex(r[kind][name]) for r in revealed if name in r[kind]]
+    return shamir.combine(shares[:threshold], threshold)
+
+
+def test_different_unmask_lists_for_different_nodes_reveal_no_sum_of_two(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Five hospitals, one honest round (t = 3, every node masks with every other). At unmask the server tells
+    each node another story: every node hears that h0 and h1 survived, and each that two of h2, h3, h4 dropped,
+    so that three nodes reveal each of those three mask keys. Before the fix every node answered (3 survivors
+    each, enough for its minimum), and the server stripped every mask but those between h0 and h1 from their
+    uploads: x0 + x1, a sum of two. Now a node reveals only for the lists it signed and only once t peers
+    signed the same: two stories cannot both gather t > n/2 signatures."""
+    server, experiment = _hostile(tiny_bert_dir, tmp_path, 5)
+    names = H[:5]
+    bundles = server.round_keys(names, 1)
+    dealt = {name: _deal(server, name, bundles, names) for name in names}
+    adapter = experiment.initial_adapter()
+    uploads = {name: _train(server, name, adapter, names, dealt, 5)[0] for name in names}
+    stories = {
+        H[0]: ([H[0], H[1], H[4]], [H[2], H[3]]),
+        H[1]: ([H[0], H[1], H[3]], [H[2], H[4]]),
+        H[2]: ([H[0], H[1], H[2]], [H[3], H[4]]),
+        H[3]: ([H[0], H[1], H[3]], [H[2], H[4]]),
+        H[4]: ([H[0], H[1], H[4]], [H[2], H[3]]),
+    }
+    revealed = []
+    for name, (survivors, dropped) in stories.items():
+        try:
+            revealed.append(server.unmask(name, 1, survivors, dropped))
+        except ProtocolError:
+            continue
+    length = len(uploads[H[0]])
+    try:
+        pair = uploads[H[0]] + uploads[H[1]]
+        for name in (H[0], H[1]):
+            pair = pair - primitives.keystream(_combine(revealed, "seed", name, 3), length)
+            for gone in (H[2], H[3], H[4]):
+                key = _combine(revealed, "mask_key", gone, 3)
+                seed = masking._pair_seed(server.session(1), key, gone, KeyBundle.from_json(bundles[name]))
+                mask = primitives.keystream(seed, length)
+                pair = pair - mask if name < gone else pair + mask
+    except shamir.ShareError:
+        pair = None  # the server could not rebuild what it needs
+    code = experiment.secure.fixed_point(5, unit_weights=False)
+    honest = code.encode(*_update(experiment, 0, H[0])) + code.encode(*_update(experiment, 1, H[1]))
+    assert pair is None or not np.array_equal(pair, honest)

@@ -17,12 +17,20 @@ them. One round, as the server (fedtune/secure_server.py) and each client (fedtu
    (``+`` if its name sorts before ``v``'s, ``-`` after); the pairwise masks cancel in the sum. A peer whose
    share this client cannot open, or that does not match the peer's commitment, is left out of its masks
    and named in the upload: the server then treats that peer as dropped, not this client.
-4. **unmask**: for each client in U3 the survivors reveal their share of its ``b``; for each client that
-   dropped after step 2 they reveal their share of its mask private key, so the server can recompute and
-   remove its pairwise masks. A client never reveals both for the same peer and refuses to unmask with
-   fewer than t survivors; with t > |U1|/2 the server cannot collect t shares of both from a split set.
+4. **agree, then unmask**: the server names the survivors (U3) and those that dropped after step 2; each
+   client signs these lists, once per round (the consistency check of Bonawitz et al.), and reveals only
+   for the lists it signed, once the server shows it valid signatures on them from t of its peers. Then for
+   each client in U3 the survivors reveal their share of its ``b``; for each client that dropped they reveal
+   their share of its mask private key, so the server can recompute and remove its pairwise masks. A client
+   never reveals both for the same peer and refuses to unmask with fewer than t survivors; with t > |U1|/2
+   the server can collect t shares of both neither from a split set nor by telling clients different
+   stories (two stories cannot both gather t signatures).
    A node uploads at most once per round of an experiment (fedtune/secure/uploads.py): a second masked
    upload would be a two-time pad, and a second sum of the round over other clients a difference attack.
+
+Every share is sealed under what its dealer was shown (the round keys and any fixed groups: ``dealing_view``),
+so a peer shown another round cannot open it and leaves the dealer out of its masks; a client deals one
+round's keys for one view only.
 
 Steps 1 and 2 do not depend on the round's model, so the server pipelines them (fedtune/secure_server.py):
 a client's keys for round r+1 travel in its round-r upload and its shares for r+1 in its round-r unmask
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,7 +68,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fedtune.secure import graph, primitives, shamir
+from fedtune.secure import graph, identity, primitives, shamir
 from fedtune.secure.fixed_point import FixedPoint
 from fedtune.secure.identity import Identity
 from fedtune.secure.session import (
@@ -291,6 +300,7 @@ def share_keys(
     if len(names) < state.threshold:
         raise ProtocolError(f"{len(names)} clients in the round, fewer than the threshold t={state.threshold}.")
     state.peers = {name: peers[name] for name in names}
+    state.identities = {name: identities[name] for name in names}  # _verified_bundles checked each one
     state.view = dealing
     state.round_size = len(peers)
     state.self_seed = secrets.token_bytes(shamir.SECRET_BYTES)
@@ -390,22 +400,75 @@ def _open_share(
     return seed_share, key_share
 
 
-def reveal_shares(state: ClientRound, survivors: list[str], dropped: list[str]) -> dict[str, dict[str, str]]:
-    """Step 4 (client): shares of survivors' self-mask seeds and of dropped clients' mask keys (hex).
+def agree(state: ClientRound, survivors: list[str], dropped: list[str], signer: Identity) -> bytes:
+    """Step 4a (client), the consistency check of Bonawitz et al. 2017 (their ConsistencyCheck round): before
+    anything is revealed, this client signs the unmask lists it is given, once per round. It reveals only for
+    lists that at least t of its peers signed too (:func:`reveal_shares`); honest clients sign one pair of lists
+    and t exceeds half of a group, so no two stories of who dropped can both gather t signatures, and a server
+    that tells some clients a peer dropped and others that it survived gets neither.
+
+    Raises:
+        ProtocolError: Lists that :func:`reveal_shares` would refuse, or other lists than it signed in this round.
+    """
+    _check_lists(state, survivors, dropped)
+    digest = lists_digest(state.session, survivors, dropped)
+    if state.agreed and state.agreed != digest:
+        raise ProtocolError("This node already signed other unmask lists for this round; refusing to sign a second.")
+    state.agreed = digest
+    return signer.sign(agreement_bytes(state.session, state.client, digest))
+
+
+def reveal_shares(
+    state: ClientRound, survivors: list[str], dropped: list[str], agreements: Mapping[str, bytes]
+) -> dict[str, dict[str, str]]:
+    """Step 4b (client): shares of survivors' self-mask seeds and of dropped clients' mask keys (hex), for the
+    lists this client signed (:func:`agree`) once ``agreements`` holds valid signatures on them from at least t
+    of its peers among the survivors (itself included).
 
     Raises:
         ProtocolError: The request is inconsistent (a client both survived and dropped, unknown names,
-            this client not a survivor) or leaves fewer than t survivors.
+            this client not a survivor), leaves fewer than t survivors, is not what this client agreed to, or
+            too few of its peers agreed to the same.
     """
+    _check_lists(state, survivors, dropped)
+    digest = lists_digest(state.session, survivors, dropped)
+    if state.agreed != digest:
+        raise ProtocolError("These are not the unmask lists this node signed for this round; refusing to reveal.")
+    agreeing = [
+        name
+        for name, signature in agreements.items()
+        if name in survivors
+        and name in state.identities
+        and identity.verify(state.identities[name], signature, agreement_bytes(state.session, name, digest))
+    ]
+    if len(agreeing) < state.threshold:
+        raise ProtocolError(
+            f"{len(agreeing)} of this client's peers signed these unmask lists, fewer than the threshold "
+            f"t={state.threshold}: other clients may have been told another story. Refusing to reveal."
+        )
+    return {
+        "seed": {name: state.shares[name][0].hex() for name in survivors if name in state.shares},
+        "mask_key": {name: state.shares[name][1].hex() for name in dropped if name in state.shares},
+    }
+
+
+def _check_lists(state: ClientRound, survivors: list[str], dropped: list[str]) -> None:
     if set(survivors) & set(dropped):
         raise ProtocolError("The server asked for both masks of the same client; refusing to reveal anything.")
     if set(survivors) | set(dropped) != set(state.uploaders):
         raise ProtocolError("Survivors and dropped clients do not add up to the clients that shared keys.")
     _present_peers(state, survivors, "survivors")
-    return {
-        "seed": {name: state.shares[name][0].hex() for name in survivors if name in state.shares},
-        "mask_key": {name: state.shares[name][1].hex() for name in dropped if name in state.shares},
-    }
+
+
+def lists_digest(session: Session, survivors: list[str], dropped: list[str]) -> str:
+    """Names a round's unmask lists (hex): what clients sign in the consistency check."""
+    lists = (json.dumps(sorted(survivors)), json.dumps(sorted(dropped)))
+    return hashlib.sha256(session.context("unmask-lists", *lists)).hexdigest()
+
+
+def agreement_bytes(session: Session, client: str, lists: str) -> bytes:
+    """What ``client`` signs to agree to the unmask lists named ``lists``."""
+    return session.context("unmask-agreement", client, lists)
 
 
 def unmask(

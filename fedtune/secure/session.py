@@ -149,6 +149,8 @@ class ClientRound:
     ring_secret: bytes = b""  # committed to in the round keys, revealed once U1 is fixed (SecAgg+ rings)
     ring_view: str = ""  # the U1 (view_digest) this client revealed its ring secret for; "" before
     view: str = ""  # what it dealt its shares for (dealing_view); "" before it deals
+    identities: dict[str, str] = field(default_factory=dict)  # its peers' identity keys (hex), itself included
+    agreed: str = ""  # the unmask lists it signed (the consistency check); "" before
     grouped: bool = False  # its peers are its fixed group (contribution accounting): its sum is the group's
 
     def to_json(self) -> str:
@@ -168,6 +170,8 @@ class ClientRound:
                 "ring_secret": self.ring_secret.hex(),
                 "ring_view": self.ring_view,
                 "view": self.view,
+                "identities": self.identities,
+                "agreed": self.agreed,
                 "grouped": self.grouped,
             }
         )
@@ -190,5 +194,7 @@ class ClientRound:
             bytes.fromhex(data["ring_secret"]),
             data["ring_view"],
             data["view"],
+            data["identities"],
+            data["agreed"],
             data["grouped"],
         )
