@@ -29,23 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compare_strategies import SCALE
 
 from fedtune import cli
 from fedtune.ledger import Ledger
 from fedtune.run_dir import RunDir
 
-REDUCED = [  # compare_strategies.py's reduced demo
-    "federation.num_clients=4",
-    "partition=dirichlet",
-    "partition.alpha=0.5",
-    "federation.num_rounds=6",
-    "train.local_steps=10",
-    "data.loader.max_examples=4000",
-    "data.test_size=500",
-    "train.eval_max_examples=500",
-    "federation.fraction_evaluate=0",
-    "federation.evaluate_every=1000",
-]
+# compare_strategies.py's reduced demo, without federated evaluation (accounting happens before it)
+REDUCED = [o for o in SCALE if not o.startswith("federation.fraction_evaluate")] + ["federation.fraction_evaluate=0"]
 SCENARIOS = {
     "clean": [],
     "free rider (hospital 0)": ["attack=free_rider", "attack.clients=[0]"],

@@ -129,7 +129,7 @@ class SecureClient:
         survivors = json.loads(str(received[wire.SURVIVORS]))
         self._require_group(self._summed_with(state, survivors), "would be summed")
         signature = masking.agree(state, survivors, json.loads(str(received[wire.DROPPED])), self.signer)
-        self._keep(state)
+        self._keep(state, still_open=session_of(msg, next_round=True))  # the next round's keys, made at upload
         return RecordDict({wire.CONFIG: ConfigRecord({wire.AGREEMENT: signature})})
 
     def reveal(self, msg: Message) -> RecordDict:

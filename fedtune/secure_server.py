@@ -32,7 +32,7 @@ from fedtune.adapters import AdapterState, l2_norm
 from fedtune.channel import Client, GroupSum, RoundAbandoned, RoundFailedError
 from fedtune.contribution.groups import Groups
 from fedtune.secure import fixed_point, identity, masking, primitives
-from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask, unmask_groups
+from fedtune.secure.masking import COMMITMENTS_HEX, SecureAggregation, unmask
 from fedtune.secure.session import KeyBundle, ProtocolError, RingReveal, Session, view_digest
 from fedtune.transport import Reply, Transport
 
@@ -216,32 +216,19 @@ class SecureRounds:
                     preparers, _Keys(next_session, next_keys, None), "next-round shares", groups
                 )
         quorum.require(revealed, server_round, "revealed their shares", RoundAbandoned, only_t=True)
+        received = (session, masked, setup.bundles, setup.commitments, revealed, self.secure, setup.share_commitments)
         try:
+            group_totals, liars = None, []
             if groups is None:
-                total, liars = unmask(
-                    session,
-                    masked,
-                    setup.bundles,
-                    setup.commitments,
-                    revealed,
-                    self.secure,
-                    setup.share_commitments,
-                    excluded_by,
-                    setup.ring,
-                )
-                group_totals = None
+                total, liars = unmask(*received, excluded_by, setup.ring)
             else:  # each group unmasked on its own: the server learns the groups' sums and nothing finer
-                group_totals, liars = unmask_groups(
-                    session,
-                    masked,
-                    setup.bundles,
-                    setup.commitments,
-                    revealed,
-                    self.secure,
-                    setup.share_commitments,
-                    excluded_by,
-                    groups,
-                )
+                group_totals = []
+                for group in groups:
+                    members = tuple(sorted(set(group) & set(masked)))
+                    if members:
+                        group_total, group_liars = unmask(*received, excluded_by, within=members)
+                        group_totals.append((members, group_total))
+                        liars += group_liars
                 total = np.sum([t for _, t in group_totals], axis=0, dtype=np.uint32)  # mod 2^32, as one sum
         except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
             raise RoundAbandoned(f"Round {server_round}: unmasking failed ({error})") from error

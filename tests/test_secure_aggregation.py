@@ -216,7 +216,7 @@ def _flaky_app(run_config: dict, failures: dict[tuple[str, int], str], observe: 
     flaky.query()(relay("query"))
     flaky.evaluate()(relay("evaluate"))
     flaky.train()(relay("train"))
-    for action in ("secagg_keys", "secagg_ring", "secagg_shares", "secagg_unmask"):
+    for action in ("secagg_keys", "secagg_ring", "secagg_shares", "secagg_agree", "secagg_unmask"):
         flaky.train(action)(relay(action))
     return flaky
 
@@ -251,7 +251,7 @@ def test_dropouts_mid_protocol_with_organisation_dp(tiny_bert_dir: Path, tmp_pat
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     assert _train_metric(run, "clients") == {1: 4.0, 2: 3.0}  # round 1 keeps the upload of the node lost later
-    assert _train_metric(run, "exchanges") == {1: 4.0, 2: 4.0}  # that node dealt no round-2 shares: all 4 steps
+    assert _train_metric(run, "exchanges") == {1: 5.0, 2: 5.0}  # that node dealt no round-2 shares: all 5 steps
     assert _train_metric(run, "abandoned") == {3: 1.0}
     abandoned = [e for e in Ledger(run).entries() if e["kind"] == "round" and "abandoned" in e]
     assert [e["round"] for e in abandoned] == [3] and "2 clients revealed their shares, 3 are needed" in abandoned[0][
@@ -305,9 +305,9 @@ def test_a_node_missing_from_the_trusted_keys_is_not_admitted(tiny_bert_dir: Pat
 
 
 def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """SecAgg+ (secure.neighbours=2) over 5 nodes and 3 rounds. Round 1 runs all five steps; round 2 has its keys
-    from round 1's uploads (four exchanges: ring, shares, train, unmask) and a node lost after dealing its shares
-    has its masks removed; round 3 runs all five steps (that node prepared nothing) and a malformed (but signed)
+    """SecAgg+ (secure.neighbours=2) over 5 nodes and 3 rounds. Round 1 runs all six steps; round 2 has its keys
+    from round 1's uploads (five exchanges: ring, shares, train, agree, unmask) and a node lost after dealing its
+    shares has its masks removed; round 3 runs all six steps (that node prepared nothing) and a malformed (but signed)
     reply is rejected. Round secrets never outlive their round."""
     run, observed = tmp_path / "run", tmp_path / "secrets.jsonl"
     overrides = tiny_overrides(
@@ -321,7 +321,7 @@ def test_ring_neighbourhoods_recover_a_dropout_in_a_real_run(tiny_bert_dir: Path
     failures = {("partition-4", 2): "train", ("partition-1", 3): "garbage:secagg_shares"}
     federate(tmp_path, overrides, 5, lambda run_config: _flaky_app(run_config, failures, observed), prefix="partition")
     assert _train_metric(run, "clients") == {1: 5.0, 2: 4.0, 3: 4.0}
-    assert _train_metric(run, "exchanges") == {1: 5.0, 2: 4.0, 3: 5.0}
+    assert _train_metric(run, "exchanges") == {1: 6.0, 2: 5.0, 3: 6.0}
     assert audit(run) == []
     for earlier, later in ((1, 2), (2, 3)):
         before, after = _checkpoint(run, earlier), _checkpoint(run, later)
@@ -353,7 +353,7 @@ def test_a_ring_round_after_a_loss(tiny_bert_dir: Path, tmp_path: Path, lost_at:
     )
     failures = {("partition-3", 1): lost_at}
     federate(tmp_path, overrides, 5, lambda run_config: _flaky_app(run_config, failures, observed), prefix="partition")
-    assert _train_metric(run, "exchanges")[2] == 5.0  # keys, ring, shares, train, unmask
+    assert _train_metric(run, "exchanges")[2] == 6.0  # keys, ring, shares, train, agree, unmask
     assert audit(run) == []
     if lost_at == "secagg_ring":
         steps = [json.loads(line) for line in observed.read_text().splitlines()]

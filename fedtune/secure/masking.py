@@ -481,6 +481,7 @@ def unmask(
     share_commitments: Mapping[str, Mapping[str, str]],
     excluded: Mapping[str, Iterable[str]],
     ring: Mapping[str, RingReveal] | None = None,
+    within: Iterable[str] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Step 4 (server): the sum of the survivors' encoded updates, their masks removed.
 
@@ -488,7 +489,9 @@ def unmask(
     keys and then dropped (U2 \\ U3). ``revealed`` maps each revealer to its shares; a revealer with any
     share that does not match its dealer's ``share_commitments`` is left out, and the secrets are rebuilt
     from the others. ``excluded`` names, per uploader, the peers it did not mask with (bad dealings);
-    ``ring`` the revealed ring secrets of a ring round.
+    ``ring`` the revealed ring secrets of a ring round. ``within`` restricts all of it to one fixed group
+    (contribution accounting), whose members mask only with each other: the sum of that group alone, a
+    masked round of its own, unmasked from its members' shares.
 
     Returns:
         The unmasked sum, and the revealers left out for revealing a wrong share.
@@ -496,6 +499,15 @@ def unmask(
     Raises:
         ProtocolError: Fewer than t valid shares for a secret that is needed.
     """
+    if within is not None:
+        members = set(within)
+        masked, bundles, commitments = (
+            _within(masked, members),
+            _within(bundles, members),
+            _within(commitments, members),
+        )
+        revealed, share_commitments = _within(revealed, members), _within(share_commitments, members)
+        excluded = _within(excluded, members)
     liars = sorted(name for name, shares in revealed.items() if not _honest(session, name, shares, share_commitments))
     honest = [shares for name, shares in revealed.items() if name not in liars]
     peers = config.peers(bundles, ring)
@@ -518,48 +530,6 @@ def unmask(
             mask = primitives.keystream(_pair_seed(session, mask_private, gone, bundles[name]), length)
             (np.subtract if name < gone else np.add)(total, mask, out=total)  # undo what ``name`` added
     return total, liars
-
-
-def unmask_groups(
-    session: Session,
-    masked: Mapping[str, np.ndarray],
-    bundles: Mapping[str, KeyBundle],
-    commitments: Mapping[str, bytes],
-    revealed: Mapping[str, dict[str, dict[str, str]]],
-    config: SecureAggregation,
-    share_commitments: Mapping[str, Mapping[str, str]],
-    excluded: Mapping[str, Iterable[str]],
-    groups: Sequence[Sequence[str]],
-) -> tuple[list[tuple[tuple[str, ...], np.ndarray]], list[str]]:
-    """Step 4 (server) of a grouped round: each group's unmasked sum (members masked only with each other, so
-    each group is a masked round of its own, unmasked by :func:`unmask` from its members' shares alone).
-
-    Returns:
-        Per group with uploads in the round: its uploaders and their sum; and the revealers left out for
-        revealing a wrong share.
-
-    Raises:
-        ProtocolError: Fewer than a group's t valid shares for a secret that is needed.
-    """
-    sums, liars = [], []
-    for group in groups:
-        members = set(group)
-        uploaders = _within(masked, members)
-        if not uploaders:
-            continue
-        total, group_liars = unmask(
-            session,
-            uploaders,
-            _within(bundles, members),
-            _within(commitments, members),
-            _within(revealed, members),
-            config,
-            _within(share_commitments, members),
-            _within(excluded, members),
-        )
-        sums.append((tuple(sorted(uploaders)), total))
-        liars += group_liars
-    return sums, sorted(liars)
 
 
 def _within(mapping: Mapping[str, T], members: set[str]) -> dict[str, T]:
