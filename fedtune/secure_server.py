@@ -224,10 +224,10 @@ class SecureRounds:
             else:  # each group unmasked on its own: the server learns the groups' sums and nothing finer
                 group_totals = []
                 for group in groups:
-                    members = tuple(sorted(set(group) & set(masked)))
-                    if members:
-                        group_total, group_liars = unmask(*received, excluded_by, within=members)
-                        group_totals.append((members, group_total))
+                    uploaders = tuple(sorted(set(group) & set(masked)))
+                    if uploaders:  # the whole group: its members who dropped had masks to remove too
+                        group_total, group_liars = unmask(*received, excluded_by, within=group)
+                        group_totals.append((uploaders, group_total))
                         liars += group_liars
                 total = np.sum([t for _, t in group_totals], axis=0, dtype=np.uint32)  # mod 2^32, as one sum
         except (ProtocolError, primitives.AuthenticationError, KeyError, ValueError) as error:
