@@ -8,7 +8,9 @@ experiment hash holds their fingerprint), and ``name`` labels the node in logs a
 ``identity-key`` is the node's Ed25519 key file (created on first use; default beside ``state-dir``);
 ``state-dir`` holds its privacy state and its record of the rounds it uploaded in. Under
 ``secure=masking``: ``trusted-keys`` lists the peers' identity keys this node accepts (required outside fedtune's in-process simulation, so that the server
-cannot invent peers), and ``min-round-clients`` (default 3) is the smallest round it takes part in.
+cannot invent peers), ``min-round-clients`` (default 3) is the smallest round it takes part in, and
+``colluders`` (default 1) how many of its peers may collude with the server: it reveals its shares only when
+more than half of the peers it masked with, plus that many, signed the same unmask lists.
 ``experiment-hash`` (from ``fedtune run OVERRIDES --hash``) makes the node refuse every other experiment, so a
 server cannot restart the same training under a cosmetically different config (README, threat model).
 ``lora-rank`` is the LoRA rank this node trains at (a node with less compute; at most the experiment's

@@ -32,6 +32,9 @@ from fedtune.secure.uploads import GroupRecord, RingRecord, UploadRecord
 logger = logging.getLogger("fedtune")
 
 SECAGG_STATE = "secagg"  # Context.state record holding the secrets of the rounds in progress
+# How many of its peers a node assumes may collude with the server unless its node config says otherwise
+# (``colluders``): one, the accomplice that min-round-clients also guards against.
+DEFAULT_COLLUDERS = 1
 
 
 class SecureClient:
@@ -142,7 +145,9 @@ class SecureClient:
         survivors = json.loads(str(received[wire.SURVIVORS]))
         self._require_group(self._summed_with(state, survivors), "would be summed")
         agreements = {name: bytes.fromhex(sig) for name, sig in json.loads(str(received[wire.AGREEMENTS])).items()}
-        revealed = masking.reveal_shares(state, survivors, json.loads(str(received[wire.DROPPED])), agreements)
+        dropped = json.loads(str(received[wire.DROPPED]))
+        colluders = int(self.node_config.get("colluders", DEFAULT_COLLUDERS))
+        revealed = masking.reveal_shares(state, survivors, dropped, agreements, colluders)
         content = RecordDict({wire.CONFIG: ConfigRecord({wire.REVEALED: json.dumps(revealed)})})
         if wire.BUNDLES in received:
             try:

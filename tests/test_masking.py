@@ -341,10 +341,12 @@ def test_a_client_reveals_only_for_the_unmask_lists_it_signed_and_t_of_its_peers
     signed = {n: masking.agree(parties.states[n], *story, parties.identities[n]) for n in (a, b)}
     with pytest.raises(ProtocolError, match="already signed other unmask lists"):
         masking.agree(parties.states[a], *other, parties.identities[a])
-    with pytest.raises(ProtocolError, match="2 of this client's peers signed these unmask lists"):
+    with pytest.raises(
+        ProtocolError, match="2 of the peers this client masked with signed these unmask lists, 3 are needed"
+    ):
         masking.reveal_shares(parties.states[a], *story, signed)
     forged = {**signed, c: parties.identities[a].sign(masking.agreement_bytes(SESSION, c, "x"))}
-    with pytest.raises(ProtocolError, match="2 of this client's peers signed"):
+    with pytest.raises(ProtocolError, match="2 of the peers this client masked with signed"):
         masking.reveal_shares(parties.states[a], *story, forged)
     signed[c] = masking.agree(parties.states[c], *story, parties.identities[c])
     assert masking.reveal_shares(parties.states[a], *story, signed)["mask_key"].keys() == {d, e}

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune import client, config, wire
 from fedtune.experiment import get_experiment
-from fedtune.secure import masking, primitives, shamir
+from fedtune.secure import identity, masking, primitives, shamir
 from fedtune.secure.session import KeyBundle, ProtocolError
 from tests.conftest import tiny_overrides
 from tests.nodes import HostileServer, make_nodes
@@ -214,3 +214,68 @@ def test_different_unmask_lists_for_different_nodes_reveal_no_sum_of_two(tiny_be
     code = experiment.secure.fixed_point(5, unit_weights=False)
     honest = code.encode(*_update(experiment, 0, H[0])) + code.encode(*_update(experiment, 1, H[1]))
     assert pair is None or not np.array_equal(pair, honest)
+
+
+def test_on_a_ring_withholding_a_neighbours_shares_cannot_isolate_a_node(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """SecAgg+ ring, k = 2, five hospitals, no colluder (a second hostile review). The server keeps the victim's
+    right neighbour's shares from it, so it masks with its left neighbour only, and then drops that left
+    neighbour; every node signs the same, true lists. Before the fix the victim revealed its self-mask seed,
+    its left neighbour's mask key came from the others, and the victim's update fell out. Now a node counts
+    only the agreements of peers it masked with: the victim has only its own, fewer than t = 2."""
+    server, experiment = _hostile(tiny_bert_dir, tmp_path, 5, "secure.neighbours=2")
+    names = H[:5]
+    bundles = server.round_keys(names, 1)
+    reveals = {name: server.ring(name, 1, bundles) for name in names}
+    fields = {wire.RING_REVEALS: json.dumps(reveals)}
+    dealt = {}
+    for name in names:
+        reply = server.send(name, wire.SECAGG_SHARES, 1, server.forward(bundles, **fields))
+        dealt[name] = {
+            "sealed": {k: bytes(v) for k, v in reply.config_records[wire.SEALED].items()},
+            "committed": {k: str(v) for k, v in reply.config_records[wire.SHARE_COMMITMENTS].items()},
+        }
+    victim = H[0]
+    left, right = sorted(set(dealt[victim]["sealed"]))
+    adapter = experiment.initial_adapter()
+    _, excluded = _train(server, victim, adapter, names, {left: dealt[left]}, 5)
+    assert excluded == [right]  # it left its right neighbour out, and uploaded
+    for name in names:
+        if name not in (victim, left):
+            _train(server, name, adapter, names, dealt, 5)
+    survivors = [n for n in names if n != left]
+    with pytest.raises(ProtocolError, match=r"1 of the peers this client masked with signed these unmask lists"):
+        server.unmask(victim, 1, survivors, [left])
+
+
+def test_one_colluding_node_cannot_sign_two_stories_into_a_victims_update(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Five hospitals, h4 colludes with the server (a second hostile review): it signs two stories, each with two
+    honest signatures, so each had t = 3. Story 1 (h3 dropped) got h0's seed and h3's mask key from h1 and h2,
+    story 2 (h1 and h2 dropped) their mask keys from h0 and h3; with h4's own secrets the victim h0's update fell
+    out. A node now also needs more than half of the peers it masked with plus one colluder (node config
+    ``colluders``, default 1) to have signed: 4 of 5, which two stories cannot both have."""
+    server, experiment = _hostile(tiny_bert_dir, tmp_path, 5)
+    names = H[:5]
+    victim, a, b, x, colluder = names
+    bundles = server.round_keys(names, 1)
+    dealt = {name: _deal(server, name, bundles, names) for name in names}
+    adapter = experiment.initial_adapter()
+    for name in names:
+        _train(server, name, adapter, names, dealt, 5)
+    signer = identity.load_or_create(Path(str(server.nodes[colluder].context.node_config["identity-key"])))
+    session = server.session(1)
+
+    def signed(story: tuple[list[str], list[str]], honest: tuple[str, ...]) -> dict[str, bytes]:
+        lists = masking.lists_digest(session, *story)
+        return {
+            **{name: server.agree(name, 1, *story) for name in honest},
+            colluder: signer.sign(masking.agreement_bytes(session, colluder, lists)),
+        }
+
+    first, second = ([victim, a, b, colluder], [x]), ([victim, x, colluder], [a, b])
+    for story, honest in ((first, (a, b)), (second, (victim, x))):
+        agreements = signed(story, honest)
+        for name in honest:
+            with pytest.raises(
+                ProtocolError, match="3 of the peers this client masked with signed these unmask lists, 4"
+            ):
+                server.unmask(name, 1, *story, agreements)

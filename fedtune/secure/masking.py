@@ -419,11 +419,18 @@ def agree(state: ClientRound, survivors: list[str], dropped: list[str], signer: 
 
 
 def reveal_shares(
-    state: ClientRound, survivors: list[str], dropped: list[str], agreements: Mapping[str, bytes]
+    state: ClientRound,
+    survivors: list[str],
+    dropped: list[str],
+    agreements: Mapping[str, bytes],
+    colluders: int = 0,
 ) -> dict[str, dict[str, str]]:
     """Step 4b (client): shares of survivors' self-mask seeds and of dropped clients' mask keys (hex), for the
     lists this client signed (:func:`agree`) once ``agreements`` holds valid signatures on them from at least t
-    of its peers among the survivors (itself included).
+    of the surviving peers it masked with (itself included): then at least t - 1 of its masks stay in its
+    upload whatever the lists say (on a SecAgg+ ring too, where a node cannot see the rest of the sum). Up to
+    ``colluders`` of those peers may sign two stories for the server; two stories cannot both gather more
+    than (g + colluders) / 2 signatures of the g it masked with, so that many are needed too.
 
     Raises:
         ProtocolError: The request is inconsistent (a client both survived and dropped, unknown names,
@@ -434,17 +441,20 @@ def reveal_shares(
     digest = lists_digest(state.session, survivors, dropped)
     if state.agreed != digest:
         raise ProtocolError("These are not the unmask lists this node signed for this round; refusing to reveal.")
-    agreeing = [
+    agreeing = [  # peers this client masked with (it holds their valid shares), itself included
         name
         for name, signature in agreements.items()
         if name in survivors
+        and name in state.shares
         and name in state.identities
         and identity.verify(state.identities[name], signature, agreement_bytes(state.session, name, digest))
     ]
-    if len(agreeing) < state.threshold:
+    needed = max(state.threshold, (len(state.shares) + colluders) // 2 + 1)
+    if len(agreeing) < needed:
         raise ProtocolError(
-            f"{len(agreeing)} of this client's peers signed these unmask lists, fewer than the threshold "
-            f"t={state.threshold}: other clients may have been told another story. Refusing to reveal."
+            f"{len(agreeing)} of the peers this client masked with signed these unmask lists, {needed} are needed "
+            f"(t={state.threshold}, and more than half of its {len(state.shares)} with {colluders} colluding): "
+            "other clients may have been told another story. Refusing to reveal."
         )
     return {
         "seed": {name: state.shares[name][0].hex() for name in survivors if name in state.shares},
