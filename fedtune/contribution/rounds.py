@@ -72,12 +72,10 @@ def account_round(
             Player((c.client.key,), weighted_sum([u], [w]), w, u)
             for c, u, w in zip(collected.contributions, updates, weights, strict=True)
         ]
-        group_weights = None
     else:
         if collected.groups is None:
             raise ValueError("contribution accounting under masking needs the channel's group sums.")
         players = [Player(g.members, g.weighted_sum, g.total_weight) for g in collected.groups]
-        group_weights = [g.total_weight for g in collected.groups]
     game = RoundGame(
         players,
         base,
@@ -96,7 +94,6 @@ def account_round(
         derive_seed(experiment.cfg.seed, "contribution", server_round),
         {name: report for name, (report, _) in verified.items()},
         rule,
-        group_weights,
     )
     record["reports"] = {name: wire for name, (report, wire) in verified.items() if report is not None}
     utilities = record["utilities"]

@@ -13,7 +13,6 @@ register. The record returned goes into the round's ledger entry.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from fedtune.contribution.accounting import credits, utility_shares
 from fedtune.contribution.reports import Report
 from fedtune.contribution.shapley import exact_shapley, gtg_shapley
 from fedtune.interfaces import Strategy
-
-logger = logging.getLogger("fedtune")
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,6 @@ def value_round(
     seed: int,
     reports: Mapping[str, Report | None],
     data_rule: str,
-    group_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The round's contribution record: each coalition's utility, each player's Shapley value, and each
     organisation's data, compute and utility credit (see :mod:`fedtune.contribution`).
@@ -111,8 +107,8 @@ def value_round(
         accounting: The run's settings (exact or sampled Shapley, GTG's settings).
         seed: GTG-Shapley's sampling seed for this round.
         reports: Each contributor's verified report (None: missing or refused, so no data or compute credit).
-        data_rule: How data is credited (:func:`fedtune.contribution.accounting.data_rule`).
-        group_weights: Under masking, each group's unmasked total weight (checks the reported buckets).
+        data_rule: How data is credited (:func:`fedtune.contribution.accounting.data_rule`); under masking
+            each group's unmasked total weight (its player's ``weight``) checks the reported buckets.
     """
     started = time.perf_counter()
     utilities: dict[int, float] = {}
@@ -141,6 +137,8 @@ def value_round(
     }
     if method == "gtg":
         record.update(seed=seed, permutations=permutations)
+    grouped = all(player.update is None for player in game.players)  # masked: each player is a group's sum
+    group_weights = [player.weight for player in game.players] if grouped else None
     data, compute, checks = credits(players, reports, data_rule, group_weights)
     record.update(data_rule=data_rule, data=data, compute=compute)
     if group_weights is not None:
