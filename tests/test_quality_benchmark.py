@@ -37,3 +37,33 @@ def test_a_dp_arm_spends_its_epsilon_over_the_rows_it_trains_on(tiny_bert_dir: P
         assert result["train_rows"] == len(arm.rows.train) and result["steps"] == arm.steps
         assert 2.7 < result["epsilon"] <= 3.0  # calibrated for exactly these steps on these rows
         assert 0.0 <= result["macro_f1"] <= 1.0
+
+
+def test_each_arm_trains_what_the_strategy_trains(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    trained = {}
+    for strategy in ("fedavg", "head_only"):
+        overrides = tiny_overrides(tiny_bert_dir, tmp_path, f"strategy={strategy}", "train.local_steps=2")
+        experiment = get_experiment(config.compose(overrides))
+        head = sum(t.numel() for key, t in experiment.initial_adapter().items() if "lora_" not in key)
+        trained[strategy] = quality.train_alone(overrides, quality.solo_arms(experiment)[1], experiment.test_set)
+    assert trained["head_only"]["trained_values"] == head  # linear probing alone: the LoRA matrices stay
+    assert trained["fedavg"]["trained_values"] > head
+
+
+def test_the_grid_runs_every_combination_and_each_arm_is_shown_at_its_best() -> None:
+    assert quality.grid_points(["strategy=fedavg,head_only", "train.lr=0.1"]) == [
+        ["strategy=fedavg", "train.lr=0.1"],
+        ["strategy=head_only", "train.lr=0.1"],
+    ]
+    assert quality.grid_points([]) == [[]]
+    summary = {"macro_f1_mean": 0.0}
+    by_point = {
+        "a": {"centralized": {**summary, "macro_f1_mean": 0.6}, "federated": {**summary, "macro_f1_mean": 0.2}},
+        "b": {"centralized": {**summary, "macro_f1_mean": 0.5}, "federated": {**summary, "macro_f1_mean": 0.4}},
+    }
+    assert quality.best_points(by_point) == {"centralized": "a", "federated": "b"}
+
+
+def test_a_tuned_run_runs_each_arm_at_the_point_its_search_found_best() -> None:
+    best = {"centralized": "lr=1", "federated": "lr=2", "best hospital alone": "lr=1", "hospital-0": "lr=2"}
+    assert quality.arms_at_best(best) == {"lr=1": ("centralized", "hospitals"), "lr=2": ("federated",)}
