@@ -139,6 +139,22 @@ def strategy_of(overrides: list[str]) -> str:
     return chosen[-1] if chosen else "fedavg"
 
 
+def merge_searches(searches: list[dict]) -> tuple[list[str], list[str], Summaries]:
+    """The common overrides, the grids and the summaries of several ``--grid`` runs' JSON (one search split
+    into parts); a point run by two of them keeps the later one's summary.
+
+    Raises:
+        SystemExit: The searches ran on different overrides (their points would not compare).
+    """
+    if any(search["overrides"] != searches[0]["overrides"] for search in searches):
+        raise SystemExit("--best-of: the searches ran with different --extra overrides; their points do not compare")
+    summaries: Summaries = {}
+    for search in searches:
+        for privacy, by_point in search["summary"].items():
+            summaries.setdefault(privacy, {}).update(by_point)
+    return searches[0]["overrides"], [setting for search in searches for setting in search["grid"]], summaries
+
+
 def grid_points(grid: list[str]) -> list[list[str]]:
     """Every combination of the ``KEY=V1,V2`` settings of ``grid``, as override lists (one empty one without)."""
     axes = []
@@ -267,17 +283,16 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, applied to every arm")
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="settings searched for each arm")
     parser.add_argument(
-        "--best-of", type=Path, help="a --grid run's JSON: each arm at the point it found best (its privacy and extra)"
+        "--best-of", type=Path, nargs="+", help="--grid runs' JSON: each arm at the point they found best for it"
     )
     parser.add_argument("--no-hospitals", action="store_true", help="skip the hospitals alone (a quicker comparison)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     args = parser.parse_args()
     seeds, grid = [int(s) for s in args.seeds.split(",")], args.grid
     arms = tuple(arm for arm in ARMS if not (args.no_hospitals and arm == "hospitals"))
-    if args.best_of:  # each arm only where the search found it best, on other seeds than the search's
-        search = json.loads(args.best_of.read_text())
-        base, grid = search["overrides"], search["grid"]
-        plans = {privacy: arms_at_best(best) for privacy, best in search["best"].items()}
+    if args.best_of:  # each arm only where the searches found it best, on other seeds than theirs
+        base, grid, searched = merge_searches([json.loads(path.read_text()) for path in args.best_of])
+        plans = {privacy: arms_at_best(best_points(by_point)) for privacy, by_point in searched.items()}
     else:
         base = [*SCALE, *args.extra]
         plans = {privacy: {" ".join(point): arms for point in grid_points(grid)} for privacy in args.privacy}

@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedtune import config
 from fedtune.experiment import get_experiment
 from tests.conftest import tiny_overrides
@@ -67,3 +69,12 @@ def test_the_grid_runs_every_combination_and_each_arm_is_shown_at_its_best() -> 
 def test_a_tuned_run_runs_each_arm_at_the_point_its_search_found_best() -> None:
     best = {"centralized": "lr=1", "federated": "lr=2", "best hospital alone": "lr=1", "hospital-0": "lr=2"}
     assert quality.arms_at_best(best) == {"lr=1": ("centralized", "hospitals"), "lr=2": ("federated",)}
+
+
+def test_a_search_split_into_parts_is_merged_and_must_share_its_overrides() -> None:
+    part = {"overrides": ["seed=0"], "grid": ["lr=1,2"], "summary": {"none": {"lr=1": {"centralized": {}}}}}
+    other = {"overrides": ["seed=0"], "grid": ["lr=3"], "summary": {"none": {"lr=3": {"centralized": {}}}}}
+    base, grid, summaries = quality.merge_searches([part, other])
+    assert base == ["seed=0"] and grid == ["lr=1,2", "lr=3"] and set(summaries["none"]) == {"lr=1", "lr=3"}
+    with pytest.raises(SystemExit, match="different --extra"):
+        quality.merge_searches([part, {**other, "overrides": ["seed=1"]}])
