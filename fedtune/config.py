@@ -173,9 +173,10 @@ def to_run_config(overrides: Sequence[str], run_dir: str) -> dict[str, str]:
 
 
 def experiment_hash(cfg: DictConfig) -> str:
-    """SHA-256 of everything that determines training: bookkeeping keys such as run_dir excluded, and the base
-    model by its content, not its path (fedtune/model_fingerprint.py), so that nodes holding copies of the
-    same files at other paths agree and a node with other weights does not."""
+    """SHA-256 of everything that determines training: bookkeeping keys such as run_dir and model.public_name
+    (the name the exported adapter gives its base) excluded, and the base model by its content, not its path
+    (fedtune/model_fingerprint.py), so that nodes holding copies of the same files at other paths agree and a
+    node with other weights does not."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     for key in _BOOKKEEPING_KEYS:
@@ -183,6 +184,7 @@ def experiment_hash(cfg: DictConfig) -> str:
     if container.get("contribution", {}).get("_target_") == _NO_CONTRIBUTION:
         container.pop("contribution")
     container["model"]["path"] = model_fingerprint.model_identity(str(container["model"]["path"]))
+    container["model"].pop("public_name", None)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(container)).encode()).hexdigest()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from fedtune import adapters, config, report
+from fedtune import adapters, config, portable, report
 from fedtune.adapters import AdapterState
 from fedtune.aggregation import RoundUpdates
 from fedtune.anomalies import update_statistics
@@ -67,6 +67,7 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
         logger.info("Resuming %s after round %d", run_dir.path, first_round - 1)
     if not experiment.secure.masked:
         logger.warning("secure=none: the server sees every client's update; secure=masking shows it only their sum")
+    portable.warn_if_unnamed(experiment.model_spec)
     clients = channel.connect(run_dir, resume=bool(cfg.resume))
     if not experiment.secure.masked:
         summary = report.partition_summary(experiment, {c.key: c.info for c in clients})

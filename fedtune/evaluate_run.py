@@ -2,10 +2,8 @@
 
 A hospital checks the shared model on its own data before adopting it. The run's saved config says what
 was trained (base model, LoRA, task, label names); only where the data is (``data=...``, ``data.*``) and where
-this machine keeps the base model (``model.path=...``) may change. The adapter is used only with the base
-model it was trained on: the run's checkpoints carry the experiment hash, which holds a fingerprint of the
-model's files (fedtune/model_fingerprint.py), so a copy of other weights is refused. Nothing is written to
-the run directory.
+this machine keeps the base model (``model.path=...``) may change. The adapter is loaded, and refused on other
+base weights, by fedtune/finished_run.py. Nothing is written to the run directory.
 """
 
 from __future__ import annotations
@@ -20,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from fedtune import config
 from fedtune.errors import DataError, UnknownLabels
 from fedtune.evaluation import majority_baseline
-from fedtune.experiment import Experiment, get_experiment
+from fedtune.experiment import get_experiment
+from fedtune.finished_run import FinishedRun, load_run
 from fedtune.report import final_central
-from fedtune.run_dir import Checkpoint, RunDir
+from fedtune.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -59,25 +58,13 @@ def evaluate_run(run_dir: Path, overrides: Sequence[str]) -> Evaluation:
         DataError: The file cannot be read, or holds labels the run did not train on.
     """
     data_overrides, model_path = _split(overrides)
-    trained = _saved_config(run_dir, model_path)
-    try:
-        config.instantiate(trained.model)  # the base model is here (a directory with config.json)
-        run = get_experiment(trained)
-        run_hash = run.hash
-    except (ValueError, OSError) as error:
-        raise config.ConfigError(f"{error} (fedtune evaluate: set model.path=... to this machine's copy)") from error
-    checkpoint = _last_checkpoint(run_dir)
-    if checkpoint.experiment_hash != run_hash:
-        raise config.ConfigError(
-            f"{run_dir}'s adapter was trained on another base model than the files at model.path="
-            f"{trained.model.path} ({run.base_model[:23]}...), or by a fedtune version that composes its config "
-            "differently. Point model.path at a copy of the run's base model (its model card names the fingerprint)."
-        )
+    finished = load_run(run_dir, model_path)
+    run, checkpoint = finished.experiment, finished.checkpoint
     if not data_overrides:
         evaluated, source = run, "the run's central test set"
         dataset = run.test_set
     else:
-        evaluated = get_experiment(_with_data(trained, data_overrides, run))
+        evaluated = get_experiment(_with_data(finished, data_overrides))
         try:
             dataset = evaluated.corpus.dataset
         except UnknownLabels as error:
@@ -129,26 +116,15 @@ def _split(overrides: Sequence[str]) -> tuple[list[str], str | None]:
     return data, model_path
 
 
-def _saved_config(run_dir: Path, model_path: str | None) -> DictConfig:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise config.ConfigError(f"{run_dir} is not a run directory (no config.yaml).")
-    cfg = OmegaConf.load(saved)
-    assert isinstance(cfg, DictConfig)
-    if model_path is not None:
-        cfg.model.path = model_path
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-def _with_data(trained: DictConfig, data_overrides: list[str], run: Experiment) -> DictConfig:
+def _with_data(finished: FinishedRun, data_overrides: list[str]) -> DictConfig:
     """The run's config with the data section of ``data_overrides``, every row evaluated, the run's task, and
     (for a classifier) the run's label names, so that the file's labels get the ids the adapter was trained
     with (string and Parquet class labels by name; integer labels are taken as the run's ids)."""
+    trained = finished.cfg
     data = config.compose([*data_overrides, *_loader_task(data_overrides, str(trained.model.task))]).data
     cfg = OmegaConf.merge(OmegaConf.to_container(trained), {"train": {"eval_max_examples": 0}})  # 0: all rows
     cfg.data = OmegaConf.to_container(data)
-    names = _run_label_names(trained, run) if trained.model.task == "classification" else None
+    names = finished.label_names
     loader = cfg.data.loader
     if names is not None and "label_names" in loader:
         if loader.label_names is not None and list(loader.label_names) != list(names):
@@ -161,36 +137,8 @@ def _with_data(trained: DictConfig, data_overrides: list[str], run: Experiment) 
     return cfg
 
 
-def _run_label_names(trained: DictConfig, run: Experiment) -> list[str]:
-    """The run's class names: from its config (set for deployments), else from its data (a built-in corpus, or
-    the run's own file where this machine has it)."""
-    given = trained.data.get("loader", {}).get("label_names")
-    if given is not None:
-        return list(given)
-    try:
-        return list(run.label_names or ())
-    except (OSError, ValueError) as error:  # the run's file is on the server's machine
-        raise config.ConfigError(
-            "the run's class names are neither in its config.yaml (data.loader.label_names) nor readable from its "
-            f"data here ({error}); evaluate where the run's data is, or rerun with data.loader.label_names set."
-        ) from error
-
-
 def _loader_task(data_overrides: list[str], task: str) -> list[str]:
     """``data.loader.task=<the run's task>`` for a local file, unless the overrides set it."""
     local = any(o.partition("=")[0] == "data" and o.partition("=")[2] == "local" for o in data_overrides)
     given = any(o.startswith("data.loader.task=") for o in data_overrides)
     return [f"data.loader.task={task}"] if local and not given else []
-
-
-def _last_checkpoint(run_dir: Path) -> Checkpoint:
-    runs = RunDir(run_dir)
-    folder, checkpoints = runs.checkpoints, runs.checkpoint_paths()
-    if not checkpoints:
-        encrypted = any(folder.glob("round-*.pt.enc"))
-        raise config.ConfigError(
-            f"{folder} holds only encrypted checkpoints: `fedtune decrypt {folder} --key-file ...` first."
-            if encrypted
-            else f"{run_dir} has no checkpoint yet: no round has finished."
-        )
-    return RunDir.read_checkpoint(checkpoints[-1])

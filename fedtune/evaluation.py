@@ -89,19 +89,25 @@ def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: Pr
     """Fraction of rows whose greedy answer equals the reference response (whitespace-trimmed)."""
     hits = 0
     for row in dataset:
-        prompt = tokenizer(
-            format_prompt(row["prompt"], tokenizer),
-            add_special_tokens=False,
-            return_token_type_ids=False,
-            return_tensors="pt",
-        ).to(devices.of(model))
         budget = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 4
-        output = model.generate(
-            **prompt,
-            max_new_tokens=budget,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        answer = generate(model, tokenizer, row["prompt"], budget)
         hits += int(answer.strip() == row["response"].strip())
     return hits / max(len(dataset), 1)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy answer to ``prompt`` (chat-formatted as in training), without the prompt."""
+    inputs = tokenizer(
+        format_prompt(prompt, tokenizer),
+        add_special_tokens=False,
+        return_token_type_ids=False,
+        return_tensors="pt",
+    ).to(devices.of(model))
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

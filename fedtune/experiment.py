@@ -402,7 +402,8 @@ class Experiment:
 
 def get_experiment(cfg: DictConfig) -> Experiment:
     """The cached :class:`Experiment` for ``cfg`` in this process."""
-    key = fedtune_config.experiment_hash(cfg)
+    # The hash leaves out model.public_name, which the adapter and model card an Experiment writes do use
+    key = f"{fedtune_config.experiment_hash(cfg)} {cfg.model.get('public_name')}"
     if key not in _EXPERIMENTS:
         _EXPERIMENTS[key] = Experiment(cfg)
     return _EXPERIMENTS[key]

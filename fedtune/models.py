@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ from transformers import (
 
 from fedtune import devices
 from fedtune.adapters import AdapterState, get_adapter
-from fedtune.assets import BUILTIN_LICENCES, BUILTIN_MODELS, BUILTIN_PREFIX
+from fedtune.assets import BUILTIN_MODELS, BUILTIN_PREFIX, BuiltinModel
 from fedtune.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
+# A Hugging Face Hub model id, ``namespace/name``: what a portable adapter may name as its base model.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 _TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
 # transformers 5 deprecation that PEFT triggers on every forward; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -50,15 +53,21 @@ class ModelSpec:
             Hugging Face builds it), or ``mean``, the mean of the last hidden states over the real tokens
             (what sentence-embedding models such as all-MiniLM-L6-v2 were trained to produce; see
             :func:`use_mean_pooling`).
+        public_name: The base model's public Hugging Face id (``namespace/name``), which the exported adapter
+            names as its base instead of this machine's path (fedtune/portable.py); unset, a local model is
+            named by the id its config.json records (``_name_or_path``), if it records one. A built-in is
+            always named by its upstream id. Not part of the experiment hash: it trains nothing.
 
     Raises:
-        ValueError: Unknown built-in, missing directory, unknown task or pooling, or a non-positive length.
+        ValueError: Unknown built-in, missing directory, unknown task or pooling, a non-positive length, or a
+            public name that is not a Hub id (or is given for a built-in).
     """
 
     path: str
     task: Task = "classification"
     max_length: int = 128
     pooling: str = "cls"
+    public_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in _TASK_TYPES:
@@ -81,17 +90,38 @@ class ModelSpec:
                 "local directory saved with save_pretrained; fedtune never downloads models. A SuperNode whose "
                 "copy lies elsewhere names it in its node config: model-path='/path/to/copy'."
             )
+        if self.public_name is not None:
+            if self.path.startswith(BUILTIN_PREFIX):
+                raise ValueError(
+                    f"model.public_name={self.public_name!r}: {self.path} is always named by its upstream id; "
+                    "leave model.public_name unset."
+                )
+            if not is_hub_id(self.public_name):
+                raise ValueError(
+                    f"model.public_name={self.public_name!r} is not a Hugging Face model id (namespace/name, e.g. "
+                    "dmis-lab/biobert-v1.1): the exported adapter names its base model by it."
+                )
+
+    @property
+    def builtin(self) -> BuiltinModel | None:
+        """The built-in model that ``path`` names (None for a local directory)."""
+        if not self.path.startswith(BUILTIN_PREFIX):
+            return None
+        return BUILTIN_MODELS[self.path.removeprefix(BUILTIN_PREFIX)]
 
     def resolve(self) -> Path:
         """The model directory on this machine (converting a built-in once if needed)."""
-        if self.path.startswith(BUILTIN_PREFIX):
-            return BUILTIN_MODELS[self.path.removeprefix(BUILTIN_PREFIX)]()
-        return Path(self.path)
+        return self.builtin.directory() if self.builtin is not None else Path(self.path)
 
     def licence(self) -> str:
-        """Base model and licence, for the model card."""
-        name = self.path.removeprefix(BUILTIN_PREFIX)
-        return BUILTIN_LICENCES.get(name, f"{self.path} (check the licence of your base model)")
+        """The base model's licence, for the model card."""
+        return self.builtin.licence if self.builtin is not None else "not known to fedtune (check your base model's)"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face Hub model id, ``namespace/name`` (an absolute path, a
+    ``./`` path or one of several folders does not; a two-part relative path cannot be told from an id)."""
+    return _HUB_ID.fullmatch(name) is not None and ".." not in name and "--" not in name
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:

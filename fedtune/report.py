@@ -12,13 +12,12 @@ matplotlib.use("Agg")  # headless: runs on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fedtune import adapters, config  # noqa: E402
+from fedtune import adapters, config, portable  # noqa: E402
 from fedtune.adapters import RESIDUAL_FILE, AdapterState  # noqa: E402
 from fedtune.contribution import leaderboard  # noqa: E402
 from fedtune.evaluation import majority_baseline  # noqa: E402
 from fedtune.experiment import Experiment  # noqa: E402
 from fedtune.federation import Federation  # noqa: E402
-from fedtune.models import ModelSpec  # noqa: E402
 from fedtune.run_dir import RunDir  # noqa: E402
 
 logger = logging.getLogger("fedtune")
@@ -66,14 +65,9 @@ def progress_line(
 def finish(
     run_dir: RunDir, experiment: Experiment, final_adapter: AdapterState, contributions: dict[str, Any] | None = None
 ) -> None:
-    """Export the final adapter in PEFT format, write the plot and the model card (with the ``contributions``
-    leaderboard, if accounted: fedtune/contribution/), log a summary."""
-    model = experiment.model()
-    adapters.set_adapter(model, final_adapter)
-    model.save_pretrained(run_dir.path / "adapter")
-    residuals = adapters.residual_weights(model, final_adapter)
-    if residuals:  # PEFT's format has no place for them (FedEx-LoRA): a file beside it, see the model card
-        save_file(residuals, run_dir.path / "adapter" / RESIDUAL_FILE)
+    """Export the final adapter in PEFT format (naming its base model by its public id: fedtune/portable.py),
+    write the plot and the model card (with the ``contributions`` leaderboard, if accounted:
+    fedtune/contribution/), log a summary."""
     metrics = run_dir.read_metrics()
     baseline = None
     if experiment.corpus.task == "classification":
@@ -85,6 +79,12 @@ def finish(
         card += leaderboard.model_card_section(
             contributions, experiment.secure.masked, experiment.privacy.organisation is not None
         )
+    model = experiment.model()
+    adapters.set_adapter(model, final_adapter)
+    portable.save_adapter(model, run_dir.path / "adapter", experiment.model_spec, card)
+    residuals = adapters.residual_weights(model, final_adapter)
+    if residuals:  # PEFT's format has no place for them (FedEx-LoRA): a file beside it, see the model card
+        save_file(residuals, run_dir.path / "adapter" / RESIDUAL_FILE)
     (run_dir.path / "README.md").write_text(card, encoding="utf-8")
     final = final_central(metrics)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
@@ -142,18 +142,8 @@ def model_card(
     baseline_rows = "\n".join(f"| majority-class {k} | {v:.4f} |" for k, v in (baseline or {}).items())
     return f"""# Federated LoRA adapter
 
-Trained with fedtune. Load it with PEFT:
-
-```python
-from peft import PeftModel
-model = PeftModel.from_pretrained(base_model, "adapter")
-```
-{_pooling_note(spec)}{_residual_note(residuals)}
-## Base model
-- `{spec.path}` ({spec.task}), licence: {spec.licence()}
-- Identified by {_base_model_identity(experiment.base_model)}: use the adapter only on these files
-  (`fedtune evaluate` and the nodes check it).
-
+Trained with fedtune. {portable.loading_section(spec, experiment.num_labels)}{_residual_note(residuals)}
+{portable.base_model_section(spec)}
 ## Data
 - {experiment.corpus.description}
 - {len(experiment.pool)} rows for clients, {len(experiment.test_set)} held out for the central test set.
@@ -202,21 +192,6 @@ def _residual_size(residuals: AdapterState) -> str:
     )
 
 
-def _pooling_note(spec: ModelSpec) -> str:
-    """For a classifier trained with mean pooling: the base model needs it too before the adapter loads."""
-    if spec.pooling != "mean":
-        return ""
-    return """
-The head was trained on mean-pooled tokens (`model.pooling=mean`): give the base model the same pooling
-before loading the adapter, or its predictions are not the evaluated model's:
-
-```python
-from fedtune.models import use_mean_pooling
-use_mean_pooling(base_model)  # then PeftModel.from_pretrained(base_model, "adapter")
-```
-"""
-
-
 def _residual_note(residuals: AdapterState) -> str:
     """For an adapter with dense residuals (FedEx-LoRA): how to add them to the base weights."""
     if not residuals:
@@ -258,12 +233,6 @@ def _membership_note(experiment: Experiment) -> str:
         "\n- Organisation-level DP hides who took part: this card names no participant. The run directory's "
         "`ledger.jsonl` and `metrics.jsonl` do; they are for the consortium only."
     )
-
-
-def _base_model_identity(identity: str) -> str:
-    if identity.startswith("sha256:"):
-        return f"the fingerprint of its files (weights, config, tokenizer, every file but READMEs) `{identity}`"
-    return f"its built-in name `{identity}` (the pinned package that ships it fixes its files)"
 
 
 def final_central(metrics: list[dict[str, Any]]) -> dict[str, float]:

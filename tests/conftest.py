@@ -109,3 +109,24 @@ def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
 def tiny_bert_overrides(tiny_bert_dir: Path, tmp_path: Path) -> list[str]:
     """Overrides of a tiny classification experiment writing to a fresh run directory."""
     return tiny_overrides(tiny_bert_dir, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-round run of the tiny classification experiment (in-process nodes), whose base model has the
+    public name ``fedtune-tests/tiny-bert``."""
+    from tests.nodes import federate  # deferred: tests/test_gpu.py imports this module where Flower is absent
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    overrides = tiny_overrides(tiny_bert_dir, root / "run", "model.public_name=fedtune-tests/tiny-bert")
+    return federate(root, overrides, 2, prefix="partition")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-round run of the tiny Llama on ICD-10 instructions (in-process nodes)."""
+    from tests.nodes import federate
+
+    root = tmp_path_factory.mktemp("tiny-causal-run")
+    causal = ("data=icd10_instructions", "model.task=causal_lm", "train.generation_examples=2")
+    return federate(root, tiny_overrides(tiny_llama_dir, root / "run", *causal), 2, prefix="partition")

@@ -1,0 +1,53 @@
+"""``fedtune predict RUN_DIR "text" ...`` through the command line: exit code and printed lines, against an
+independent computation on the run's PEFT model with its final adapter (a softmax over the run's classes;
+a greedy decoding loop written out here, not ``generate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune import cli
+from fedtune.finished_run import load_run
+from fedtune.training import format_prompt
+
+TEXTS = ["Tuberculosis of lung", "Displaced fracture of shaft of left femur"]
+
+
+def _predict(run: Path, capsys: pytest.CaptureFixture[str], *arguments: str) -> list[str]:
+    """The lines ``fedtune predict`` prints to stdout, without the log lines."""
+    assert cli.main(["predict", str(run), *arguments]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if " fedtune: " not in line]
+
+
+def test_a_classifier_prints_each_text_s_class_and_probability(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    finished = load_run(tiny_run)
+    batch = finished.experiment.tokenizer(TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=32)
+    with torch.no_grad():
+        probabilities = torch.softmax(finished.model()(**batch).logits, dim=-1)
+    expected = []
+    for text, row in zip(TEXTS, probabilities, strict=True):
+        best = int(row.argmax())
+        expected += [text, f"  -> {finished.label_names[best]} ({float(row[best]):.4f})"]
+    assert _predict(tiny_run, capsys, *TEXTS) == expected
+
+
+def test_a_causal_lm_prints_its_greedy_answer(tiny_causal_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    finished = load_run(tiny_causal_run)
+    model, tokenizer = finished.model(), finished.experiment.tokenizer
+    ids = tokenizer(format_prompt(TEXTS[0], tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(6):
+            token = model(input_ids=sequence).logits[0, -1].argmax()
+            if int(token) == tokenizer.eos_token_id:
+                break
+            sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+    answer = sequence[0, ids.shape[1] :]
+    expected = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    assert expected  # an answer to compare, not two empty strings
+    assert _predict(tiny_causal_run, capsys, TEXTS[0], "--max-new-tokens", "6") == [TEXTS[0], f"  -> {expected}"]
