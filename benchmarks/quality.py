@@ -300,8 +300,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for seed in seeds:  # seeds outermost, results written after each: a cut-short run keeps what it has
             for index, (privacy, plan) in enumerate(plans.items()):
-                for point, point_arms in plan.items():
-                    directory = Path(root) / f"privacy-{index}"
+                for number, (point, point_arms) in enumerate(plan.items()):
+                    directory = Path(root) / f"privacy-{index}" / f"point-{number}"  # a run dir per point
                     results = run_seed(seed, privacy, [*base, *point.split()], directory, point_arms)
                     runs.setdefault(privacy, {}).setdefault(point, []).append(results)
                     write(args.out, base, grid, seeds, runs)
