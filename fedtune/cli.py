@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="the new model directory to write")
     predict = commands.add_parser("predict", help="a run's final adapter on texts given here")
     predict.add_argument("run_dir", type=Path, help="the run directory")
-    predict.add_argument("texts", nargs="+", metavar="TEXT", help="a text to classify, or a prompt for a causal LM")
+    predict.add_argument(
+        "texts",
+        nargs="+",
+        metavar="TEXT",
+        help="a text to classify, a prompt for a causal LM, or the start of a document to continue (plain text)",
+    )
     predict.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: the longest answer, in tokens")
     for command in (export, predict):
         command.add_argument("--model-path", help="this machine's copy of the run's base model (default: the run's)")

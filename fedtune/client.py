@@ -16,18 +16,24 @@ from fedtune.adapters import AdapterState
 from fedtune.attacks import Attack
 from fedtune.client_settings import ClientSettings
 from fedtune.data.partition import ClientData
+from fedtune.evaluation import TOKENS, evaluated_tokens
 from fedtune.experiment import Experiment
 from fedtune.seeding import derive_seed, noise_generator
-from fedtune.training import local_train
+from fedtune.training import local_train, truncated_documents
 
 
 def describe(experiment: Experiment, data: ClientData) -> dict[str, Any]:
-    """Sizes and label histogram (train and validation rows) of a client's data, for the partition summary."""
+    """Sizes and label histogram (train and validation rows) of a client's data, for the partition summary; for
+    plain text, how many of its documents are longer than ``model.max_length`` (cut to it: ``truncated``)."""
     labels = None
     if experiment.num_labels:
         counts = Counter(data.train["label"]) + Counter(data.val["label"])
         labels = [counts.get(label, 0) for label in range(experiment.num_labels)]
-    return {"train": len(data.train), "val": len(data.val), "labels": labels, "natural_id": None}
+    description = {"train": len(data.train), "val": len(data.val), "labels": labels, "natural_id": None}
+    if experiment.model_spec.task == "plain_text":
+        texts = data.train["text"][:] + data.val["text"][:]
+        description["truncated"] = truncated_documents(texts, experiment.tokenizer, experiment.model_spec.max_length)
+    return description
 
 
 def train_round(
@@ -113,14 +119,19 @@ def evaluate_round(
     rank: int | None = None,
 ) -> dict[str, float]:
     """Metrics of the global adapter (with this client's ``personal`` tensors in place of the global ones, if
-    any; truncated to this client's LoRA ``rank``, the model it would use) on this client's validation split."""
+    any; truncated to this client's LoRA ``rank``, the model it would use) on this client's validation split,
+    with the rows (and a causal LM's tokens) they cover, which weigh them among the clients' metrics."""
     check_residuals(experiment, global_adapter)
-    torch.set_num_threads(experiment.train_config.torch_threads)
+    config = experiment.train_config
+    torch.set_num_threads(config.torch_threads)
     rank = experiment.lora_rank(rank)
     adapter = ranks.truncate({**global_adapter, **(personal or {})}, rank)
     metrics = experiment.evaluate(adapter, data.val, rank)
-    evaluated = min(len(data.val), experiment.train_config.eval_max_examples or len(data.val))
-    return {**metrics, "num_examples": float(evaluated)}
+    metrics["num_examples"] = float(min(len(data.val), config.eval_max_examples or len(data.val)))
+    spec = experiment.model_spec
+    if spec.task != "classification":
+        metrics[TOKENS] = float(evaluated_tokens(data.val, spec.task, experiment.tokenizer, spec.max_length, config))
+    return metrics
 
 
 def check_residuals(experiment: Experiment, global_adapter: AdapterState) -> None:

@@ -35,6 +35,7 @@ from fedtune.attacks.collusion import PARTITION
 from fedtune.client_settings import ClientSettings
 from fedtune.contribution import reports
 from fedtune.data.partition import ClientData
+from fedtune.evaluation import TOKENS
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.secure import identity
 from fedtune.secure.identity import Identity
@@ -224,8 +225,9 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             personal = settings.kept(client_state.load_personal(kept, round_number + 1))
         global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
         metrics = client.evaluate_round(experiment, data, global_adapter, personal, _rank(context, experiment))
-        if experiment.secure.masked:
-            del metrics["num_examples"]  # sizes stay private; the server averages clients equally
+        if experiment.secure.masked:  # sizes stay private; the server averages clients equally
+            for size in ("num_examples", TOKENS):
+                metrics.pop(size, None)
         return reply(msg, context, RecordDict({wire.METRICS: MetricRecord(metrics)}))
 
     return app

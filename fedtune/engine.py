@@ -26,6 +26,7 @@ from fedtune.channel import Channel, Client, RoundAbandoned, RoundFailedError, T
 from fedtune.client_settings import ClientSettings
 from fedtune.contribution import rounds as contribution_rounds
 from fedtune.data.partition import format_summary
+from fedtune.evaluation import TOKENS, federated_metrics
 from fedtune.experiment import Experiment, get_experiment
 from fedtune.federation import Federation
 from fedtune.interfaces import Strategy
@@ -347,7 +348,7 @@ def _federated_evaluation(
         logger.warning("Round %d: federated evaluation skipped, %d replies", server_round, len(results))
         return
     weights = [m.get("num_examples", 1.0) for m in results]  # without sizes (secure=masking) clients count equally
-    run_dir.log_metrics(server_round, "federated", _weighted_mean(results, weights))
+    run_dir.log_metrics(server_round, "federated", federated_metrics(results, _weighted_mean(results, weights)))
 
 
 def _log_central(
@@ -361,5 +362,5 @@ def _log_central(
 
 def _weighted_mean(metrics: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
     total = sum(weights) or 1.0
-    keys = [k for k in metrics[0] if k != "num_examples"] if metrics else []
+    keys = [k for k in metrics[0] if k not in ("num_examples", TOKENS)] if metrics else []
     return {k: sum(m[k] * w for m, w in zip(metrics, weights, strict=True)) / total for k in keys}

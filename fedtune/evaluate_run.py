@@ -32,7 +32,8 @@ class Evaluation:
         server_round: The round whose adapter was evaluated (the run's last checkpoint).
         rows: How many rows were evaluated.
         source: What was evaluated: the site's file, or the run's own central test set.
-        metrics: The task's metrics (classification: loss, accuracy, macro-F1; causal LM: loss, perplexity...).
+        metrics: The task's metrics (classification: loss, accuracy, macro-F1; causal LM: loss, perplexity,
+            exact match; plain text: loss, perplexity).
         majority: Classification only: always predicting the evaluated data's most common label.
         run_central: The run's own central test metrics of its final round (metrics.jsonl).
     """

@@ -1,4 +1,5 @@
-"""Evaluation of a model on a split: classification (accuracy, macro-F1) and causal LM (loss, perplexity, exact match)."""
+"""Evaluation of a model on a split: classification (accuracy, macro-F1), causal LM (loss, perplexity, exact
+match) and plain text (loss, perplexity)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from fedtune.training import IGNORE_INDEX, TrainConfig, encode, format_prompt, s
 
 if TYPE_CHECKING:  # a type only, as in training.py
     import datasets
+
+TOKENS = "num_tokens"  # a client's evaluated tokens, beside num_examples: what weighs its loss among clients'
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -51,7 +54,9 @@ def evaluate(
 
     Returns:
         Classification: ``loss``, ``accuracy``, ``macro_f1``. Causal LM: ``loss`` (mean per answer token),
-        ``perplexity``, and ``exact_match`` of greedy generations on the first ``generation_examples`` rows.
+        ``perplexity`` (its exp), and ``exact_match`` of greedy generations on the first ``generation_examples``
+        rows. Plain text: ``loss`` (mean over every predicted token of the documents) and ``perplexity``; a
+        document has no reference answer to match.
     """
     if config.eval_max_examples and len(dataset) > config.eval_max_examples:
         dataset = dataset.select(range(config.eval_max_examples))
@@ -69,19 +74,55 @@ def evaluate(
             y_true += labels.tolist()
             y_pred += logits.argmax(dim=-1).tolist()
         else:
-            tokens = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            tokens = predicted_tokens(labels)
             loss_sum, loss_count = loss_sum + (losses * tokens).sum().item(), loss_count + int(tokens.sum())
     loss = loss_sum / max(loss_count, 1)
     if task == "classification":
         accuracy = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == p) / max(len(y_true), 1)
         return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred)}
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    if config.generation_examples:
+    metrics = {"loss": loss, "perplexity": perplexity(loss)}
+    if task == "causal_lm" and config.generation_examples:
         with devices.autocast(device, config.precision):
             metrics["exact_match"] = exact_match(
                 model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer
             )
     return metrics
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean token loss (capped: an untrained model's loss must not overflow the metrics)."""
+    return math.exp(min(loss, 50.0))
+
+
+def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Per row of a causal LM's ``labels`` (B, T): how many tokens its loss averages over (each is predicted from
+    the ones before it, so the first never is)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def evaluated_tokens(
+    dataset: datasets.Dataset, task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int, config: TrainConfig
+) -> int:
+    """How many tokens :func:`evaluate` averages a causal LM's loss over on ``dataset`` (its evaluated rows)."""
+    rows, total = min(len(dataset), config.eval_max_examples or len(dataset)), 0
+    for start in range(0, rows, config.eval_batch_size):
+        batch = dataset[start : min(start + config.eval_batch_size, rows)]
+        total += int(predicted_tokens(encode(batch, task, tokenizer, max_length)["labels"]).sum())
+    return total
+
+
+def federated_metrics(results: list[dict[str, float]], averaged: dict[str, float]) -> dict[str, float]:
+    """``averaged``, the clients' metrics averaged by examples, with a causal LM's ``loss`` taken over every
+    token the clients evaluated (each client's weighted by its ``num_tokens``), as one evaluation of all their
+    rows gives, and ``perplexity`` its exp. Clients that withhold their sizes (secure aggregation) count
+    equally: ``perplexity`` is then the exp of their mean loss."""
+    if "perplexity" not in averaged:
+        return averaged
+    loss = averaged["loss"]
+    if results and all(TOKENS in result for result in results):
+        tokens = sum(result[TOKENS] for result in results)
+        loss = sum(result["loss"] * result[TOKENS] for result in results) / max(tokens, 1.0)
+    return {**averaged, "loss": loss, "perplexity": perplexity(loss)}
 
 
 @torch.no_grad()
@@ -90,16 +131,19 @@ def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: Pr
     hits = 0
     for row in dataset:
         budget = len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 4
-        answer = generate(model, tokenizer, row["prompt"], budget)
+        answer = generate(model, tokenizer, row["prompt"], "causal_lm", budget)
         hits += int(answer.strip() == row["response"].strip())
     return hits / max(len(dataset), 1)
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
-    """The model's greedy answer to ``prompt`` (chat-formatted as in training), without the prompt."""
+def generate(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, task: Task, max_new_tokens: int
+) -> str:
+    """The model's greedy continuation of ``text``, without ``text``: for ``causal_lm`` its answer to ``text`` as
+    a prompt (chat-formatted as in training), for ``plain_text`` what follows ``text`` as the start of a document."""
     inputs = tokenizer(
-        format_prompt(prompt, tokenizer),
+        format_prompt(text, tokenizer) if task == "causal_lm" else text,
         add_special_tokens=False,
         return_token_type_ids=False,
         return_tensors="pt",

@@ -150,7 +150,8 @@ class Experiment:
         if corpus.task != self.model_spec.task:
             raise ValueError(
                 f"data gives a {corpus.task} dataset but model.task is {self.model_spec.task}; "
-                "pick a matching pair, e.g. model=minilm data=icd10 or model=smollm2 data=icd10_instructions."
+                "pick a matching pair, e.g. model=minilm data=icd10 or model=smollm2 data=icd10_instructions "
+                "(documents, plain text: model=smollm2 model.task=plain_text data=hpo_text)."
             )
         return corpus
 

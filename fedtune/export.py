@@ -99,7 +99,7 @@ The run's model card follows; its loading section is about the run's `adapter/`,
 
 def _loading(task: str, pooling: str, max_length: int) -> str:
     """The lines that load the merged model from ``model_dir`` (and, for mean pooling, compute logits)."""
-    if task == "causal_lm":
+    if task != "classification":
         return """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(model_dir)

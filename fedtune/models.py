@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 POOLINGS = ("cls", "mean")
 # A Hugging Face Hub model id, ``namespace/name``: what a portable adapter may name as its base model.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+# plain_text trains the same causal LM as causal_lm; only its data, loss mask and metrics differ (fedtune/tasks.py)
+_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM, "plain_text": TaskType.CAUSAL_LM}
 # transformers 5 deprecation that PEFT triggers on every forward; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 _MODEL_CACHE: dict[str, tuple[PeftModel, AdapterState]] = {}
@@ -47,7 +48,10 @@ class ModelSpec:
 
     Args:
         path: A local Hugging Face model directory, or ``builtin:minilm`` / ``builtin:smollm2``.
-        task: ``classification`` (sequence classifier head) or ``causal_lm``.
+        task: What the adapter is trained for (fedtune/tasks.py): ``classification`` (sequence classifier
+            head), ``causal_lm`` (a causal LM answering prompts) or ``plain_text`` (a causal LM continuing
+            documents). The data must be of the same task; the run's commands (evaluate, predict, export)
+            read it from here.
         max_length: Inputs are truncated to this many tokens.
         pooling: What a classifier's head reads: ``cls``, the model's own pooler over the first token (as
             Hugging Face builds it), or ``mean``, the mean of the last hidden states over the real tokens

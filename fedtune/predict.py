@@ -1,8 +1,9 @@
 """``fedtune predict RUN_DIR "text" ...``: a run's final adapter on texts from the command line.
 
 A classifier gives each text's most probable class and its probability (softmax over the run's classes); a
-causal LM its greedy answer to each text as a prompt (chat-formatted as in training). The inputs are
-truncated and encoded as in training and evaluation (fedtune/training.py, fedtune/evaluation.py).
+causal LM its greedy answer to each text as a prompt (chat-formatted as in training); a plain-text LM its
+greedy continuation of each text as the start of a document. The inputs are truncated and encoded as in
+training and evaluation (fedtune/training.py, fedtune/evaluation.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Prediction:
 
     Attributes:
         text: The input.
-        answer: A classifier's class name, or a causal LM's generated answer.
+        answer: A classifier's class name, a causal LM's generated answer, or a plain-text LM's continuation.
         probability: A classifier's probability of that class (None for a causal LM).
     """
 
@@ -42,10 +43,10 @@ class Prediction:
 def predict(run: FinishedRun, texts: Sequence[str], max_new_tokens: int = 64) -> list[Prediction]:
     """The final adapter's prediction for each of ``texts`` (a causal LM generates at most ``max_new_tokens``)."""
     model, tokenizer, experiment = run.model(), run.experiment.tokenizer, run.experiment
-    device, names = devices.of(model), run.label_names
+    device, names, task = devices.of(model), run.label_names, experiment.model_spec.task
     with devices.autocast(device, experiment.train_config.precision):
         if names is None:
-            return [Prediction(text, generate(model, tokenizer, text, max_new_tokens).strip()) for text in texts]
+            return [Prediction(text, generate(model, tokenizer, text, task, max_new_tokens).strip()) for text in texts]
         rows = {"text": list(texts), "label": [0] * len(texts)}  # encode() takes labelled rows; these go unused
         batch = encode(rows, "classification", tokenizer, experiment.model_spec.max_length, device)
         batch.pop("labels")

@@ -148,7 +148,7 @@ Trained with fedtune. {portable.loading_section(spec, experiment.num_labels)}{_r
 - {experiment.corpus.description}
 - {len(experiment.pool)} rows for clients, {len(experiment.test_set)} held out for the central test set.
 - Partitioning: `{cfg.partition._target_.rsplit(".", 1)[-1]}` over {federation.num_clients} clients{partitions}.
-
+{_documents_note(experiment)}
 ## Training
 - {federation.num_rounds} rounds, {federation.fraction_train:.0%} of clients per round, strategy `{cfg.strategy._target_.rsplit(".", 1)[-1]}`.
 - Local: {experiment.train_config.local_steps} steps of batch {experiment.train_config.batch_size}, lr {experiment.train_config.lr} ({experiment.train_config.lr_schedule}), precision {experiment.train_config.precision} (device `{experiment.train_config.device}` on each node).
@@ -171,6 +171,17 @@ Trained with fedtune. {portable.loading_section(spec, experiment.num_labels)}{_r
 
 Per-round metrics: `metrics.jsonl`, `metrics.png`.
 """
+
+
+def _documents_note(experiment: Experiment) -> str:
+    """For plain text: what a record is, and how much of a long one was read."""
+    if experiment.model_spec.task != "plain_text":
+        return ""
+    return (
+        f"- Plain text: each row is one document and one record (the unit of DP-SGD's guarantee), read up to its "
+        f"first {experiment.model_spec.max_length} tokens (`model.max_length`; the partition summary counts the "
+        "documents cut).\n"
+    )
 
 
 def _ranks_note(federation: Federation) -> str:

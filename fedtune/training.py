@@ -97,7 +97,8 @@ def encode(
     Classification: ``input_ids``, ``attention_mask`` of shape (B, T) and ``labels`` of shape (B,).
     Causal LM: the prompt (chat-formatted when the tokenizer has a template) followed by the response;
     ``labels`` (B, T) copy the response tokens and hold IGNORE_INDEX elsewhere, so only the answer is learned.
-    The tensors are moved to ``device`` when one is given.
+    Plain text: each document's tokens (:func:`document_ids`) cut to ``max_length``; ``labels`` copy them all
+    and hold IGNORE_INDEX on the padding only. The tensors are moved to ``device`` when one is given.
     """
     batch = _encode(rows, task, tokenizer, max_length)
     return batch if device is None else {key: value.to(device) for key, value in batch.items()}
@@ -110,6 +111,9 @@ def _encode(
         batch = tokenizer(rows["text"], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         batch["labels"] = torch.tensor(rows["label"], dtype=torch.long)
         return dict(batch)
+    if task == "plain_text":
+        sequences = [ids[:max_length] for ids in document_ids(rows["text"], tokenizer)]
+        return _padded(sequences, sequences, tokenizer.pad_token_id)
     sequences, label_rows = [], []
     for prompt, response in zip(rows["prompt"], rows["response"], strict=True):
         prompt_ids = tokenizer(format_prompt(prompt, tokenizer), add_special_tokens=False)["input_ids"]
@@ -117,13 +121,30 @@ def _encode(
         ids = (prompt_ids + response_ids)[:max_length]
         sequences.append(ids)
         label_rows.append(([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length])
+    return _padded(sequences, label_rows, tokenizer.pad_token_id)
+
+
+def _padded(sequences: list[list[int]], label_rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded token ids, attention mask and labels (IGNORE_INDEX on the padding: the pad token may be the
+    end-of-sequence token, which is learned where it is real)."""
     width = max(len(ids) for ids in sequences)
-    pad = tokenizer.pad_token_id
     return {
         "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in sequences]),
         "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences]),
         "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for labels in label_rows]),
     }
+
+
+def document_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Plain-text documents as training reads them, before truncation: each text as it is (no chat template, no
+    special tokens in front) followed by the end-of-sequence token, so that the model learns where a document ends."""
+    return tokenizer([text + (tokenizer.eos_token or "") for text in texts], add_special_tokens=False)["input_ids"]
+
+
+def truncated_documents(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """How many plain-text documents are longer than ``max_length`` tokens: training and evaluation read only
+    their first ``max_length`` tokens (the partition summary reports the count)."""
+    return sum(len(ids) > max_length for ids in document_ids(texts, tokenizer))
 
 
 def format_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -138,7 +159,8 @@ def format_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
-    """Per-example loss, shape (B,): cross-entropy for classification, mean next-token loss over answer tokens."""
+    """Per-example loss, shape (B,): cross-entropy for classification; for a causal LM the mean next-token loss
+    over the tokens ``labels`` keep (the answer's, or every token of a plain-text document)."""
     if task == "classification":
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]

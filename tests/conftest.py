@@ -130,3 +130,25 @@ def tiny_causal_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("tiny-causal-run")
     causal = ("data=icd10_instructions", "model.task=causal_lm", "train.generation_examples=2")
     return federate(root, tiny_overrides(tiny_llama_dir, root / "run", *causal), 2, prefix="partition")
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_text_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-round run of the tiny Llama continuing plain-text documents under DP-SGD (in-process nodes):
+    400 HPO definitions in a site's own CSV (``notes.csv`` beside the run directory), under the column ``note``;
+    the run's data.loader.task follows model.task."""
+    from fedtune.data import hpo_text
+    from tests.nodes import federate
+
+    root = tmp_path_factory.mktemp("tiny-plain-text-run")
+    hpo_text(max_examples=400, seed=0).dataset.rename_column("text", "note").to_csv(root / "notes.csv")
+    notes = (
+        "model.task=plain_text",
+        "data=local",
+        f"data.loader.path={root / 'notes.csv'}",
+        "data.loader.text_column=note",
+    )
+    overrides = tiny_overrides(tiny_llama_dir, root / "run", *notes, "privacy=dp_sgd")
+    # a local file is read whole: max_examples, a built-in corpus's setting, is not one of its settings
+    overrides = [override for override in overrides if not override.startswith("data.loader.max_examples=")]
+    return federate(root, overrides, 2, prefix="partition")

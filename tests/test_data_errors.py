@@ -22,9 +22,9 @@ LATIN1 = ROWS.replace("rash", "ecz\u00e9ma").encode("latin-1")
 FIRST_NON_UTF8 = LATIN1.index("\u00e9".encode("latin-1"))
 
 
-def _write(text: str | bytes) -> Callable[[Path], Path]:
+def _write(text: str | bytes, name: str = "notes.csv") -> Callable[[Path], Path]:
     def make(directory: Path) -> Path:
-        path = directory / "notes.csv"
+        path = directory / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         return path
 
@@ -71,10 +71,29 @@ CASES = {
 }
 
 
-def _overrides(tiny_bert_dir: Path, path: Path, run_dir: Path) -> list[str]:
+# A causal LM continuing documents (model.task=plain_text; data.loader.task follows it): one text column.
+PLAIN_TEXT_CASES = {
+    "plain text: wrong column name": (
+        _write("body,site\nfever and cough,a\nchest pain,b\n"),
+        "column 'note' not found in {path}; available columns: body, site. Set data.loader.text_column to the "
+        "column that holds the text.",
+    ),
+    "plain text: empty document": (
+        _write('{"note": "fever and cough"}\n{"note": null}\n{"note": "rash"}\n', "notes.jsonl"),
+        "column 'note' in {path} is empty in 1 of 3 rows (first: data row 2, counting from 1 after the header); "
+        "fill or remove those rows, or drop them with data.loader.drop_incomplete=true.",
+    ),
+    "plain text: numbers, not text": (
+        _write("note\n1\n2\n3\n"),
+        "column 'note' in {path} must hold text, found int64.",
+    ),
+}
+
+
+def _overrides(model_dir: Path, path: Path, run_dir: Path) -> list[str]:
     return [
         "model=local",
-        f"model.path={tiny_bert_dir}",
+        f"model.path={model_dir}",
         "data=local",
         f"data.loader.path={path}",
         "data.loader.text_column=note",
@@ -83,13 +102,17 @@ def _overrides(tiny_bert_dir: Path, path: Path, run_dir: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *PLAIN_TEXT_CASES])
 def test_a_bad_data_file_gets_one_line_and_writes_nothing(
-    case: str, tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    make, message = CASES[case]
+    make, message = CASES[case] if case in CASES else PLAIN_TEXT_CASES[case]
     path = make(tmp_path)
-    assert cli.main(["run", *_overrides(tiny_bert_dir, path, tmp_path / "run")]) == 2
+    if case in CASES:
+        overrides = _overrides(tiny_bert_dir, path, tmp_path / "run")
+    else:
+        overrides = [*_overrides(tiny_llama_dir, path, tmp_path / "run"), "model.task=plain_text"]
+    assert cli.main(["run", *overrides]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [f"fedtune: data error: {message.format(path=path)}"]
     assert "Traceback" not in captured.out + captured.err

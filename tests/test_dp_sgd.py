@@ -21,10 +21,15 @@ from fedtune import adapters, config, devices
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import NoPrivacy, PlanRequest
 from fedtune.privacy.dp_sgd import DPSGD, STATE_KEY, PrivacyBudgetExhaustedError, poisson_batches
+from fedtune.tasks import Task
 from fedtune.training import TrainConfig, add_proximal_term, encode, local_train, sequence_loss
 
 ROWS = datasets.Dataset.from_dict(
     {"text": [f"patient {i} has symptom {i % 7}" for i in range(40)], "label": [i % 3 for i in range(40)]}
+)
+# Plain-text documents of many lengths (padding differs per batch), some longer than the 32 tokens kept
+DOCUMENTS = datasets.Dataset.from_dict(
+    {"text": [f"patient {i} reports " + "fever and a dry cough, " * (i % 9) + "no rash." for i in range(40)]}
 )
 
 
@@ -45,21 +50,23 @@ def _one_step_gradient(
     seed: int = 0,
     precision: str = "fp32",
     physical: int | None = None,
+    rows: datasets.Dataset = ROWS,
+    task: Task = "classification",
 ) -> dict[str, torch.Tensor]:
-    """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices`` (in physical
-    batches of ``physical`` records, each but the last accumulated, as the training loop does)."""
+    """The gradient the DP optimizer hands to the inner optimizer for a batch of ``indices`` of ``rows`` (in
+    physical batches of ``physical`` records, each but the last accumulated, as the training loop does)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # flat turns requires_grad off
     optimizer = torch.optim.SGD([p for _, p in named], lr=0.0)
-    plan = mechanism.plan(PlanRequest(model, optimizer, len(ROWS), 8, 1, 1, torch.Generator().manual_seed(seed), {}))
+    plan = mechanism.plan(PlanRequest(model, optimizer, len(rows), 8, 1, 1, torch.Generator().manual_seed(seed), {}))
     model.train()  # Opacus records activations in training mode only
     try:
         size = physical or max(1, len(indices))
         chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
         for number, chunk in enumerate(chunks):
-            batch = encode(ROWS[chunk], "classification", tokenizer, 32)
+            batch = encode(rows[chunk], task, tokenizer, 32)
             labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
             with devices.autocast(input_ids.device, precision):
-                losses = sequence_loss(plan.module(input_ids, **batch).logits, labels, "classification")
+                losses = sequence_loss(plan.module(input_ids, **batch).logits, labels, task)
             plan.backward(losses, len(chunk) / len(indices))
             if number < len(chunks) - 1:
                 plan.accumulate()
@@ -78,14 +85,28 @@ def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_an
     clip, indices = 0.01, [0, 5, 11, 17, 23, 31]
     mechanism = DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=clip, grad_sample_mode=mode)  # type: ignore[arg-type]
     dp = _one_step_gradient(model, tokenizer, mechanism, indices)
+    _assert_clipped_per_record(dp, model, tokenizer, ROWS, "classification", indices, clip)
+
+
+def _assert_clipped_per_record(
+    dp: dict[str, torch.Tensor],
+    model,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    rows: datasets.Dataset,
+    task: Task,
+    indices: list[int],
+    clip: float,
+) -> None:
+    """``dp`` (a DP step's gradient, noise negligible) equals an independent reference: one backward per record
+    of ``rows``, encoded alone (no padding), its gradient clipped to ``clip``, summed over the records."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     reference = {n: torch.zeros_like(p) for n, p in named}
-    model.train()  # as during DP training (the tiny model has no dropout, so this is deterministic)
-    for i in indices:  # independent reference: one backward per record, clip, sum
+    model.train()  # as during DP training (the tiny models have no dropout, so this is deterministic)
+    for i in indices:
         model.zero_grad()
-        batch = encode(ROWS[[i]], "classification", tokenizer, 32)
+        batch = encode(rows[[i]], task, tokenizer, 32)
         labels = batch.pop("labels")
-        sequence_loss(model(**batch).logits, labels, "classification").sum().backward()
+        sequence_loss(model(**batch).logits, labels, task).sum().backward()
         norm = torch.sqrt(sum((p.grad**2).sum() for _, p in named))
         assert norm > clip  # every record is actually clipped at this bound
         factor = min(1.0, clip / (float(norm) + 1e-6))
@@ -94,9 +115,24 @@ def test_each_record_gradient_is_clipped_as_a_per_example_loop_computes(model_an
             reference[n] += p.grad * factor
     model.zero_grad()
     model.eval()
-    expected_batch = 8 / len(ROWS) * len(ROWS)  # the optimizer divides by the expected Poisson batch size
+    expected_batch = 8 / len(rows) * len(rows)  # the optimizer divides by the expected Poisson batch size
     for n, _ in named:
         assert torch.allclose(dp[n], reference[n] / expected_batch, atol=1e-7, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("mode", ["flat", "hooks", "ghost"])
+def test_each_plain_text_document_is_clipped_as_one_record(tiny_llama_dir: Path, mode: str) -> None:
+    """A causal LM continuing documents: each document, padded in the batch and cut to 32 tokens, is one record
+    whose gradient (of its mean loss over all its tokens) is clipped alone."""
+    spec = ModelSpec(str(tiny_llama_dir), "plain_text", 32)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), None, seed=0)
+    adapters.set_adapter(model, initial)
+    tokenizer, clip, indices = load_tokenizer(spec), 0.01, [0, 1, 3, 5, 11, 17]
+    lengths = [len(ids) for ids in tokenizer(DOCUMENTS[indices]["text"], add_special_tokens=False)["input_ids"]]
+    assert len(set(lengths)) > 3 and max(lengths) > 32  # padding differs per record, one is cut
+    mechanism = DPSGD(target_epsilon=None, noise_multiplier=1e-12, max_grad_norm=clip, grad_sample_mode=mode)  # type: ignore[arg-type]
+    dp = _one_step_gradient(model, tokenizer, mechanism, indices, rows=DOCUMENTS, task="plain_text")
+    _assert_clipped_per_record(dp, model, tokenizer, DOCUMENTS, "plain_text", indices, clip)
 
 
 @pytest.mark.parametrize("mode", ["flat", "hooks", "functorch", "ew", "ghost"])

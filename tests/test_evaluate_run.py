@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from fedtune import cli, config
 from fedtune.experiment import get_experiment
+from fedtune.finished_run import load_run
 from fedtune.report import final_central
 from fedtune.run_dir import RunDir
 from tests.conftest import tiny_overrides
@@ -80,6 +81,23 @@ def test_a_site_s_own_file_with_label_names(run: Path, tmp_path: Path) -> None:
     assert result["metrics"] == pytest.approx(final_central(RunDir(run).read_metrics()), abs=1e-6)
     assert 0 < result["majority"]["accuracy"] < 1
     assert sorted(p.name for p in run.rglob("*")) == before  # nothing written to the run directory
+
+
+def test_a_plain_text_run_on_a_site_s_own_documents(tiny_plain_text_run: Path, tmp_path: Path) -> None:
+    """The run's central test documents in a site's JSONL under another column name give the run's loss and
+    perplexity (and nothing else: no exact match, no majority label), as does the run's own test set."""
+    run = tiny_plain_text_run
+    experiment = load_run(run).experiment
+    rows = experiment.test_set.select(range(experiment.train_config.eval_max_examples))
+    site = tmp_path / "reports.jsonl"
+    site.write_text("".join(json.dumps({"report": text}) + "\n" for text in rows["text"]))
+    reference = final_central(RunDir(run).read_metrics())
+    assert set(reference) == {"loss", "perplexity"}
+    overrides = ["data=local", f"data.loader.path={site}", "data.loader.text_column=report"]
+    result = _evaluate(run, *overrides, out=tmp_path / "result.json")
+    assert result["rows"] == 48 and result["majority"] is None
+    assert result["metrics"] == pytest.approx(reference, abs=1e-6)
+    assert _evaluate(run, out=tmp_path / "own.json")["metrics"] == pytest.approx(reference, abs=1e-6)
 
 
 def test_a_copy_of_the_base_model_elsewhere_and_other_weights(

@@ -80,16 +80,18 @@ def test_a_mean_pooling_classifier_gives_its_encoder_its_head_and_the_lines_that
     assert loading["missing_keys"]  # a plain classifier would use a pooler and head it does not have
 
 
+@pytest.mark.parametrize("trained", ["tiny_causal_run", "tiny_plain_text_run"])  # answers prompts; continues text
 def test_a_causal_lm_becomes_a_plain_causal_lm(
-    tiny_causal_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "merged"
-    assert "load it with AutoModelForCausalLM" in _export(tiny_causal_run, out, capsys)
+    run, out = request.getfixturevalue(trained), tmp_path / "merged"
+    assert "load it with AutoModelForCausalLM" in _export(run, out, capsys)
+    assert "model = AutoModelForCausalLM.from_pretrained(model_dir)" in (out / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     batch = AutoTokenizer.from_pretrained(out)(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**batch).logits
-    assert torch.allclose(logits, _reference_logits(tiny_causal_run, TEXTS), atol=1e-5)
+    assert torch.allclose(logits, _reference_logits(run, TEXTS), atol=1e-5)
 
 
 def test_export_writes_only_a_new_directory(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,6 @@
 """``fedtune predict RUN_DIR "text" ...`` through the command line: exit code and printed lines, against an
 independent computation on the run's PEFT model with its final adapter (a softmax over the run's classes;
-a greedy decoding loop written out here, not ``generate``)."""
+a greedy decoding loop written out here, not ``generate``, from a prompt or, for plain text, the text itself)."""
 
 from __future__ import annotations
 
@@ -36,18 +36,33 @@ def test_a_classifier_prints_each_text_s_class_and_probability(
     assert _predict(tiny_run, capsys, *TEXTS) == expected
 
 
-def test_a_causal_lm_prints_its_greedy_answer(tiny_causal_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    finished = load_run(tiny_causal_run)
+def _greedy(run: Path, source: str, steps: int) -> str:
+    """The run's final model's greedy continuation of ``source`` (the exact input text), decoded and trimmed."""
+    finished = load_run(run)
     model, tokenizer = finished.model(), finished.experiment.tokenizer
-    ids = tokenizer(format_prompt(TEXTS[0], tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(source, add_special_tokens=False, return_tensors="pt")["input_ids"]
     sequence = ids
     with torch.no_grad():
-        for _ in range(6):
+        for _ in range(steps):
             token = model(input_ids=sequence).logits[0, -1].argmax()
             if int(token) == tokenizer.eos_token_id:
                 break
             sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
     answer = sequence[0, ids.shape[1] :]
-    expected = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def test_a_causal_lm_prints_its_greedy_answer(tiny_causal_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expected = _greedy(tiny_causal_run, format_prompt(TEXTS[0], load_run(tiny_causal_run).experiment.tokenizer), 6)
     assert expected  # an answer to compare, not two empty strings
     assert _predict(tiny_causal_run, capsys, TEXTS[0], "--max-new-tokens", "6") == [TEXTS[0], f"  -> {expected}"]
+
+
+def test_a_plain_text_lm_prints_its_greedy_continuation_of_the_text_itself(
+    tiny_plain_text_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No chat template: the text is the start of a document, as in training."""
+    text = "Abnormality of the"
+    expected = _greedy(tiny_plain_text_run, text, 6)
+    assert expected
+    assert _predict(tiny_plain_text_run, capsys, text, "--max-new-tokens", "6") == [text, f"  -> {expected}"]

@@ -13,11 +13,11 @@ from peft import LoraConfig
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedtune import adapters, client, config, training
-from fedtune.evaluation import evaluate, macro_f1, majority_baseline
+from fedtune.evaluation import TOKENS, evaluate, federated_metrics, macro_f1, majority_baseline
 from fedtune.experiment import get_experiment
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import shuffled_batches
-from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sequence_loss
+from fedtune.training import IGNORE_INDEX, TrainConfig, encode, local_train, sequence_loss, truncated_documents
 from tests.conftest import tiny_overrides
 
 QA = datasets.Dataset.from_dict(
@@ -25,6 +25,17 @@ QA = datasets.Dataset.from_dict(
 )
 TEXTS = datasets.Dataset.from_dict(
     {"text": ["fever and cough", "broken arm", "chest pain", "skin rash"] * 8, "label": [0, 1, 2, 3] * 8}
+)
+DOCUMENTS = datasets.Dataset.from_dict(
+    {
+        "text": [
+            "fever and cough for three days",
+            "a displaced fracture of the left femur after a fall from a ladder, treated with a nail",
+            "rash",
+            "chest pain on exertion, relieved by rest",
+        ]
+        * 8
+    }
 )
 
 
@@ -35,6 +46,59 @@ def test_causal_encoding_learns_only_the_answer(tiny_llama_dir: Path) -> None:
     labels = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
     assert labels == answer  # prompt and padding masked out
     assert batch["attention_mask"][0].sum() == (batch["input_ids"][0] != tokenizer.pad_token_id).sum()
+
+
+def test_plain_text_labels_are_the_input_ids_except_padding(tiny_llama_dir: Path) -> None:
+    """Every token of a document is learned, its end too; a long document is cut to max_length, and counted."""
+    tokenizer = load_tokenizer(ModelSpec(str(tiny_llama_dir), "plain_text", 16))
+    rows = DOCUMENTS[:3]
+    batch = encode(rows, "plain_text", tokenizer, 16)
+    for row, text in enumerate(rows["text"]):
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        kept = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][kept].tolist() == expected[:16]  # no chat template, no special tokens first
+        assert torch.equal(batch["labels"][row][kept], batch["input_ids"][row][kept])
+        assert (batch["labels"][row][~kept] == IGNORE_INDEX).all()  # padding, though pad and eos are one token here
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in rows["text"]]
+    assert lengths[1] > 16 and batch["input_ids"].shape[1] == 16 and not batch["attention_mask"][2].all()
+    assert truncated_documents(rows["text"], tokenizer, 16) == sum(length > 16 for length in lengths) == 1
+
+
+def test_plain_text_perplexity_is_exp_of_the_mean_loss_over_every_predicted_token(tiny_llama_dir: Path) -> None:
+    """Against each document run alone (no padding) through the model, the log-probabilities summed by hand:
+    the loss is the mean over all predicted tokens of the split (not a mean of the documents' means); a
+    document has no exact match to check."""
+    spec = ModelSpec(str(tiny_llama_dir), "plain_text", 16)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), None, seed=0)
+    adapters.set_adapter(model, initial)
+    tokenizer = load_tokenizer(spec)
+    rows = DOCUMENTS.select(range(4))
+    metrics = evaluate(model, rows, "plain_text", tokenizer, 16, TrainConfig(eval_batch_size=3, generation_examples=2))
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in rows["text"]:
+            ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:16]
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(dim=-1)
+            total -= sum(float(log_probs[t - 1, ids[t]]) for t in range(1, len(ids)))
+            tokens += len(ids) - 1
+    assert set(metrics) == {"loss", "perplexity"}
+    assert math.isclose(metrics["loss"], total / tokens, rel_tol=1e-5)
+    assert math.isclose(metrics["perplexity"], math.exp(total / tokens), rel_tol=1e-5)
+
+
+def test_federated_loss_weighs_each_client_by_its_evaluated_tokens() -> None:
+    """A client with 30 tokens at loss 2 and one with 10 at loss 4: the loss over all 40 tokens is 2.5, whatever
+    the clients' row counts; without counts (secure aggregation) they count equally. Classifiers: untouched."""
+    results = [
+        {"loss": 2.0, "perplexity": math.exp(2.0), "num_examples": 5.0, TOKENS: 30.0},
+        {"loss": 4.0, "perplexity": math.exp(4.0), "num_examples": 5.0, TOKENS: 10.0},
+    ]
+    by_examples = {"loss": 3.0, "perplexity": (math.exp(2.0) + math.exp(4.0)) / 2}
+    assert federated_metrics(results, by_examples) == pytest.approx({"loss": 2.5, "perplexity": math.exp(2.5)})
+    withheld = [{"loss": r["loss"], "perplexity": r["perplexity"]} for r in results]
+    assert federated_metrics(withheld, by_examples) == pytest.approx({"loss": 3.0, "perplexity": math.exp(3.0)})
+    classifier = {"loss": 1.0, "accuracy": 0.5}
+    assert federated_metrics([classifier], classifier) == classifier
 
 
 def test_batches_are_reproducible_and_cover_every_row() -> None:

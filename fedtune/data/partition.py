@@ -215,7 +215,8 @@ def format_summary(summary: dict[str, Any], top: int = 3, width: int = 24) -> st
     """A compact text table of ``partition_summary``: one line per client.
 
     Args:
-        summary: What ``partition_summary`` returned.
+        summary: What ``partition_summary`` returned (or the clients' own descriptions in its layout, where a
+            plain-text client also says how many of its documents were ``truncated`` to ``model.max_length``).
         top: How many of each client's most frequent labels to show.
         width: Label names longer than this are cut.
 
@@ -228,7 +229,12 @@ def format_summary(summary: dict[str, Any], top: int = 3, width: int = 24) -> st
         f" (unassigned {summary['pool'] - summary['train'] - summary['val']})"
     ]
     show_natural = any(client["natural_id"] is not None for client in clients)
+    show_truncated = any("truncated" in client for client in clients)
+    if show_truncated:
+        cut = sum(client.get("truncated", 0) for client in clients)
+        lines[0] += f"; {cut} documents longer than model.max_length, trained on their first tokens only"
     header = f"{'client':>6} " + (f"{'natural id':<{width}} " if show_natural else "") + f"{'train':>7} {'val':>6}"
+    header += f" {'truncated':>9}" if show_truncated else ""
     if summary["label_names"] is not None:
         header += f"  top labels (share of client rows, {len(summary['label_names'])} labels)"
     lines.append(header)
@@ -237,6 +243,7 @@ def format_summary(summary: dict[str, Any], top: int = 3, width: int = 24) -> st
         if show_natural:
             line += f"{_cut(str(client['natural_id']), width):<{width}} "
         line += f"{client['train']:>7} {client['val']:>6}"
+        line += f" {client.get('truncated', ''):>9}" if show_truncated else ""
         if client["labels"] is not None:
             counts = client["labels"]
             total = max(sum(counts), 1)
