@@ -22,8 +22,6 @@ from fedtune.run_dir import RunDir  # noqa: E402
 
 logger = logging.getLogger("fedtune")
 
-_HEADLINE = {"classification": ("macro_f1", "accuracy"), "causal_lm": ("loss", "exact_match")}
-
 
 def partition_summary(experiment: Experiment, infos: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The clients' own descriptions (what each node reported) in the layout of :func:`format_summary`."""
