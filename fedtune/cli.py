@@ -326,6 +326,7 @@ def _run(overrides: list[str], multirun: bool, show_config: bool) -> int:
     for cfg in configs:
         try:
             RunDir(cfg.run_dir).check(resume=bool(cfg.resume))
+            config.instantiate(cfg.tracker).check()
             experiment = get_experiment(cfg)
             client_resources(experiment, os.cpu_count() or 1)
             experiment.preflight()

@@ -22,7 +22,7 @@ from fedtune.config import ConfigError
 from fedtune.report import final_central
 from fedtune.run_dir import RunDir
 
-_IGNORED = ("run_dir", "resume")  # bookkeeping: never a difference between experiments
+_IGNORED = ("run_dir", "resume", "tracker")  # bookkeeping: never a difference between experiments
 SEED = "seed"
 
 
@@ -70,7 +70,7 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
 
 def compare(runs: list[Run]) -> tuple[list[str], list[Group]]:
     """The keys that differ between ``runs`` (seed last) and the runs grouped by all of them but the seed."""
-    keys = sorted({k for run in runs for k in run.settings} - set(_IGNORED))
+    keys = sorted({k for run in runs for k in run.settings if k.split(".")[0] not in _IGNORED})
     differing = [k for k in keys if len({run.settings.get(k) for run in runs}) > 1]
     by_setting: dict[tuple[str | None, ...], list[Run]] = {}
     for run in runs:

@@ -33,7 +33,7 @@ OVERRIDES_KEY = "overrides"
 RUN_DIR_KEY = "run-dir"
 
 # Keys that only steer the server's bookkeeping; they do not change what is trained.
-_BOOKKEEPING_KEYS = ("run_dir", "resume")
+_BOOKKEEPING_KEYS = ("run_dir", "resume", "tracker")
 # Top-level groups built at validation time so that their own value checks run. All of them are cheap:
 # the model and the data loader are descriptions here and are only loaded later.
 _COMPONENTS = (
@@ -48,6 +48,7 @@ _COMPONENTS = (
     "train",
     "attack",
     "contribution",
+    "tracker",
 )
 # contribution=none is left out of the experiment hash, so that the hashes that nodes pinned and keyed their
 # records on before contribution accounting existed still name the same experiments.

@@ -66,78 +66,89 @@ def run(channel: Channel, cfg: DictConfig) -> AdapterState:
                 run_dir.drop_evaluation(checkpoint.round)
         ledger.truncate(first_round - 1)
         logger.info("Resuming %s after round %d", run_dir.path, first_round - 1)
-    if not experiment.secure.masked:
-        logger.warning("secure=none: the server sees every client's update; secure=masking shows it only their sum")
-    portable.warn_if_unnamed(experiment.model_spec)
-    clients = channel.connect(run_dir, resume=bool(cfg.resume))
-    if not experiment.secure.masked:
-        summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
-        run_dir.write_json("partitions.json", summary)
-        logger.info("Partition summary:\n%s", format_summary(summary))
-    opening = {}  # contribution accounting's validation rows and fixed groups, fixed for the run
-    if experiment.contribution.enabled:
-        entries = ledger.entries()
-        opening = entries[0]["contribution"] if entries else contribution_rounds.start(experiment, clients, secrets)
-    groups = contribution_rounds.fixed_groups(opening)
-    if groups is not None:  # a node that joins a resumed run is in no group: it cannot be masked with anyone
-        grouped = {name for group in groups for name in group}
-        if any(c.key not in grouped for c in clients):
-            logger.warning(
-                "%s are in none of the run's fixed groups; they do not train",
-                [c.key for c in clients if c.key not in grouped],
+    # From cfg, not the experiment: an Experiment is shared by runs that differ in bookkeeping keys only.
+    tracker = config.instantiate(cfg.tracker).open(run_dir.path, run_dir.read_metrics(), resumed=bool(cfg.resume))
+    run_dir.track(tracker)  # only the server runs this loop, so only the server logs to a tracker
+    try:
+        if not experiment.secure.masked:
+            logger.warning("secure=none: the server sees every client's update; secure=masking shows it only their sum")
+        portable.warn_if_unnamed(experiment.model_spec)
+        clients = channel.connect(run_dir, resume=bool(cfg.resume))
+        if not experiment.secure.masked:
+            summary = report.partition_summary(experiment, {c.key: c.info for c in clients})
+            run_dir.write_json("partitions.json", summary)
+            logger.info("Partition summary:\n%s", format_summary(summary))
+        opening = {}  # contribution accounting's validation rows and fixed groups, fixed for the run
+        if experiment.contribution.enabled:
+            entries = ledger.entries()
+            opening = entries[0]["contribution"] if entries else contribution_rounds.start(experiment, clients, secrets)
+        groups = contribution_rounds.fixed_groups(opening)
+        if groups is not None:  # a node that joins a resumed run is in no group: it cannot be masked with anyone
+            grouped = {name for group in groups for name in group}
+            if any(c.key not in grouped for c in clients):
+                logger.warning(
+                    "%s are in none of the run's fixed groups; they do not train",
+                    [c.key for c in clients if c.key not in grouped],
+                )
+            clients = [c for c in clients if c.key in grouped]
+        if ledger.last_round() < 0:
+            _log_central(run_dir, experiment, global_adapter, 0)
+            ledger.append(
+                "start",
+                0,
+                config_hash=experiment.hash,
+                config_file=file_hash(run_dir.path / "config.yaml"),
+                aggregate=adapters.fingerprint(global_adapter),
+                metrics=metrics_hash(run_dir.metrics_file, 0),
+                **({"contribution": opening} if opening else {}),
             )
-        clients = [c for c in clients if c.key in grouped]
-    if ledger.last_round() < 0:
-        _log_central(run_dir, experiment, global_adapter, 0)
-        ledger.append(
-            "start",
-            0,
-            config_hash=experiment.hash,
-            config_file=file_hash(run_dir.path / "config.yaml"),
-            aggregate=adapters.fingerprint(global_adapter),
-            metrics=metrics_hash(run_dir.metrics_file, 0),
-            **({"contribution": opening} if opening else {}),
+        if unfinished is not None:
+            path = run_dir.checkpoints / f"round-{unfinished.round:04d}.pt"
+            _complete_round(channel, experiment, strategy, clients, run_dir, ledger, unfinished, path, time.monotonic())
+        for server_round in range(first_round, federation.num_rounds + 1):
+            started = time.monotonic()
+            global_adapter, record = _train_step(
+                channel,
+                experiment,
+                strategy,
+                clients,
+                global_adapter,
+                server_round,
+                run_dir,
+                privacy_state,
+                secrets,
+                groups,
+            )
+            checkpoint = Checkpoint(
+                server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state, record
+            )
+            checkpoint_path = run_dir.save_checkpoint(checkpoint)
+            _complete_round(
+                channel, experiment, strategy, clients, run_dir, ledger, checkpoint, checkpoint_path, started
+            )
+        contributions = {}
+        if experiment.contribution.enabled:
+            rounds = [e["contribution"] for e in ledger.entries() if e["kind"] == "round" and "contribution" in e]
+            contributions = {"contribution": contribution_rounds.finish(experiment, rounds, secrets)}
+        report.finish(run_dir, experiment, global_adapter, contributions.get("contribution"))
+        adapter_files = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()]
+        exported = [*adapter_files, run_dir.path / "README.md"]
+        head = ledger.append(
+            "export",
+            federation.num_rounds,
+            adapter=adapters.fingerprint(global_adapter),
+            files={str(p.relative_to(run_dir.path)): file_hash(p) for p in exported},
+            **contributions,
         )
-    if unfinished is not None:
-        path = run_dir.checkpoints / f"round-{unfinished.round:04d}.pt"
-        _complete_round(channel, experiment, strategy, clients, run_dir, ledger, unfinished, path, time.monotonic())
-    for server_round in range(first_round, federation.num_rounds + 1):
-        started = time.monotonic()
-        global_adapter, record = _train_step(
-            channel,
-            experiment,
-            strategy,
-            clients,
-            global_adapter,
-            server_round,
-            run_dir,
-            privacy_state,
-            secrets,
-            groups,
+        logger.info(
+            "Ledger head %s: publish it; `fedtune audit %s --head HASH` checks the run against it",
+            head["hash"],
+            run_dir.path,
         )
-        checkpoint = Checkpoint(
-            server_round, global_adapter, strategy.state_dict(), experiment.hash, privacy_state, record
-        )
-        checkpoint_path = run_dir.save_checkpoint(checkpoint)
-        _complete_round(channel, experiment, strategy, clients, run_dir, ledger, checkpoint, checkpoint_path, started)
-    contributions = {}
-    if experiment.contribution.enabled:
-        rounds = [e["contribution"] for e in ledger.entries() if e["kind"] == "round" and "contribution" in e]
-        contributions = {"contribution": contribution_rounds.finish(experiment, rounds, secrets)}
-    report.finish(run_dir, experiment, global_adapter, contributions.get("contribution"))
-    exported = [p for p in sorted((run_dir.path / "adapter").rglob("*")) if p.is_file()] + [run_dir.path / "README.md"]
-    head = ledger.append(
-        "export",
-        federation.num_rounds,
-        adapter=adapters.fingerprint(global_adapter),
-        files={str(p.relative_to(run_dir.path)): file_hash(p) for p in exported},
-        **contributions,
-    )
-    logger.info(
-        "Ledger head %s: publish it; `fedtune audit %s --head HASH` checks the run against it",
-        head["hash"],
-        run_dir.path,
-    )
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close(failed=False)
     return global_adapter
 
 

@@ -9,6 +9,7 @@ Layout::
     <run_dir>/adapter/               final adapter in PEFT format
     <run_dir>/private/secrets.json   the server's DP noise and sampling secret (mode 0600; never share it)
     <run_dir>/README.md, metrics.png model card and plot
+    <run_dir>/tensorboard/, mlflow/  an experiment tracker's record, if one was chosen (fedtune/trackers.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from fedtune.adapters import AdapterState
 from fedtune.files import atomic_write, create_private
 from fedtune.seeding import NOISE_SECRET
+from fedtune.trackers import NoTracker, Session
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class RunDir:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
         self.metrics_file = self.path / "metrics.jsonl"
+        self._tracker: Session = NoTracker()
 
     def start(self, config_yaml: str, resume: bool) -> None:
         """Create the directory for a new run and save its resolved config, or check it for a resumed one
@@ -82,11 +85,16 @@ class RunDir:
                 "or choose another run_dir."
             )
 
+    def track(self, tracker: Session) -> None:
+        """Hand every metric line logged from now on to ``tracker`` too (an experiment tracker)."""
+        self._tracker = tracker
+
     def log_metrics(self, server_round: int, scope: str, metrics: dict[str, float]) -> None:
-        """Append one line per metric: ``{"round", "scope", "metric", "value"}``."""
+        """Append one line per metric: ``{"round", "scope", "metric", "value"}``; the tracker gets them too."""
         with open(self.metrics_file, "a", encoding="utf-8") as handle:
             for name, value in metrics.items():
                 handle.write(json.dumps({"round": server_round, "scope": scope, "metric": name, "value": value}) + "\n")
+        self._tracker.log(server_round, scope, metrics)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metric lines written so far."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune import cli
+from fedtune import cli, compare
 from fedtune.report import final_central
 from fedtune.run_dir import RunDir
 from tests.conftest import tiny_overrides
@@ -56,3 +56,13 @@ def test_runs_differing_by_seed_are_folded(sweep: Path, tmp_path: Path, capsys: 
 def test_a_folder_without_runs_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["compare", str(tmp_path)]) == 2
     assert "is neither a run directory (config.yaml) nor a folder of them" in capsys.readouterr().err
+
+
+def test_runs_differing_only_in_bookkeeping_are_one_group(tmp_path: Path) -> None:
+    """Run directory, resume and the experiment tracker train nothing: seeds of one experiment fold together."""
+    runs = [
+        compare.Run(tmp_path / name, {"seed": seed, "run_dir": name, "tracker._target_": tracker}, {"loss": loss}, {})
+        for name, seed, tracker, loss in (("a", "0", "NoTracker", 1.0), ("b", "1", "MLflow", 3.0))
+    ]
+    keys, groups = compare.compare(runs)
+    assert keys == ["seed"] and len(groups) == 1 and groups[0].mean == {"loss": 2.0}

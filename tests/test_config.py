@@ -12,7 +12,19 @@ from omegaconf.errors import ReadonlyConfigError
 from fedtune import cli, config
 from fedtune.config import ConfigError
 
-GROUPS = ["model", "data", "partition", "lora", "strategy", "privacy", "secure", "federation", "train", "attack"]
+GROUPS = [
+    "model",
+    "data",
+    "partition",
+    "lora",
+    "strategy",
+    "privacy",
+    "secure",
+    "federation",
+    "train",
+    "attack",
+    "tracker",
+]
 
 
 def _options(group: str) -> list[str]:
