@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fedtune import devices
@@ -18,6 +20,7 @@ from fedtune.tasks import Task
 
 logger = logging.getLogger(__name__)
 PROGRESS_LOG_SECONDS = 30.0  # a local round that runs longer says every this often how far it is
+PROGRESS_BAR_LOSS_SECONDS = 1.0  # the bar reads the loss at most this often (a read waits for the GPU)
 
 if TYPE_CHECKING:  # a type only: training needs no dataset library (GPU machines run it without one)
     import datasets
@@ -230,6 +233,7 @@ def local_train(
                 losses.append(loss)
             progress.step(losses[-1] if losses else None)
     finally:
+        progress.close()
         if proximal is not None:
             proximal.remove()
         plan.close()
@@ -239,21 +243,39 @@ def local_train(
 
 
 class _Progress:
-    """Logs a long local round's progress (a real model's round takes minutes) every PROGRESS_LOG_SECONDS:
-    the step, the time so far and left, and the last loss; a round shorter than that logs nothing."""
+    """A long local round's progress (a real model's round takes minutes): a bar when the node runs in an
+    interactive terminal (``stream``, default stderr, is a TTY), else a log line every PROGRESS_LOG_SECONDS
+    with the step, the time so far and left, and the last loss (a round shorter than that logs nothing)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stderr
         self.total, self.done, self.started, self.next_at = total, 0, time.monotonic(), PROGRESS_LOG_SECONDS
+        # A Ray actor's or a service's stderr is a pipe or a file, where every redraw would be a line of its own
+        self.bar = (
+            tqdm(total=total, desc="local steps", unit="step", file=stream, leave=False) if stream.isatty() else None
+        )
+        self.loss_read_at = -PROGRESS_BAR_LOSS_SECONDS
 
     def step(self, loss: torch.Tensor | None) -> None:
         self.done += 1
         elapsed = time.monotonic() - self.started
+        if self.bar is not None:
+            if loss is not None and elapsed - self.loss_read_at >= PROGRESS_BAR_LOSS_SECONDS:
+                self.loss_read_at = elapsed
+                self.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            self.bar.update(1)
+            return
         if elapsed < self.next_at:
             return
         self.next_at = elapsed + PROGRESS_LOG_SECONDS
         left = elapsed / self.done * (self.total - self.done)
         last = f", last loss {loss.item():.4f}" if loss is not None else ""
         logger.info("local step %d/%d, %.0f s, about %.0f s left%s", self.done, self.total, elapsed, left, last)
+
+    def close(self) -> None:
+        """Take the bar off the terminal (the round's result is logged next)."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def learning_rates(config: TrainConfig, first_step: int, total_steps: int) -> list[float]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import sys
 from pathlib import Path
 
 import datasets
@@ -216,3 +218,27 @@ def test_a_long_local_round_logs_its_progress(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("local step")]
     assert [line.split(",")[0] for line in lines] == ["local step 1/3", "local step 2/3", "local step 3/3"]
     assert all("last loss" in line and "s left" in line for line in lines)
+
+
+class _Terminal(io.StringIO):
+    """What an operator's interactive terminal looks like to the training loop."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_round_in_an_interactive_terminal_shows_a_progress_bar_instead_of_log_lines(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(training, "PROGRESS_LOG_SECONDS", 0.0)  # would log every step without a terminal
+    spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), num_labels=4, seed=0)
+    adapters.set_adapter(model, initial)
+    config_ = TrainConfig(local_steps=3, batch_size=8, lr=0.01)
+    with caplog.at_level(logging.INFO, logger="fedtune"):
+        local_train(model, TEXTS, "classification", load_tokenizer(spec), 32, config_, torch.Generator().manual_seed(0))
+    bar = terminal.getvalue()[terminal.getvalue().index("local steps") :]  # after the model's own loading bar
+    assert "/3 [" in bar and "loss=" in bar
+    assert not [r for r in caplog.records if r.getMessage().startswith("local step")]
