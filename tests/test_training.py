@@ -204,18 +204,23 @@ def test_a_batch_in_physical_batches_trains_as_the_whole_batch(tiny_bert_dir: Pa
         assert torch.allclose(split[name], tensor, atol=1e-6, rtol=1e-4), name
 
 
-def test_a_long_local_round_logs_its_progress(
-    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A node's operator sees a minutes-long round advance (here every step: the interval is set to zero)."""
-    monkeypatch.setattr(training, "PROGRESS_LOG_SECONDS", 0.0)
+def _progress_lines_of_three_steps(tiny_bert_dir: Path, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Train a tiny classifier 3 local steps with progress logged every step; the progress log lines."""
     spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
     model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), num_labels=4, seed=0)
     adapters.set_adapter(model, initial)
     config_ = TrainConfig(local_steps=3, batch_size=8, lr=0.01)
     with caplog.at_level(logging.INFO, logger="fedtune"):
         local_train(model, TEXTS, "classification", load_tokenizer(spec), 32, config_, torch.Generator().manual_seed(0))
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("local step")]
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("local step")]
+
+
+def test_a_long_local_round_logs_its_progress(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node's operator sees a minutes-long round advance (here every step: the interval is set to zero)."""
+    monkeypatch.setattr(training, "PROGRESS_LOG_SECONDS", 0.0)
+    lines = _progress_lines_of_three_steps(tiny_bert_dir, caplog)
     assert [line.split(",")[0] for line in lines] == ["local step 1/3", "local step 2/3", "local step 3/3"]
     assert all("last loss" in line and "s left" in line for line in lines)
 
@@ -233,12 +238,6 @@ def test_a_round_in_an_interactive_terminal_shows_a_progress_bar_instead_of_log_
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setattr(training, "PROGRESS_LOG_SECONDS", 0.0)  # would log every step without a terminal
-    spec = ModelSpec(str(tiny_bert_dir), "classification", 32)
-    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), num_labels=4, seed=0)
-    adapters.set_adapter(model, initial)
-    config_ = TrainConfig(local_steps=3, batch_size=8, lr=0.01)
-    with caplog.at_level(logging.INFO, logger="fedtune"):
-        local_train(model, TEXTS, "classification", load_tokenizer(spec), 32, config_, torch.Generator().manual_seed(0))
+    assert not _progress_lines_of_three_steps(tiny_bert_dir, caplog)
     bar = terminal.getvalue()[terminal.getvalue().index("local steps") :]  # after the model's own loading bar
     assert "/3 [" in bar and "loss=" in bar
-    assert not [r for r in caplog.records if r.getMessage().startswith("local step")]
