@@ -22,7 +22,8 @@ arm (under each privacy setting) at its own best combination, by mean macro-F1 o
 test set, and names it. Choosing on the test set flatters every arm alike; the JSON keeps every combination,
 so the spread over the grid can be read too. ``--best-of SEARCH.json --seeds 3,4,5`` then runs each arm
 only at the combination that search found best for it, on other seeds (other partitions, initialisations and
-noise), so that the numbers reported were not the ones chosen on. ICD-10 is public data, so the search spends
+noise), so that the numbers reported were not the ones chosen on; with ``--under PRIVACY ...`` it runs those
+combinations under other privacy settings (e.g. other epsilons) that were not searched themselves. ICD-10 is public data, so the search spends
 no hospital's privacy budget (the issue's "grid searched on public data outside the accounting").
 
     python benchmarks/quality.py                                   # no DP and DP-SGD at epsilon 8, 3 seeds
@@ -285,6 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--best-of", type=Path, nargs="+", help="--grid runs' JSON: each arm at the point they found best for it"
     )
+    parser.add_argument("--under", nargs="+", help="with --best-of: run its points under these privacy settings")
     parser.add_argument("--no-hospitals", action="store_true", help="skip the hospitals alone (a quicker comparison)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     args = parser.parse_args()
@@ -293,6 +295,10 @@ def main() -> None:
     if args.best_of:  # each arm only where the searches found it best, on other seeds than theirs
         base, grid, searched = merge_searches([json.loads(path.read_text()) for path in args.best_of])
         plans = {privacy: arms_at_best(best_points(by_point)) for privacy, by_point in searched.items()}
+        if args.under:  # the points found under one privacy setting, run under others (not searched there)
+            if len(plans) != 1:
+                raise SystemExit("--under: give --best-of searches of one privacy setting")
+            plans = {privacy: next(iter(plans.values())) for privacy in args.under}
     else:
         base = [*SCALE, *args.extra]
         plans = {privacy: {" ".join(point): arms for point in grid_points(grid)} for privacy in args.privacy}
