@@ -23,7 +23,9 @@ test set, and names it. Choosing on the test set flatters every arm alike; the J
 so the spread over the grid can be read too. ``--best-of SEARCH.json --seeds 3,4,5`` then runs each arm
 only at the combination that search found best for it, on other seeds (other partitions, initialisations and
 noise), so that the numbers reported were not the ones chosen on; with ``--under PRIVACY ...`` it runs those
-combinations under other privacy settings (e.g. other epsilons) that were not searched themselves. ICD-10 is public data, so the search spends
+combinations under other privacy settings (e.g. other epsilons) that were not searched themselves.
+``--combine A.json B.json ...`` trains nothing: it writes the table and the privacy-utility plot of runs made
+under different privacy settings, each column with its own seeds. ICD-10 is public data, so the search spends
 no hospital's privacy budget (the issue's "grid searched on public data outside the accounting").
 
     python benchmarks/quality.py                                   # no DP and DP-SGD at epsilon 8, 3 seeds
@@ -289,7 +291,11 @@ def main() -> None:
     parser.add_argument("--under", nargs="+", help="with --best-of: run its points under these privacy settings")
     parser.add_argument("--no-hospitals", action="store_true", help="skip the hospitals alone (a quicker comparison)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    parser.add_argument("--combine", type=Path, nargs="+", help="runs' JSON of other privacy settings: one table")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     seeds, grid = [int(s) for s in args.seeds.split(",")], args.grid
     arms = tuple(arm for arm in ARMS if not (args.no_hospitals and arm == "hospitals"))
     if args.best_of:  # each arm only where the searches found it best, on other seeds than theirs
@@ -311,6 +317,16 @@ def main() -> None:
                     results = run_seed(seed, privacy, [*base, *point.split()], directory, point_arms)
                     runs.setdefault(privacy, {}).setdefault(point, []).append(results)
                     write(args.out, base, grid, seeds, runs)
+
+
+def combine(paths: list[Path], out: Path) -> None:
+    """Trains nothing: the table and plot of runs made under different privacy settings (each its own seeds)."""
+    records = [json.loads(path.read_text()) for path in paths]
+    runs = {privacy: by_point for record in records for privacy, by_point in record["runs"].items()}
+    if len(runs) < sum(len(record["runs"]) for record in records):
+        raise SystemExit("--combine: two of the runs have a privacy setting in common")
+    seeds = sorted({seed for record in records for seed in record["seeds"]})
+    write(out, records[0]["overrides"], [setting for record in records for setting in record["grid"]], seeds, runs)
 
 
 def write(

@@ -4,6 +4,7 @@ the DP arms spend the epsilon they are labelled with, over the rows they train o
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -78,3 +79,21 @@ def test_a_search_split_into_parts_is_merged_and_must_share_its_overrides() -> N
     assert base == ["seed=0"] and grid == ["lr=1,2", "lr=3"] and set(summaries["none"]) == {"lr=1", "lr=3"}
     with pytest.raises(SystemExit, match="different --extra"):
         quality.merge_searches([part, {**other, "overrides": ["seed=1"]}])
+
+
+def test_runs_under_other_privacy_settings_combine_into_one_table(tmp_path: Path) -> None:
+    def record(privacy: str, seeds: list[int], f1: float) -> dict:
+        arms = {"centralized": {"macro_f1": f1, "accuracy": 0.9}, "federated": {"macro_f1": f1 / 2, "accuracy": 0.5}}
+        return {"overrides": [], "grid": ["lr=1"], "seeds": seeds, "runs": {privacy: {"lr=1": [arms] * len(seeds)}}}
+
+    paths = []
+    for name, content in (("none", record("privacy=none", [1, 2, 3], 0.8)), ("eps1", record("eps=1", [1], 0.4))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(content))
+    quality.combine(paths, tmp_path / "all.json")
+    table = (tmp_path / "all.md").read_text()
+    assert "privacy=none (3 seeds)" in table and "eps=1 (1 seeds)" in table
+    assert "| federated | 0.400 ± 0.000 (0.400) / 0.500 ± 0.000 at `lr=1` | 0.200 ± " in table
+    assert (tmp_path / "all.png").is_file()
+    with pytest.raises(SystemExit, match="in common"):
+        quality.combine([paths[0], paths[0]], tmp_path / "twice.json")
