@@ -62,6 +62,7 @@ from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 
 METRICS = ("macro_f1", "accuracy")
+Summaries = dict[str, dict[str, dict[str, dict[str, float]]]]  # privacy -> grid point -> arm -> summary
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,6 @@ def summarise(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
             summary[arm][f"{metric}_std"] = statistics.stdev(column) if len(column) > 1 else 0.0
             summary[arm][f"{metric}_min"] = min(column)
     return summary
-
-
-Summaries = dict[str, dict[str, dict[str, dict[str, float]]]]  # privacy -> grid point -> arm -> summary
 
 
 def at_best(summaries: Summaries) -> dict[str, dict[str, tuple[str, dict[str, float]]]]:
