@@ -262,7 +262,7 @@ class _Progress:
         if self.bar is not None:
             if loss is not None and elapsed - self.loss_read_at >= PROGRESS_BAR_LOSS_SECONDS:
                 self.loss_read_at = elapsed
-                self.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                self.bar.set_postfix(loss=f"{loss.item():.4f}")  # redraws now: a fast round may never redraw again
             self.bar.update(1)
             return
         if elapsed < self.next_at:
