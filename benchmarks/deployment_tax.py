@@ -2,19 +2,21 @@
 how much of it does `fedtune worker` take away?
 
 The same small experiment (the demo's MiniLM on ICD-10 chapters, 2 hospitals, a few short rounds), plaintext
-and ``secure=masking``, three ways:
+and ``secure=masking``, four ways:
   - in-process: the real ServerApp loop over in-process Flower nodes (tests/nodes.py), one Python process;
   - subprocess: a real SuperLink and two SuperNodes on loopback, `flwr run` of the repository, Flower's
     default isolation (a fresh flwr-clientapp process for every message to a node);
-  - worker: the same, with the SuperNodes in process isolation, each served by one `fedtune worker`.
+  - worker: the same, with the SuperNodes in process isolation, each served by one `fedtune worker`;
+  - worker+supernode: the same again, with the SuperNodes started by `fedtune supernode` (Flower's SuperNode
+    with its idle poll capped at 0.25 s instead of 3 s).
 Per run: the server's round times (metrics.jsonl ``round_seconds``; the first round also pays the nodes'
 first model build, so the steady round is the median of the others), the messages each node handled (the
 SuperNode's log) and seconds per message. Where the subprocess mode's time goes is estimated from what one
 flwr-clientapp pays before it can answer: a fresh interpreter importing fedtune's ClientApp (torch, PEFT,
 transformers, Flower) and building the base model, both timed here in fresh processes. Each row also gives
-the part of a round no fedtune change can remove: a SuperNode that finds no message waiting sleeps 3 s
-before it asks again (flwr 1.41), and a node that has just replied finds nothing until every node's reply to
-that step is in, so a round of ``m`` messages per node waits up to about ``3 m`` s on the SuperNodes' polls
+the wait on the SuperNodes' polls: a SuperNode that finds no message waiting sleeps (3 s in flwr 1.41) before
+it asks again, and a node that has just replied finds nothing until every node's reply to that step is in, so
+a round of ``m`` messages per node waits up to about ``m`` times that sleep
 (``supernode_idle_poll_seconds_per_round_bound``).
 
     python benchmarks/deployment_tax.py                         # about 10 minutes on 2 cores
@@ -39,15 +41,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the deployment harness and nodes
 
+from fedtune import supernode  # noqa: E402
 from fedtune.run_dir import RunDir  # noqa: E402
 from tests import deployment  # noqa: E402
 from tests.nodes import federate  # noqa: E402
 
-MODES = ("in-process", "subprocess", "worker")
-# A SuperNode that finds no message waiting sleeps this long before it asks again (flwr 1.41,
-# supernode/start_client_internal.py; not configurable). Each protocol step after the first in a round finds
-# the node idle, since the server sends the next step only once every reply of the step before is in.
-SUPERNODE_IDLE_POLL_SECONDS = 3.0
+MODES = ("in-process", "subprocess", "worker", "worker+supernode")
+# How each deployed mode starts its SuperNodes, and how long such a SuperNode sleeps when it finds no message
+# waiting before it asks again: Flower's own 3 s (flwr 1.41, supernode/start_client_internal.py; no flag
+# changes it), or `fedtune supernode`'s shorter wait. Each protocol step after the first in a round finds the
+# node idle, since the server sends the next step only once every reply of the step before is in.
+SUPERNODES = {
+    "subprocess": (("flower-supernode",), 3.0),
+    "worker": (("flower-supernode",), 3.0),
+    "worker+supernode": (("fedtune", "supernode", "--"), supernode.DEFAULT_IDLE_POLL),
+}
 
 
 def overrides(rounds: int, secure: str, run_dir: Path, trusted_keys: Path) -> list[str]:
@@ -86,9 +94,10 @@ def run_in_process(root: Path, rounds: int, secure: str) -> dict:
     return {"wall_seconds": time.perf_counter() - started, "round_seconds": round_times(run_dir), "messages": None}
 
 
-def run_deployed(root: Path, rounds: int, secure: str, worker: bool) -> dict:
+def run_deployed(root: Path, rounds: int, secure: str, mode: str) -> dict:
     """The experiment on a real SuperLink and two SuperNodes, in Flower's subprocess isolation or served by
-    `fedtune worker`; every process is stopped by PID afterwards."""
+    `fedtune worker` (``mode``); every process is stopped by PID afterwards."""
+    worker, (command, _) = mode != "subprocess", SUPERNODES[mode]
     flower = deployment.flower_processes(root)
     try:
         superlink = deployment.start_superlink(flower)
@@ -98,7 +107,7 @@ def run_deployed(root: Path, rounds: int, secure: str, worker: bool) -> dict:
             secret = root / "superexec.secret"
             secret.write_bytes(os.urandom(32))
             extra = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
-        ports = deployment.start_supernodes(flower, root, superlink, trusted_keys, *extra)
+        ports = deployment.start_supernodes(flower, root, superlink, trusted_keys, *extra, command=command)
         if worker:
             deployment.start_workers(flower, ports, secret)
         started = time.perf_counter()
@@ -164,7 +173,7 @@ def summarise(runs: dict[str, dict], cold: dict[str, float]) -> list[dict]:
             }
             if messages:
                 per_round = messages / len(run["round_seconds"])
-                row["supernode_idle_poll_seconds_per_round_bound"] = per_round * SUPERNODE_IDLE_POLL_SECONDS
+                row["supernode_idle_poll_seconds_per_round_bound"] = per_round * SUPERNODES[mode][1]
                 if mode == "subprocess":  # each message's fresh process pays the cold start
                     row["cold_start_seconds_per_round_estimate"] = per_round * sum(cold.values())
             rows.append(row)
@@ -183,7 +192,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['secure']} | {r['mode']} | {r['steady_round_seconds']:.1f} | {r['vs_in_process']:.2f}x | "
             f"{r['first_round_seconds']:.1f} | {r['messages_per_node'] or ''} | {per_message} | "
-            f"{'' if poll is None else f'{poll:.0f}'} |"
+            f"{'' if poll is None else f'{poll:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -205,7 +214,7 @@ def main() -> None:
                 if mode == "in-process":
                     result = run_in_process(Path(root), args.rounds, secure)
                 else:
-                    result = run_deployed(Path(root), args.rounds, secure, worker=mode == "worker")
+                    result = run_deployed(Path(root), args.rounds, secure, mode)
             runs[f"{secure}/{mode}"] = result
             print(f"{secure}/{mode}: rounds {[round(s, 1) for s in result['round_seconds']]}", flush=True)
     rows = summarise(runs, cold)

@@ -12,6 +12,7 @@
     fedtune contributions RUN_DIR [--out DIR]
     fedtune identity NAME KEY_FILE [--trusted TRUSTED_KEYS_JSON]
     fedtune worker [--runtime-api-address HOST:PORT] [--superexec-auth-secret-file FILE] [--root-certificates PEM]
+    fedtune supernode [--idle-poll SECONDS] -- FLOWER_SUPERNODE_FLAGS ...
     fedtune code-digest
 
 ``run`` composes conf/ with Hydra overrides (``model=smollm2 federation.num_clients=8``), validates
@@ -34,8 +35,9 @@ file of a directory (``<run_dir>/adapter``, ``<run_dir>/checkpoints``) into ``.e
 and names the first broken entry; ``contributions`` shows who contributed what to a run that accounted it
 (``contribution=shapley``: fedtune/contribution/), from its ledger; ``identity`` creates a node's Ed25519 key and lists it in the trusted
 keys file the server reads (``federation.trusted_keys``). ``worker`` serves a SuperNode started with
-``--isolation process``, keeping the model loaded between messages (fedtune/worker.py); ``code-digest`` prints
-the digest of the installed code that a worker compares each run's app bundle with.
+``--isolation process``, keeping the model loaded between messages (fedtune/worker.py); ``supernode`` runs
+Flower's SuperNode with a shorter wait between its polls of the SuperLink (fedtune/supernode.py);
+``code-digest`` prints the digest of the installed code that a worker compares each run's app bundle with.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune import config
+from fedtune import config, supernode
 from fedtune.errors import DataError
 from fedtune.secure import at_rest
 
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "contributions": _contributions,
         "identity": _identity,
         "worker": _worker,
+        "supernode": _supernode,
         "code-digest": _code_digest,
     }
     try:
@@ -153,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--superexec-auth-secret-file", type=Path, help="the SuperNode's SuperExec secret file")
     worker.add_argument("--poll-interval", type=float, default=0.05, help="seconds between asks when idle")
+    flower_node = commands.add_parser("supernode", help="Flower's SuperNode, polling the SuperLink more often")
+    flower_node.add_argument(
+        "--idle-poll",
+        type=float,
+        default=supernode.DEFAULT_IDLE_POLL,
+        help="seconds between asks for a message (Flower's own: 3 s)",
+    )
+    flower_node.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's own flags")
     commands.add_parser("code-digest", help="print the digest of the installed code (fedtune, strategies, conf)")
     return parser
 
@@ -181,6 +192,17 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"fedtune worker: {error}", file=sys.stderr)
         return 2
     serve(options, args.argv)
+    return 0
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    try:
+        supernode.prepare(args.idle_poll)
+    except (ValueError, RuntimeError) as error:
+        print(f"fedtune supernode: {error}", file=sys.stderr)
+        return 2
+    supernode.start(flower_args)
     return 0
 
 

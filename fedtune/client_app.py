@@ -13,7 +13,8 @@ cannot invent peers), ``min-round-clients`` (default 3) is the smallest round it
 more than half of the peers it masked with, plus that many, signed the same unmask lists.
 ``experiment-hash`` (from ``fedtune run OVERRIDES --hash``) makes the node refuse every other experiment, so a
 server cannot restart the same training under a cosmetically different config (README, threat model).
-``lora-rank`` is the LoRA rank this node trains at (a node with less compute; at most the experiment's
+``device`` is where this node trains (auto, cpu, cuda or cuda:N; default: the run's ``train.device``), so a
+site picks its own GPU or its CPU without changing the experiment. ``lora-rank`` is the LoRA rank this node trains at (a node with less compute; at most the experiment's
 ``lora.r``; default: ``federation.client_ranks`` for a simulated partition, else ``lora.r``).
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import adapters, client, client_state, config, wire
+from fedtune import adapters, client, client_state, config, devices, wire
 from fedtune.assets import BUILTIN_PREFIX
 from fedtune.attacks.collusion import PARTITION
 from fedtune.client_settings import ClientSettings
@@ -57,6 +58,11 @@ def client_key(node_config: Mapping[str, Any]) -> str:
     )
 
 
+def _node_setting(context: Context, key: str) -> str | None:
+    value = context.node_config.get(key)
+    return None if value is None else str(value)
+
+
 def _signer(node_config: Mapping[str, Any]) -> Identity:
     """This node's identity key (loaded once per process)."""
     return _load_identity(str(client_state.identity_file(node_config, client_key(node_config))))
@@ -74,9 +80,15 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     def experiment_of(msg: Message, context: Context) -> Experiment:
         """The experiment, refused if it is not the one the server runs."""
         run_config = bound_run_config if bound_run_config is not None else context.run_config
-        model_path = context.node_config.get("model-path")
-        experiment = get_experiment(config.load_experiment(run_config, None if model_path is None else str(model_path)))
+        model_path, device = (_node_setting(context, key) for key in ("model-path", "device"))
+        experiment = get_experiment(config.load_experiment(run_config, model_path, device))
         name, pinned = client_key(context.node_config), context.node_config.get("experiment-hash")
+        if device is not None:  # refused at connect rather than at its first training step
+            try:
+                devices.resolve(device, experiment.train_config.deterministic)
+            except ValueError as error:
+                message = f"Node {name} cannot train where its node config says (device={device}): {error}"
+                raise ValueError(message) from error
         if pinned is not None and experiment.hash != str(pinned):
             raise RuntimeError(
                 f"Node {name} takes part only in the experiment its node config pins (experiment-hash="

@@ -136,7 +136,9 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def load_experiment(run_config: Mapping[str, Any], model_path: str | None = None) -> DictConfig:
+def load_experiment(
+    run_config: Mapping[str, Any], model_path: str | None = None, device: str | None = None
+) -> DictConfig:
     """Compose the experiment a Flower run_config describes; both the ServerApp and the ClientApp call this.
 
     Args:
@@ -145,25 +147,30 @@ def load_experiment(run_config: Mapping[str, Any], model_path: str | None = None
         model_path: Where this node keeps its copy of the base model (node config ``model-path``), in place of
             the run's ``model.path``; the experiment hash holds the files' fingerprint, not the path, so a copy
             of the same files composes the same experiment.
+        device: Where this node trains (node config ``device``: auto, cpu, cuda or cuda:N), in place of the
+            run's ``train.device``; like the path, it is not part of the experiment hash.
 
     Raises:
-        ConfigError: ``model_path`` cannot be written as an override (a quote, a backslash, an interpolation).
+        ConfigError: A node setting cannot be written as an override (a quote, a backslash, an interpolation),
+            or names no device.
     """
-    if model_path is not None and any(c in model_path for c in ("'", "\\", "${")):
-        raise ConfigError(
-            f"node config model-path={model_path!r}: a path without quotes, backslashes or '${{', please."
-        )
-    return _load(str(run_config.get(OVERRIDES_KEY, "")), str(run_config.get(RUN_DIR_KEY, "")), model_path)
+    for setting, value in (("model-path", model_path), ("device", device)):
+        if value is not None and any(c in value for c in ("'", "\\", "${")):
+            raise ConfigError(f"node config {setting}={value!r}: a value without quotes, backslashes or '${{', please.")
+    run_dir = str(run_config.get(RUN_DIR_KEY, ""))
+    return _load(str(run_config.get(OVERRIDES_KEY, "")), run_dir, model_path, device)
 
 
 @functools.lru_cache(maxsize=8)
-def _load(overrides: str, run_dir: str, model_path: str | None) -> DictConfig:
+def _load(overrides: str, run_dir: str, model_path: str | None, device: str | None) -> DictConfig:
     # Cached: a client handles several messages per round, and composing costs about 0.07 s each time.
     words = shlex.split(overrides)
     if run_dir:
         words.append(f"run_dir={run_dir}")
     if model_path is not None:
         words.append(f"model.path='{model_path}'")
+    if device is not None:
+        words.append(f"train.device='{device}'")
     return compose(words)
 
 
@@ -175,7 +182,8 @@ def to_run_config(overrides: Sequence[str], run_dir: str) -> dict[str, str]:
 
 def experiment_hash(cfg: DictConfig) -> str:
     """SHA-256 of everything that determines training: bookkeeping keys such as run_dir and model.public_name
-    (the name the exported adapter gives its base) excluded, and the base model by its content, not its path
+    (the name the exported adapter gives its base) and the device each node trains on excluded, and the base
+    model by its content, not its path
     (fedtune/model_fingerprint.py), so that nodes holding copies of the same files at other paths agree and a
     node with other weights does not."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -185,6 +193,7 @@ def experiment_hash(cfg: DictConfig) -> str:
     if container.get("contribution", {}).get("_target_") == _NO_CONTRIBUTION:
         container.pop("contribution")
     container["model"]["path"] = model_fingerprint.model_identity(str(container["model"]["path"]))
+    container["train"].pop("device")  # where a node trains, not what: under `auto` nodes differ already
     container["model"].pop("public_name", None)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(container)).encode()).hexdigest()
 

@@ -403,8 +403,9 @@ class Experiment:
 
 def get_experiment(cfg: DictConfig) -> Experiment:
     """The cached :class:`Experiment` for ``cfg`` in this process."""
-    # The hash leaves out model.public_name, which the adapter and model card an Experiment writes do use
-    key = f"{fedtune_config.experiment_hash(cfg)} {cfg.model.get('public_name')}"
+    # The hash leaves out settings an Experiment still uses: the base's public name (in the adapter and model
+    # card it writes), where the model files lie and the device (nodes in one process may differ in both)
+    key = f"{fedtune_config.experiment_hash(cfg)} {cfg.model.get('public_name')} {cfg.model.path} {cfg.train.device}"
     if key not in _EXPERIMENTS:
         _EXPERIMENTS[key] = Experiment(cfg)
     return _EXPERIMENTS[key]

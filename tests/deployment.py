@@ -307,16 +307,18 @@ def start_supernodes(
     trusted_keys: Path,
     *extra: str,
     tls: Tls | None = None,
+    command: tuple[str, ...] = ("flower-supernode",),
 ) -> list[int]:
     """Two SuperNodes (partitions 0 and 1) with their identity keys, over TLS with their registered node keys
-    when ``tls`` is given; returns their Runtime API ports."""
+    when ``tls`` is given, started by ``command`` (e.g. ``fedtune supernode --``); returns their Runtime API
+    ports."""
     ports = free_ports(2)
     for partition, port in enumerate(ports):
         name = f"partition-{partition}"
         flower.start(
             f"supernode-{partition}",
             [
-                "flower-supernode",
+                *command,
                 *(tls.supernode_args(name) if tls else ["--insecure"]),
                 *("--superlink", f"127.0.0.1:{superlink_port}", "--port", str(port)),
                 "--node-config",

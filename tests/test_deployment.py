@@ -122,8 +122,8 @@ def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
     flower: FlowerProcesses, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     """A production-like deployment: TLS, SuperNode authentication (a node whose key is not registered is
-    refused), and SuperNodes in process isolation, each served by a `fedtune worker` that holds its SuperExec
-    secret. No flwr-clientapp process runs, each node builds its base model once for the whole run, and the
+    refused), and SuperNodes in process isolation (started by `fedtune supernode`, Flower's SuperNode with
+    shorter polls), each served by a `fedtune worker` that holds its SuperExec secret. No flwr-clientapp process runs, each node builds its base model once for the whole run, and the
     result is bit for bit the in-process (and so the subprocess mode's) result."""
     tls = deployment.make_tls(tmp_path / "flower-auth", ["partition-0", "partition-1", "stranger"])
     superlink_port = deployment.start_superlink(flower, tls)
@@ -143,6 +143,7 @@ def test_the_fedtune_worker_serves_every_message_of_a_run_from_one_process(
         "--superexec-auth-secret-file",
         str(secret),
         tls=tls,
+        command=("fedtune", "supernode", "--idle-poll", "0.2", "--"),
     )
     deployment.wait_for_runtime_api(flower, ports[0])
     for secret_file in (None, _wrong_secret(tmp_path)):  # without the SuperNode's secret nobody acquires its tasks

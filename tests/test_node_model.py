@@ -1,8 +1,9 @@
-"""A node's own copy of the base model: any path (node config ``model-path``), the same files as the server's.
+"""A node's own settings: its copy of the base model at any path (node config ``model-path``, the same files as
+the server's) and the device it trains on (node config ``device``).
 
-The experiment hash holds the model directory's fingerprint (fedtune/model_fingerprint.py), not its path: a
-copy elsewhere composes the same experiment, and a node with other weights is refused at connect, named in
-the server's log, while the run goes on without it.
+The experiment hash holds the model directory's fingerprint (fedtune/model_fingerprint.py), not its path, and
+not the device: a copy elsewhere composes the same experiment, and a node with other weights is refused at
+connect, named in the server's log, while the run goes on without it.
 """
 
 from __future__ import annotations
@@ -71,36 +72,59 @@ def test_a_file_changed_in_place_is_hashed_again(tiny_bert_dir: Path, tmp_path: 
     assert model_fingerprint.fingerprint(copy) == before
 
 
-def test_nodes_with_their_own_model_paths(
+def test_nodes_with_their_own_model_paths_and_devices(
     tiny_bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Deployed nodes: one reads a copy of the server's model at its own path and trains exactly what the
-    others do (the result equals a run where every node reads the server's path); one has other weights and
-    is refused at connect with its name and the fix in the server's log, the run going on without it."""
+    """Deployed nodes: one reads a copy of the server's model at its own path and another trains on the device
+    it names, and both train exactly what they would with the run's settings (the result equals a run where
+    every node reads the server's path on the run's device); a node with other weights, and one naming a GPU its
+    machine lacks, are each refused at connect with the reason in the server's log, the run going on without
+    them."""
 
-    def run(root: Path, model_paths: dict[str, Path]) -> Path:
+    def run(root: Path, own: dict[str, dict[str, str]]) -> Path:
         overrides = tiny_overrides(tiny_bert_dir, root / "run", "federation.num_clients=3")
         nodes = make_nodes(root, overrides, 3, simulated=False, prefix="partition")
         for node in nodes:
-            if node.name in model_paths:
-                node.context.node_config["model-path"] = str(model_paths[node.name])
+            node.context.node_config.update(own.get(node.name, {}))
         experiment = config.load_experiment(config.to_run_config(overrides, str(root / "run")))
         run_federation(InProcessGrid(nodes), experiment)
         return root / "run"
 
+    def refused_once(run_dir: Path, records: list[logging.LogRecord], *reasons: str) -> None:
+        refusals = [r.getMessage() for r in records if "failed the query message" in r.getMessage()]
+        assert len(refusals) == 1 and all(reason in refusals[0] for reason in reasons), refusals
+        clients = [m for m in RunDir(run_dir).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
+        assert [m["value"] for m in clients] == [2.0, 2.0]
+
     reference = run(tmp_path / "same-path", {})
-    copied = run(tmp_path / "copied", {"partition-1": _copy(tiny_bert_dir, tmp_path / "site-b" / "model")})
-    expected, trained = _final_adapter(reference), _final_adapter(copied)
+    copy = _copy(tiny_bert_dir, tmp_path / "site-b" / "model")
+    own = run(tmp_path / "own", {"partition-1": {"model-path": str(copy)}, "partition-2": {"device": "cpu"}})
+    expected, trained = _final_adapter(reference), _final_adapter(own)
     assert expected.keys() == trained.keys() and all(torch.equal(expected[k], trained[k]) for k in expected)
 
     with caplog.at_level(logging.WARNING, logger="fedtune"):
-        other = run(tmp_path / "other", {"partition-2": _other_weights(tiny_bert_dir, tmp_path / "site-c" / "model")})
-    refusals = [r.getMessage() for r in caplog.records if "failed the query message" in r.getMessage()]
-    assert len(refusals) == 1 and "Node partition-2: its base model" in refusals[0], refusals
-    assert "is not the server's" in refusals[0] and "model-path=" in refusals[0]
-    clients = [m for m in RunDir(other).read_metrics() if m["scope"] == "train" and m["metric"] == "clients"]
-    assert [m["value"] for m in clients] == [2.0, 2.0]
+        other_weights = _other_weights(tiny_bert_dir, tmp_path / "site-c" / "model")
+        other = run(tmp_path / "other", {"partition-2": {"model-path": str(other_weights)}})
+    refused_once(other, caplog.records, "Node partition-2: its base model", "is not the server's", "model-path=")
     assert not [m for m in RunDir(other).read_metrics() if m["scope"] == "client:partition-2"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedtune"):  # a GPU index no test machine has
+        missing_gpu = run(tmp_path / "missing-gpu", {"partition-0": {"device": "cuda:99"}})
+    refused_once(
+        missing_gpu, caplog.records, "Node partition-0 cannot train where its node config says (device=cuda:99)"
+    )
+
+
+def test_the_device_is_not_part_of_the_experiment(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Where a node trains is its own choice: the hash a node checks (and pins) is the same on any device."""
+    overrides = tiny_overrides(tiny_bert_dir, tmp_path / "run")
+    hashes = {config.experiment_hash(config.compose([*overrides, f"train.device={d}"])) for d in ("auto", "cpu")}
+    assert len(hashes) == 1
+    run_config = config.to_run_config(overrides, str(tmp_path / "run"))
+    assert config.load_experiment(run_config, device="cuda:1").train.device == "cuda:1"
+    with pytest.raises(config.ConfigError, match="node config device=.cuda'1.: a value without quotes"):
+        config.load_experiment(run_config, device="cuda'1")
 
 
 def test_every_file_but_readmes_and_hidden_ones_counts(tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -48,9 +48,16 @@ def _guide_commands() -> list[list[str]]:
     return commands
 
 
+def _supernode_flags(words: list[str]) -> list[str]:
+    """The flags the unit gives Flower's SuperNode (`fedtune supernode [--idle-poll S] -- FLAGS`)."""
+    assert Path(words[0]).name == "fedtune" and words[1] == "supernode"
+    args = cli.build_parser().parse_args(words[1:])
+    assert 0 < args.idle_poll <= 3 and args.flower_args[0] == "--"
+    return args.flower_args[1:]
+
+
 def test_the_supernode_unit_uses_only_flags_the_supernode_has() -> None:
-    words = _exec_start("fedtune-supernode.service")
-    assert Path(words[0]).name == "flower-supernode"
+    words = _supernode_flags(_exec_start("fedtune-supernode.service"))
     documented = subprocess.run(
         [str(BIN_DIR / "flower-supernode"), "--help"], capture_output=True, text=True, check=True
     ).stdout
@@ -64,7 +71,8 @@ def test_the_supernode_unit_uses_only_flags_the_supernode_has() -> None:
 
 
 def test_the_worker_unit_serves_the_supernode_unit() -> None:
-    supernode, worker = _exec_start("fedtune-supernode.service"), _exec_start("fedtune-worker.service")
+    supernode = _supernode_flags(_exec_start("fedtune-supernode.service"))
+    worker = _exec_start("fedtune-worker.service")
     assert Path(worker[0]).name == "fedtune" and worker[1] == "worker"
     args = cli.build_parser().parse_args(worker[1:])
     assert args.runtime_api_address == f"{_flag(supernode, '--host')}:{_flag(supernode, '--port')}"
