@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import adapters, client, client_state, config, devices, wire
@@ -159,7 +159,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         experiment, data = setup(msg, context)
-        global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        global_adapter = wire.adapter_of(msg.content.array_records[wire.ARRAYS])
         round_config = msg.content.config_records[wire.CONFIG]
         server_round, key = int(round_config[wire.SERVER_ROUND]), client_key(context.node_config)
         num_sampled = int(round_config[wire.NUM_SAMPLED])  # sizes this client's share of the DP noise
@@ -196,7 +196,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
         if personal is not None:
             client_state.save_personal(kept, server_round, personal)
         if masked is None or secagg is None:
-            content = RecordDict({wire.ARRAYS: ArrayRecord(update), wire.METRICS: MetricRecord(metrics)})
+            content = RecordDict({wire.ARRAYS: wire.adapter_record(update), wire.METRICS: MetricRecord(metrics)})
         else:
             content = masked.upload(msg, secagg, update, metrics)
         if experiment.contribution.enabled:  # what this node states it brought, signed on its own for the ledger
@@ -235,7 +235,7 @@ def make_client_app(bound_run_config: Mapping[str, Any] | None = None) -> Client
             kept = client_state.personal_file(records, run_key(experiment), client_key(context.node_config))
             round_number = int(msg.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
             personal = settings.kept(client_state.load_personal(kept, round_number + 1))
-        global_adapter = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        global_adapter = wire.adapter_of(msg.content.array_records[wire.ARRAYS])
         metrics = client.evaluate_round(experiment, data, global_adapter, personal, _rank(context, experiment))
         if experiment.secure.masked:  # sizes stay private; the server averages clients equally
             for size in ("num_examples", TOKENS):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune import adapters
@@ -23,7 +23,7 @@ from fedtune.experiment import Experiment
 from fedtune.run_dir import RunDir
 from fedtune.secure_server import SecureRounds
 from fedtune.transport import Reply, Transport, connect
-from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, SETTINGS, payload_bytes
+from fedtune.wire import ARRAYS, CONFIG, METRICS, NUM_SAMPLED, SETTINGS, adapter_of, adapter_record, payload_bytes
 
 logger = logging.getLogger("fedtune")
 
@@ -51,7 +51,7 @@ class GridChannel:
         def content(client: Client) -> RecordDict:
             settings = request.settings[client.key].to_json()
             config_record = ConfigRecord({NUM_SAMPLED: len(clients), SETTINGS: settings})
-            return RecordDict({ARRAYS: ArrayRecord(request.adapter), CONFIG: config_record})
+            return RecordDict({ARRAYS: adapter_record(request.adapter), CONFIG: config_record})
 
         if self.secure_rounds is not None:  # the server sees only the sum of the weighted updates and weights
             masked = self.secure_rounds.collect(
@@ -99,7 +99,7 @@ class GridChannel:
 
         def content(client: Client) -> RecordDict:
             config_record = ConfigRecord({SETTINGS: settings[client.key].to_json()})
-            return RecordDict({ARRAYS: ArrayRecord(adapter), CONFIG: config_record})
+            return RecordDict({ARRAYS: adapter_record(adapter), CONFIG: config_record})
 
         replies = self.transport.send(clients, "evaluate", content, server_round)
         return [dict(r.content.metric_records[METRICS]) for r in replies]
@@ -121,7 +121,7 @@ def _contribution(reply: Reply, metrics: dict[str, float]) -> Contribution:
 def _read_update(content: RecordDict, layout: AdapterState) -> tuple[AdapterState, dict[str, float]]:
     """The update and metrics of a train reply, refused if malformed (not the round's tensors, non-finite values,
     bad weight)."""
-    update = content.array_records[ARRAYS].to_torch_state_dict()
+    update = adapter_of(content.array_records[ARRAYS])
     adapters.check_update(update, layout)
     metrics = dict(content.metric_records[METRICS])
     weight = float(metrics["num_examples"])

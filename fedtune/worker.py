@@ -46,9 +46,11 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedtune import app_code
+from fedtune.supernode import retry_object_pulls_sooner
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ def serve(options: WorkerOptions, argv: list[str]) -> None:
             with them.
     """
     signal.signal(signal.SIGTERM, _exit_cleanly)  # so that a task in flight still reports its status
+    # A task is offered before the SuperNode has all of its message: ask again for a missing part within 20 ms
+    retry_object_pulls_sooner(run_clientapp, "pull_and_inflate_object_from_tree")
     from fedtune.client_app import app  # after the signal handler: this import is the slow part (torch)
 
     installed = app_code.installed_files()

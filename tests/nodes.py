@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
@@ -249,7 +249,7 @@ class HostileServer:
         """A masked ``train`` message: the global adapter, the survivors list and the shares dealt to ``name``
         (from ``setup``, what :meth:`set_up` returned; ``{}`` for a plaintext round)."""
         sealed, committed = setup.get("sealed", {}), setup.get("share_commitments", {})
-        content = RecordDict({wire.ARRAYS: ArrayRecord(adapter)})
+        content = RecordDict({wire.ARRAYS: wire.adapter_record(adapter)})
         content.config_records[wire.CONFIG] = ConfigRecord(
             {wire.SURVIVORS: json.dumps(survivors), wire.NUM_SAMPLED: len(survivors), **fields}
         )

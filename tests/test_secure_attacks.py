@@ -155,7 +155,7 @@ def test_a_node_trains_each_round_on_one_input_so_its_dp_noise_is_never_reused(
     def update(adapter: dict[str, torch.Tensor], settings: ClientSettings) -> dict[str, torch.Tensor]:
         fields = {wire.NUM_SAMPLED: 3, wire.SETTINGS: settings.to_json()}
         reply = server.train(VICTIM, 1, adapter, [VICTIM], {}, **fields)
-        return reply.array_records[wire.ARRAYS].to_torch_state_dict()
+        return wire.adapter_of(reply.array_records[wire.ARRAYS])
 
     one = update(first, plain)
     with pytest.raises(ProtocolError, match="already trained round 1"):
@@ -580,7 +580,7 @@ def test_a_server_cannot_rewrite_a_nodes_base_model_with_a_residual(tiny_bert_di
     before = layer.weight.detach().clone()
     with pytest.raises(ValueError, match="folds none"):
         server.train(VICTIM, 1, rewrite, [VICTIM], {}, **{wire.NUM_SAMPLED: 3})
-    request = RecordDict({wire.ARRAYS: ArrayRecord(rewrite)})
+    request = RecordDict({wire.ARRAYS: wire.adapter_record(rewrite)})
     with pytest.raises(ValueError, match="folds none"):
         server.send(VICTIM, "evaluate", 1, request)
     assert torch.equal(layer.weight, before)

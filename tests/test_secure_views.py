@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import client, config, wire
 from fedtune.experiment import get_experiment
@@ -60,7 +60,7 @@ def _train(
 ) -> tuple[np.ndarray, list[str]]:
     """A masked train message to ``name`` with every share dealt to it; its upload and the peers it left out."""
     sealed = {d: s["sealed"][name] for d, s in dealt.items() if name in s["sealed"]}
-    content = RecordDict({wire.ARRAYS: ArrayRecord(adapter)})
+    content = RecordDict({wire.ARRAYS: wire.adapter_record(adapter)})
     content.config_records[wire.CONFIG] = ConfigRecord(
         {wire.SURVIVORS: json.dumps(survivors), wire.NUM_SAMPLED: round_size}
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -150,18 +150,20 @@ def test_failing_malformed_and_forged_replies_are_skipped_and_the_round_goes_on(
             raise RuntimeError("disk full")  # a hospital's node fails mid-run
         reply = real(msg, context)
         if (node, server_round) == ("partition-2", 1):  # a faulty node sends a poisoned update, validly signed
-            update = reply.content.array_records["arrays"].to_torch_state_dict()
+            update = wire.adapter_of(reply.content.array_records["arrays"])
             update[next(iter(update))].fill_(float("nan"))
-            content = RecordDict({"arrays": ArrayRecord(update), "metrics": reply.content.metric_records["metrics"]})
+            content = RecordDict(
+                {"arrays": wire.adapter_record(update), "metrics": reply.content.metric_records["metrics"]}
+            )
             config_record = msg.content.config_records["config"]
             session = Session(str(config_record["run-nonce"]), server_round)
             signer = identity.load_or_create(client_state.identity_file(context.node_config, node))
             return Message(wire.sign(content, signer, session, "train", node), reply_to=msg)
         if (node, server_round) == ("partition-3", 1):  # changed in transit after signing
             earlier_replies[node] = reply
-            update = reply.content.array_records["arrays"].to_torch_state_dict()
+            update = wire.adapter_of(reply.content.array_records["arrays"])
             update[next(iter(update))] *= 2
-            reply.content.array_records["arrays"] = ArrayRecord(update)
+            reply.content.array_records["arrays"] = wire.adapter_record(update)
         if (node, server_round) == ("partition-3", 2):  # round 1's (validly signed) reply replayed
             return Message(earlier_replies[node].content, reply_to=msg)
         return reply

@@ -6,16 +6,26 @@ changes in Flower's loop, and that it refuses to run on a Flower whose loop it h
 
 from __future__ import annotations
 
+import random
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 from flwr.supernode import start_client_internal
 
 from fedtune import cli, seeding, supernode
 
 
+def _restored_after_the_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("time", "pull_objects"):
+        monkeypatch.setattr(start_client_internal, name, getattr(start_client_internal, name))
+
+
 def test_every_sleep_of_the_supernode_loop_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after the test
+    _restored_after_the_test(monkeypatch)
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     supernode.shorten_polls(start_client_internal, 0.1, supernode.FLOWER_VERSION)
@@ -27,11 +37,36 @@ def test_every_sleep_of_the_supernode_loop_is_capped(monkeypatch: pytest.MonkeyP
     assert loop_time.monotonic is time.monotonic  # everything else is the time module's own
 
 
+def test_a_part_of_a_message_not_there_yet_is_asked_for_again_within_20_ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's object pull, with the SuperNode's retry settings, against an object that appears on the third ask:
+    it waits 20 ms and then 40 ms (Flower's own: 1 s and 2 s)."""
+    _restored_after_the_test(monkeypatch)
+    supernode.shorten_polls(start_client_internal, 0.25, supernode.FLOWER_VERSION)
+    waits: list[float] = []
+    monkeypatch.setattr(random, "uniform", lambda low, high: 0.0)  # Flower's jitter off: the waits are exact
+    asks = iter([ObjectUnavailableError("a"), ObjectUnavailableError("a"), b"content"])
+
+    def pull_object(object_id: str) -> bytes:
+        answer = next(asks)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    class Recorded(threading.Event):  # the pull waits on its stop event between asks
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(float("nan") if timeout is None else timeout)
+            return False
+
+    monkeypatch.setattr(inflatable_utils, "threading", SimpleNamespace(Event=Recorded, Lock=threading.Lock))
+    assert start_client_internal.pull_objects(["a"], pull_object_fn=pull_object) == {"a": b"content"}
+    assert waits == pytest.approx([0.02, 0.04])
+
+
 def test_another_flower_or_another_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    _restored_after_the_test(monkeypatch)
     with pytest.raises(RuntimeError, match="this is flwr 1.42.0. Start flower-supernode with the same flags"):
         supernode.shorten_polls(start_client_internal, 0.1, "1.42.0")
-    with pytest.raises(RuntimeError, match=r"its loop has no time.sleep\(3\), time.sleep\(0.5\)"):
+    with pytest.raises(RuntimeError, match=r"its loop has no time.sleep\(3\), time.sleep\(0.5\), pull_objects\("):
         supernode.shorten_polls(seeding, 0.1, supernode.FLOWER_VERSION)
     assert start_client_internal.time is time  # nothing was changed
 

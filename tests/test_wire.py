@@ -1,7 +1,8 @@
-"""Signed replies (fedtune/wire.py) and identity keys (fedtune/secure/identity.py)."""
+"""Signed replies and how adapters travel (fedtune/wire.py), and identity keys (fedtune/secure/identity.py)."""
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -21,7 +22,7 @@ SESSION = Session("run-nonce", 2)
 def _reply() -> RecordDict:
     content = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord({"lora_A": torch.arange(6.0).reshape(2, 3)}),
+            wire.ARRAYS: wire.adapter_record({"lora_A": torch.arange(6.0).reshape(2, 3)}),
             wire.METRICS: MetricRecord({"train_loss": 1.5, "num_examples": 40.0}),
         }
     )
@@ -53,12 +54,12 @@ def test_a_replayed_reply_is_rejected(session: Session, step: str, client: str) 
 
 def test_tampered_updates_and_metrics_are_rejected() -> None:
     tampered = _reply()
-    update = tampered.array_records[wire.ARRAYS].to_torch_state_dict()
+    update = wire.adapter_of(tampered.array_records[wire.ARRAYS])
     update["lora_A"][0, 0] += 1e-3
     signature = tampered.config_records[wire.SIGNATURE]
     tampered = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord(update),
+            wire.ARRAYS: wire.adapter_record(update),
             wire.METRICS: tampered.metric_records[wire.METRICS],
             wire.SIGNATURE: signature,
         }
@@ -111,3 +112,45 @@ def test_an_identity_key_that_others_can_read_is_refused(tmp_path: Path) -> None
     path.chmod(0o644)
     with pytest.raises(ValueError, match="chmod 600"):
         identity.load_or_create(path)
+
+
+def test_an_adapter_travels_as_one_array_and_comes_back_bit_for_bit() -> None:
+    adapter = {
+        "layer.0.lora_A": torch.randn(4, 6),
+        "layer.0.lora_B": torch.randn(6, 4) * 1e-30,  # subnormal-adjacent values survive too
+        "head.bias": torch.tensor([float("-0.0"), 1.0, 3.5]),
+        "scalar": torch.tensor(2.0),
+    }
+    record = wire.adapter_record(adapter)
+    assert len(record) == 1  # one array: one object per hop on Flower's wire, not one per tensor
+    back = wire.adapter_of(record)
+    assert list(back) == list(adapter)
+    for name, tensor in adapter.items():
+        assert back[name].shape == tensor.shape and back[name].dtype == torch.float32
+        assert torch.equal(back[name].view(torch.int32), tensor.view(torch.int32)), name
+    assert wire.adapter_of(wire.adapter_record({})) == {}
+    with pytest.raises(TypeError, match="float32; these tensors are torch.float64"):
+        wire.adapter_record({"a": torch.zeros(2, dtype=torch.float64)})
+
+
+def _record(index: object, values: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord({index if isinstance(index, str) else json.dumps(index): values})
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (ArrayRecord({"a": torch.zeros(2), "b": torch.zeros(2)}), "one array, not 2"),
+        (_record("not json", torch.zeros(2)), "Expecting value"),
+        (_record({"a": [2]}, torch.zeros(2)), "list of \\[name, shape\\] pairs"),
+        (_record([["a", [-2]]], torch.zeros(2)), "list of \\[name, shape\\] pairs"),
+        (_record([["a", [2.0]]], torch.zeros(2)), "list of \\[name, shape\\] pairs"),
+        (_record([["a", [2]], ["a", [1]]], torch.zeros(3)), "names a tensor twice"),
+        (_record([["a", [2, 2]]], torch.zeros(3)), "needs float32 \\(4,\\)"),
+        (_record([["a", [2]]], torch.zeros(2, dtype=torch.float64)), "float64 \\(2,\\); its index needs float32"),
+        (_record([["a", [2]]], torch.zeros(1, 2)), "\\(1, 2\\); its index needs float32 \\(2,\\)"),
+    ],
+)
+def test_a_malformed_adapter_record_is_refused(record: ArrayRecord, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        wire.adapter_of(record)
