@@ -8,7 +8,7 @@ and ``secure=masking``, four ways:
     default isolation (a fresh flwr-clientapp process for every message to a node);
   - worker: the same, with the SuperNodes in process isolation, each served by one `fedtune worker`;
   - worker+supernode: the same again, with the SuperNodes started by `fedtune supernode` (Flower's SuperNode
-    with its idle poll capped at 0.25 s instead of 3 s).
+    with its idle poll capped at 0.1 s instead of 3 s).
 Per run: the server's round times (metrics.jsonl ``round_seconds``; the first round also pays the nodes'
 first model build, so the steady round is the median of the others), the messages each node handled (the
 SuperNode's log) and seconds per message. Where the subprocess mode's time goes is estimated from what one

@@ -12,6 +12,7 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import http_grid
 from omegaconf import DictConfig
 
 from fedtune import config, engine
@@ -19,6 +20,7 @@ from fedtune.adapters import AdapterState
 from fedtune.attacks.collusion import ColludingChannel, CollusionAttack
 from fedtune.channel import Channel, RoundFailedError
 from fedtune.experiment import get_experiment
+from fedtune.flower_waits import retry_object_pulls_sooner
 from fedtune.grid_channel import GridChannel
 
 logger = logging.getLogger("fedtune")
@@ -36,6 +38,8 @@ def make_server_app(bound_run_config: Mapping[str, Any] | None = None) -> Server
         if not logger.handlers:  # under `flwr run` nothing configured logging; Flower streams our stdout
             logger.addHandler(logging.StreamHandler(sys.stdout))
             logger.setLevel(logging.INFO)
+        # A deployed ServerApp pulls replies whose parts may still be on their way (unused in simulation)
+        retry_object_pulls_sooner(http_grid, "pull_objects")
         run_federation(grid, config.load_experiment(run_config), simulated=bound_run_config is not None)
 
     return app

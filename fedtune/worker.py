@@ -50,7 +50,7 @@ from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedtune import app_code
-from fedtune.supernode import retry_object_pulls_sooner
+from fedtune.flower_waits import retry_object_pulls_sooner
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 from flwr.supernode import start_client_internal
 
-from fedtune import cli, seeding, supernode
+from fedtune import cli, flower_waits, seeding, supernode
 
 
 def _restored_after_the_test(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,3 +76,18 @@ def test_an_idle_poll_outside_flowers_own_is_refused(idle_poll: float, capsys: p
     assert cli.main(["supernode", "--idle-poll", str(idle_poll), "--", "--insecure"]) == 2
     assert f"fedtune supernode: --idle-poll {float(idle_poll)}: seconds in (0, 3]" in capsys.readouterr().err
     assert start_client_internal.time is time
+
+
+def test_the_worker_and_the_serverapp_retry_their_pulls_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other two processes that pull a message's parts (fedtune/flower_waits.py), applied once however
+    often it is asked (a ServerApp process may run several runs' main)."""
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode.runtime import run_clientapp
+
+    for module, name in ((http_grid, "pull_objects"), (run_clientapp, "pull_and_inflate_object_from_tree")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, original)
+        for _ in range(2):
+            flower_waits.retry_object_pulls_sooner(module, name)
+        patched = getattr(module, name)
+        assert patched.func is original and patched.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.1}
