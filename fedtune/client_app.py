@@ -14,8 +14,9 @@ more than half of the peers it masked with, plus that many, signed the same unma
 ``experiment-hash`` (from ``fedtune run OVERRIDES --hash``) makes the node refuse every other experiment, so a
 server cannot restart the same training under a cosmetically different config (README, threat model).
 ``device`` is where this node trains (auto, cpu, cuda or cuda:N; default: the run's ``train.device``), so a
-site picks its own GPU or its CPU without changing the experiment. ``lora-rank`` is the LoRA rank this node trains at (a node with less compute; at most the experiment's
-``lora.r``; default: ``federation.client_ranks`` for a simulated partition, else ``lora.r``).
+site picks its own GPU or its CPU without changing the experiment. ``lora-rank`` is the LoRA rank this node
+trains at (a node with less compute; at most the experiment's ``lora.r``; default:
+``federation.client_ranks`` for a simulated partition, else ``lora.r``).
 """
 
 from __future__ import annotations

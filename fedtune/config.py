@@ -183,9 +183,8 @@ def to_run_config(overrides: Sequence[str], run_dir: str) -> dict[str, str]:
 def experiment_hash(cfg: DictConfig) -> str:
     """SHA-256 of everything that determines training: bookkeeping keys such as run_dir and model.public_name
     (the name the exported adapter gives its base) and the device each node trains on excluded, and the base
-    model by its content, not its path
-    (fedtune/model_fingerprint.py), so that nodes holding copies of the same files at other paths agree and a
-    node with other weights does not."""
+    model by its content, not its path (fedtune/model_fingerprint.py), so that nodes holding copies of the
+    same files at other paths agree and a node with other weights does not."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     for key in _BOOKKEEPING_KEYS:

@@ -1,4 +1,4 @@
-"""What travels between ServerApp and ClientApp: record names, and signed replies.
+"""What travels between ServerApp and ClientApp: record names, adapters as one array, and signed replies.
 
 Every client reply is signed with the node's Ed25519 identity key over a digest of its whole content,
 bound to the run (a nonce the server draws at start), the round, the protocol step (message type) and
