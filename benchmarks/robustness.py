@@ -21,6 +21,7 @@ Writes JSON (every run, the machine), a markdown table beside it (``.md``) and a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -37,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/nodes.py: the in-process nodes
 
 ATTACKS = ["sign_flip", "scaling", "noise", "free_rider", "label_flip", "backdoor", "alie", "ipm"]
-RULES = ["fedavg", "median", "trimmed_mean", "multi_krum", "centered_clipping", "norm_bounding"]
+RULES = ["fedavg", "median", "trimmed_mean", "multi_krum", "bulyan", "centered_clipping", "norm_bounding"]
+BYZANTINE_RULES = ("median", "trimmed_mean", "multi_krum", "bulyan")  # configured with f = strategy.byzantine
 CLIENTS = 10
 SCALE = [
     f"federation.num_clients={CLIENTS}",
@@ -57,14 +59,22 @@ SCALE = [
 ATTACK_SETTINGS = {"sign_flip": ["attack.scale=4"], "scaling": ["attack.factor=30"], "noise": ["attack.std=0.05"]}
 
 
+@functools.cache
+def min_clients(rule: str, byzantine: int) -> int:
+    """The smallest round the rule's guarantee holds for, as the strategy itself declares it."""
+    from fedtune import config
+
+    strategy = config.instantiate(config.compose([f"strategy={rule}", f"strategy.byzantine={byzantine}"]).strategy)
+    return strategy.min_clients
+
+
 def rule_overrides(rule: str, malicious: int, bound: float) -> list[str]:
-    """The rule, configured for ``malicious`` bad updates a round (Krum: rounds of at least 2f + 3)."""
+    """The rule, configured for ``malicious`` bad updates a round, with the smallest round it needs."""
     overrides = [f"strategy={rule}"]
-    if rule in ("median", "trimmed_mean", "multi_krum"):
+    if rule in BYZANTINE_RULES:
         byzantine = max(malicious, 1)
         overrides.append(f"strategy.byzantine={byzantine}")
-        minimum = 2 * byzantine + (3 if rule == "multi_krum" else 1)
-        overrides.append(f"federation.min_train_clients={minimum}")
+        overrides.append(f"federation.min_train_clients={min_clients(rule, byzantine)}")
     if rule == "centered_clipping":
         overrides.append(f"strategy.radius={bound}")
     if rule == "norm_bounding":
@@ -114,12 +124,19 @@ def defended(overrides: list[str]) -> int | None:
     return None
 
 
+def fits(rule: str, malicious: int) -> bool:
+    """Whether the rule, set for ``malicious`` bad updates, can run with the benchmark's hospitals."""
+    return rule not in BYZANTINE_RULES or min_clients(rule, max(malicious, 1)) <= CLIENTS
+
+
 def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[int], root: str, bound: float) -> list:
-    """Every (rule, attack, malicious count, seed), with a clean run of each rule as set for each count."""
+    """Every (rule, attack, malicious count, seed), with a clean run of each rule as set for each count; a rule
+    is left out at a count it needs more hospitals for (Bulyan set for 2 needs 11)."""
     found = []
     for seed in seeds:
         for rule in rules:
-            for overrides in {tuple(rule_overrides(rule, count, bound)) for count in counts}:
+            runnable = [count for count in counts if fits(rule, count)]
+            for overrides in {tuple(rule_overrides(rule, count, bound)) for count in runnable}:
                 byzantine = defended(list(overrides))
                 suffix = f"-f{byzantine}" if byzantine is not None else ""
                 found.append(
@@ -127,7 +144,7 @@ def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[in
                      "seed": seed, "overrides": list(overrides), "root": root}
                 )  # fmt: skip
             for attack in attacks:
-                for count in counts:
+                for count in runnable:
                     attackers = "[" + ",".join(str(i) for i in range(count)) + "]"
                     overrides = [
                         *rule_overrides(rule, count, bound),
@@ -142,101 +159,113 @@ def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[in
     return sorted(found, key=lambda job: job["attack"] != "none")  # clean runs first
 
 
+def ratio(f1: float, reference: list[dict] | None) -> float:
+    """``f1`` over the mean macro-F1 of the reference runs (NaN without them)."""
+    return f1 / statistics.mean(r["macro_f1"] for r in reference) if reference else float("nan")
+
+
 def summarise(results: list[dict]) -> list[dict]:
-    """Mean over seeds per (rule, attack, malicious, f), with ratios to the same rule's clean run and clean FedAvg."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["rule"], r["attack"], r["malicious"], defended(r["overrides"])), []).append(r)
-    clean = {
-        (rule, byzantine): statistics.mean(r["macro_f1"] for r in group)
-        for (rule, attack, _, byzantine), group in groups.items()
-        if attack == "none"
-    }
+    """One block per malicious count, over the seeds its attacked runs have: each rule's clean run (as set for
+    that count) and every attack, as mean and sample sd over those seeds, with ratios to the same rule's clean
+    run and to clean FedAvg over the same seeds."""
     rows = []
-    for (rule, attack, malicious, byzantine), group in sorted(groups.items(), key=lambda item: str(item[0])):
-        f1 = [r["macro_f1"] for r in group]
-        rows.append(
-            {
-                "rule": rule,
-                "attack": attack,
-                "malicious": malicious,
-                "byzantine": byzantine,
-                "seeds": len(group),
-                "macro_f1_mean": statistics.mean(f1),
-                "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
-                "vs_rule_clean": statistics.mean(f1) / clean[(rule, byzantine)],
-                "vs_fedavg_clean": statistics.mean(f1) / clean[("fedavg", None)]
-                if ("fedavg", None) in clean
-                else float("nan"),
-                "backdoor_success": statistics.mean(r["backdoor_success"] for r in group),
-                "abandoned_rounds": sum(r["abandoned_rounds"] for r in group),
-            }
-        )
+    for count in sorted({r["malicious"] for r in results if r["malicious"]}):
+        seeds = {r["seed"] for r in results if r["malicious"] == count}
+        groups: dict[tuple, list[dict]] = {}
+        for r in results:
+            byzantine = defended(r["overrides"])
+            if r["seed"] in seeds and (
+                r["malicious"] == count
+                or (
+                    r["malicious"] == 0
+                    and fits(r["rule"], count)
+                    and byzantine == defended(rule_overrides(r["rule"], count, 0.0))
+                )
+            ):
+                groups.setdefault((r["rule"], r["attack"], byzantine), []).append(r)
+        clean = {(rule, byzantine): group for (rule, attack, byzantine), group in groups.items() if attack == "none"}
+
+        for (rule, attack, byzantine), group in sorted(groups.items(), key=lambda item: str(item[0])):
+            f1 = [r["macro_f1"] for r in group]
+            rows.append(
+                {
+                    "table_malicious": count,
+                    "rule": rule,
+                    "attack": attack,
+                    "malicious": group[0]["malicious"],
+                    "byzantine": byzantine,
+                    "seeds": sorted(r["seed"] for r in group),
+                    "macro_f1_mean": statistics.mean(f1),
+                    "macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+                    "vs_rule_clean": ratio(statistics.mean(f1), clean.get((rule, byzantine))),
+                    "vs_fedavg_clean": ratio(statistics.mean(f1), clean.get(("fedavg", None))),
+                    "backdoor_success": statistics.mean(r["backdoor_success"] for r in group),
+                    "abandoned_rounds": sum(r["abandoned_rounds"] for r in group),
+                }
+            )
     return rows
 
 
+def cell(row: dict | None, rule: str, count: int) -> str:
+    """Macro-F1 (± its sample sd when there are several seeds) and its share of clean FedAvg's; the backdoor's
+    success rate; or why the rule did not run."""
+    if row is None:
+        return "" if fits(rule, count) else f"needs {min_clients(rule, count)} hospitals"
+    spread = f" ± {row['macro_f1_std']:.3f}" if len(row["seeds"]) > 1 else ""
+    text = f"{row['macro_f1_mean']:.3f}{spread} ({row['vs_fedavg_clean']:.2f}x)"
+    return text + (f", bd {row['backdoor_success']:.2f}" if row["attack"] == "backdoor" else "")
+
+
 def table(rows: list[dict], rules: list[str]) -> str:
-    """Rules as columns; per malicious count, the clean run of each rule as set for that count, then every attack.
+    """Rules as columns; per malicious count (and the seeds it ran), each rule's clean run as set for that count,
+    then every attack.
 
     Attacked cells give macro-F1 and its share of clean FedAvg's (backdoor: also its success rate); clean cells
     give macro-F1 and its share of clean FedAvg's, which is what the rule costs when nobody attacks.
     """
-    counts = sorted({r["malicious"] for r in rows if r["malicious"]})
-    attacked = {(r["rule"], r["attack"], r["malicious"]): r for r in rows if r["malicious"]}
-    clean = {(r["rule"], r["byzantine"]): r for r in rows if not r["malicious"]}
     lines = [
-        "| attack | malicious | " + " | ".join(f"`{rule}`" for rule in rules) + " |",
-        "|---|---|" + "---|" * len(rules),
+        "| attack | malicious | seeds | " + " | ".join(f"`{rule}`" for rule in rules) + " |",
+        "|---|---|---|" + "---|" * len(rules),
     ]
-    for count in counts:
-        row = []
-        for rule in rules:
-            byzantine = defended(rule_overrides(rule, count, 0.0))
-            c = clean.get((rule, byzantine))
-            row.append(f"{c['macro_f1_mean']:.3f} ({c['vs_fedavg_clean']:.2f}x)" if c else "")
-        lines.append(f"| none (rules set for {count}) | 0 | " + " | ".join(row) + " |")
-        for attack in sorted({r["attack"] for r in rows} - {"none"}):
-            row = []
-            for rule in rules:
-                c = attacked.get((rule, attack, count))
-                if c is None:
-                    row.append("")
-                    continue
-                text = f"{c['macro_f1_mean']:.3f} ({c['vs_fedavg_clean']:.2f}x)"
-                if attack == "backdoor":
-                    text += f", bd {c['backdoor_success']:.2f}"
-                row.append(text)
-            lines.append(f"| {attack} | {count} | " + " | ".join(row) + " |")
+    for count in sorted({r["table_malicious"] for r in rows}):
+        block = {(r["rule"], r["attack"]): r for r in rows if r["table_malicious"] == count}
+        seeds = ",".join(str(s) for s in max((r["seeds"] for r in block.values()), key=len))
+        for attack in ["none", *sorted({attack for _, attack in block} - {"none"})]:
+            label = f"none (rules set for {count})" if attack == "none" else attack
+            cells = [cell(block.get((rule, attack)), rule, count) for rule in rules]
+            lines.append(f"| {label} | {0 if attack == 'none' else count} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], rules: list[str], path: Path) -> None:
-    """Macro-F1 per attack (groups) and rule (bars), one panel per malicious count (none: the clean run)."""
+    """Macro-F1 per attack (groups) and rule (bars, with the sd over seeds), one panel per malicious count
+    (none: each rule's clean run as set for that count)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = sorted({r["malicious"] for r in rows if r["malicious"]})
+    counts = sorted({r["table_malicious"] for r in rows})
     attacks = ["none", *sorted({r["attack"] for r in rows} - {"none"})]
     figure, panels = plt.subplots(len(counts), 1, figsize=(11, 3.6 * len(counts)), squeeze=False)
     width = 0.8 / len(rules)
     for axes, count in zip(panels[:, 0], counts, strict=True):
+        block = {(r["rule"], r["attack"]): r for r in rows if r["table_malicious"] == count}
         for i, rule in enumerate(rules):
-            byzantine = defended(rule_overrides(rule, count, 0.0))
-            cells = {
-                r["attack"]: r["macro_f1_mean"]
-                for r in rows
-                if r["rule"] == rule
-                and (r["malicious"] == count or (not r["malicious"] and r["byzantine"] == byzantine))
-            }
-            values = [cells.get(attack, 0.0) for attack in attacks]
-            axes.bar([a + i * width for a in range(len(attacks))], values, width, label=rule)
+            cells = [block.get((rule, attack)) for attack in attacks]
+            axes.bar(
+                [a + i * width for a in range(len(attacks))],
+                [c["macro_f1_mean"] if c else 0.0 for c in cells],
+                width,
+                yerr=[c["macro_f1_std"] if c else 0.0 for c in cells],
+                label=rule,
+            )
+        seeds = max((r["seeds"] for r in block.values()), key=len)
         axes.set_xticks([a + 0.4 - width / 2 for a in range(len(attacks))], attacks, fontsize=8)
         axes.set_ylabel("central macro-F1")
-        axes.set_title(f"{count} of {CLIENTS} hospitals malicious (none: clean run)", fontsize=9)
+        axes.set_title(f"{count} of {CLIENTS} hospitals malicious, {len(seeds)} seed(s) (none: clean run)", fontsize=9)
         axes.grid(axis="y", alpha=0.3)
-    panels[0, 0].legend(fontsize=7, ncol=3)
+    panels[0, 0].legend(fontsize=7, ncol=4)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
