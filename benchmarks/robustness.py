@@ -1,7 +1,7 @@
 """Malicious hospitals against robust aggregation: every attack x every rule, side by side on the demo task.
 
 The demo task (MiniLM, ICD-10 chapters, Dirichlet 0.5 label skew) with 10 simulated hospitals, of which 0 or
-``--malicious`` (default 2) attack from round 1. Each robust rule is configured for that many bad updates
+``--malicious`` (default 2) attack from round 1, at a reduced scale (``--scale long``: ten times the examples). Each robust rule is configured for that many bad updates
 (``strategy.byzantine``); centered clipping's radius and norm bounding's bound are set to the median honest
 update norm of the clean FedAvg run's first round, as an operator would read it off the anomaly log. Reported
 after the last round: central macro-F1, its ratio to the same rule without attackers and to clean FedAvg,
@@ -14,6 +14,8 @@ The federation runs through the real ServerApp loop and ClientApp over in-proces
     python benchmarks/robustness.py --malicious 1,2,3 --seeds 0,1      # the full grid (hours on two cores)
     python benchmarks/robustness.py --malicious 1,3 --merge benchmarks/results/robustness.json  # add to a report
     python benchmarks/robustness.py --attacks sign_flip --rules fedavg,median --out /tmp/r.json
+    python benchmarks/robustness.py --scale long --attacks none --seeds 0,1,2 \
+        --out benchmarks/results/robustness_clean_long.json       # what each rule costs when nobody attacks
 
 Writes JSON (every run, the machine), a markdown table beside it (``.md``) and a plot (``.png``).
 """
@@ -41,19 +43,36 @@ ATTACKS = ["sign_flip", "scaling", "noise", "free_rider", "label_flip", "backdoo
 RULES = ["fedavg", "median", "trimmed_mean", "multi_krum", "bulyan", "centered_clipping", "norm_bounding"]
 BYZANTINE_RULES = ("median", "trimmed_mean", "multi_krum", "bulyan")  # configured with f = strategy.byzantine
 CLIENTS = 10
-SCALE = [
+FEDERATION = [
     f"federation.num_clients={CLIENTS}",
     "partition=dirichlet",
     "partition.alpha=0.5",
-    "federation.num_rounds=4",
-    "train.local_steps=8",
-    "train.batch_size=8",
-    "data.loader.max_examples=4000",
-    "data.test_size=300",
-    "train.eval_max_examples=300",
     "federation.fraction_evaluate=0",  # central evaluation only, after the last round
     "federation.evaluate_every=1000",
 ]
+SCALES = {
+    # every attack x rule x count in about a minute a run: each hospital sees under one epoch
+    "reduced": [
+        *FEDERATION,
+        "federation.num_rounds=4",
+        "train.local_steps=8",
+        "train.batch_size=8",
+        "data.loader.max_examples=4000",
+        "data.test_size=300",
+        "train.eval_max_examples=300",
+    ],
+    # what a rule costs when nobody attacks, trained long enough for that cost to show (about 2 epochs per
+    # hospital, 10x the reduced scale's examples; 1,000 test rows)
+    "long": [
+        *FEDERATION,
+        "federation.num_rounds=10",
+        "train.local_steps=16",
+        "train.batch_size=16",
+        "data.loader.max_examples=12000",
+        "data.test_size=1000",
+        "train.eval_max_examples=1000",
+    ],
+}
 # What each attack sends, strong enough to matter with 2 of 10 (sign flip: the reference's c = 4; scaling:
 # an honest update boosted 30x, a tenfold-too-large server step for the mean).
 ATTACK_SETTINGS = {"sign_flip": ["attack.scale=4"], "scaling": ["attack.factor=30"], "noise": ["attack.std=0.05"]}
@@ -92,7 +111,7 @@ def run_one(job: dict) -> dict:
     from tests.nodes import federate
 
     root = Path(job["root"]) / job["name"]
-    overrides = [*SCALE, *job["overrides"], f"seed={job['seed']}", f"run_dir={root / 'run'}"]
+    overrides = [*SCALES[job["scale"]], *job["overrides"], f"seed={job['seed']}", f"run_dir={root / 'run'}"]
     started = time.perf_counter()
     run = RunDir(federate(root, overrides, CLIENTS, prefix="partition"))
     lines = run.read_metrics()
@@ -129,7 +148,9 @@ def fits(rule: str, malicious: int) -> bool:
     return rule not in BYZANTINE_RULES or min_clients(rule, max(malicious, 1)) <= CLIENTS
 
 
-def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[int], root: str, bound: float) -> list:
+def jobs(
+    attacks: list[str], rules: list[str], counts: list[int], seeds: list[int], scale: str, root: str, bound: float
+) -> list:
     """Every (rule, attack, malicious count, seed), with a clean run of each rule as set for each count; a rule
     is left out at a count it needs more hospitals for (Bulyan set for 2 needs 11)."""
     found = []
@@ -141,7 +162,7 @@ def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[in
                 suffix = f"-f{byzantine}" if byzantine is not None else ""
                 found.append(
                     {"name": f"{rule}-clean{suffix}-s{seed}", "rule": rule, "attack": "none", "malicious": 0,
-                     "seed": seed, "overrides": list(overrides), "root": root}
+                     "seed": seed, "overrides": list(overrides), "scale": scale, "root": root}
                 )  # fmt: skip
             for attack in attacks:
                 for count in runnable:
@@ -154,7 +175,7 @@ def jobs(attacks: list[str], rules: list[str], counts: list[int], seeds: list[in
                     ]
                     found.append(
                         {"name": f"{rule}-{attack}-{count}-s{seed}", "rule": rule, "attack": attack,
-                         "malicious": count, "seed": seed, "overrides": overrides, "root": root}
+                         "malicious": count, "seed": seed, "overrides": overrides, "scale": scale, "root": root}
                     )  # fmt: skip
     return sorted(found, key=lambda job: job["attack"] != "none")  # clean runs first
 
@@ -164,13 +185,13 @@ def ratio(f1: float, reference: list[dict] | None) -> float:
     return f1 / statistics.mean(r["macro_f1"] for r in reference) if reference else float("nan")
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """One block per malicious count, over the seeds its attacked runs have: each rule's clean run (as set for
-    that count) and every attack, as mean and sample sd over those seeds, with ratios to the same rule's clean
-    run and to clean FedAvg over the same seeds."""
+def summarise(results: list[dict], counts: list[int]) -> list[dict]:
+    """One block per malicious count, over the seeds its attacked runs have (the clean runs' without attacks):
+    each rule's clean run as set for that count and every attack, as mean and sample sd over those seeds, with
+    ratios to the same rule's clean run and to clean FedAvg over the same seeds."""
     rows = []
-    for count in sorted({r["malicious"] for r in results if r["malicious"]}):
-        seeds = {r["seed"] for r in results if r["malicious"] == count}
+    for count in sorted(set(counts) | {r["malicious"] for r in results if r["malicious"]}):
+        seeds = {r["seed"] for r in results if r["malicious"] == count} or {r["seed"] for r in results}
         groups: dict[tuple, list[dict]] = {}
         for r in results:
             byzantine = defended(r["overrides"])
@@ -273,19 +294,20 @@ def plot(rows: list[dict], rules: list[str], path: Path) -> None:
 def main() -> None:
     """Calibrate the clipping bound on clean FedAvg, run the grid, write JSON, table and plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated, or none: clean runs only")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--malicious", default="2", help="comma-separated numbers of malicious hospitals")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="reduced", help="rounds, steps and data (SCALES)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "robustness.json"))
     parser.add_argument("--merge", help="an earlier run's JSON (same scale): its runs join this one's report")
     args = parser.parse_args()
-    attacks, rules = args.attacks.split(","), args.rules.split(",")
+    attacks, rules = [] if args.attacks == "none" else args.attacks.split(","), args.rules.split(",")
     counts, seeds = [int(c) for c in args.malicious.split(",")], [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
     earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
-    if earlier is not None and earlier["scale"] != SCALE:
+    if earlier is not None and sorted(earlier["scale"]) != sorted(SCALES[args.scale]):
         raise SystemExit(f"--merge {args.merge}: it ran at another scale ({earlier['scale']}), not comparable")
     with tempfile.TemporaryDirectory() as root:
         if earlier is not None:  # its bound, so that its centered clipping and norm bounding runs are these
@@ -293,7 +315,7 @@ def main() -> None:
         else:
             calibration = run_one(
                 {"name": "calibration", "rule": "fedavg", "attack": "none", "malicious": 0, "seed": seeds[0],
-                 "overrides": rule_overrides("fedavg", max(counts), 0.0), "root": root}
+                 "overrides": rule_overrides("fedavg", max(counts), 0.0), "scale": args.scale, "root": root}
             )  # fmt: skip
             bound = round(calibration["median_update_norm_round1"], 4)
             results = [{**calibration, "name": f"fedavg-clean-s{seeds[0]}"}] if "fedavg" in rules else []
@@ -301,7 +323,7 @@ def main() -> None:
         done = {(r["attack"], r["malicious"], r["seed"], tuple(r["overrides"])) for r in results}
         grid = [
             job
-            for job in jobs(attacks, rules, counts, seeds, root, bound)
+            for job in jobs(attacks, rules, counts, seeds, args.scale, root, bound)
             if (job["attack"], job["malicious"], job["seed"], tuple(job["overrides"])) not in done
         ]
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, not a fork of torch's
@@ -311,11 +333,13 @@ def main() -> None:
                 print(
                     f"{result['name']}: macro-F1 {result['macro_f1']:.3f} ({result['wall_seconds']:.0f} s)", flush=True
                 )
-    rows = summarise(results)
+    counts = sorted(set(counts) | set(earlier.get("counts", ()) if earlier else ()))
+    rows = summarise(results, counts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "scale": SCALE,
+        "scale": SCALES[args.scale],
+        "counts": counts,
         "attack_settings": ATTACK_SETTINGS,
         "clipping_bound": bound,
         "summary": rows,
