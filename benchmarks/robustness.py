@@ -2,10 +2,11 @@
 
 The demo task (MiniLM, ICD-10 chapters, Dirichlet 0.5 label skew) with 10 simulated hospitals, of which 0 or
 ``--malicious`` (default 2) attack from round 1, at a reduced scale (``--scale long``: six times the
-examples). Each robust rule is configured for that many bad updates (``strategy.byzantine``); centered clipping's radius and norm bounding's bound are set to the median honest
-update norm of the clean FedAvg run's first round, as an operator would read it off the anomaly log. Reported
-after the last round: central macro-F1, its ratio to the same rule without attackers and to clean FedAvg,
-and, for the backdoor, its success rate (triggered test rows of other classes put in the target class).
+examples). Each robust rule is configured for that many bad updates (``strategy.byzantine``); centered
+clipping's radius and norm bounding's bound are set to the median honest update norm of the clean FedAvg run's
+first round, as an operator would read it off the anomaly log. Reported after the last round: central
+macro-F1, its ratio to the same rule without attackers and to clean FedAvg, and, for the backdoor, its success
+rate (triggered test rows of other classes put in the target class).
 
 The federation runs through the real ServerApp loop and ClientApp over in-process Flower nodes
 (tests/nodes.py; bit-identical to a Ray simulation), two runs at a time, one thread each.
