@@ -49,7 +49,8 @@ SCALE = [
 
 
 def run_one(strategy: str, seed: int, overrides: list[str], root: Path) -> dict[str, float]:
-    """One federation; returns its final central metrics, upload bytes per client per round and round time."""
+    """One federation; returns its final central metrics (and before training, as ``untrained_*``), upload
+    bytes per client per round and round time."""
     run_dir = root / f"{strategy}-seed{seed}"
     started = time.perf_counter()
     code = cli.main(["run", *overrides, f"strategy={strategy}", f"seed={seed}", f"run_dir={run_dir}"])
@@ -66,11 +67,9 @@ def run_one(strategy: str, seed: int, overrides: list[str], root: Path) -> dict[
 
     central, federated, untrained = final("central"), final("federated"), final("central", 0)
     return {
-        "macro_f1": central["macro_f1"],
-        "accuracy": central["accuracy"],
+        **central,  # the task's metrics: macro_f1 and accuracy, or a causal LM's perplexity and exact_match
         "federated_macro_f1": federated.get("macro_f1", float("nan")),
-        "untrained_macro_f1": untrained["macro_f1"],
-        "untrained_accuracy": untrained["accuracy"],
+        **{f"untrained_{metric}": value for metric, value in untrained.items()},
         "upload_bytes_per_client": statistics.mean(values("train", "upload_bytes_per_client")),
         "download_bytes_per_client": statistics.mean(values("train", "bytes_per_client")),
         "round_seconds": statistics.mean(values("server", "round_seconds")),

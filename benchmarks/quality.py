@@ -18,8 +18,9 @@ federated training is compared with). The local-only arm without DP is the bar a
 clear: a hospital that trains alone needs no DP, as nothing leaves the building.
 
 ``--grid KEY=V1,V2 ...`` runs every arm at every combination of those settings, and the table shows each
-arm (under each privacy setting) at its own best combination, by mean macro-F1 over the seeds on the central
-test set, and names it. Choosing on the test set flatters every arm alike; the JSON keeps every combination,
+arm (under each privacy setting) at its own best combination, by the mean over the seeds of the task's
+headline metric on the central test set (``SCORINGS``: macro-F1; a causal LM's perplexity of the reference
+answers, lower better, with exact match beside it), and names it. Choosing on the test set flatters every arm alike; the JSON keeps every combination,
 so the spread over the grid can be read too. ``--best-of SEARCH.json --seeds 3,4,5`` then runs each arm
 only at the combination that search found best for it, on other seeds (other partitions, initialisations and
 noise), so that the numbers reported were not the ones chosen on; with ``--under PRIVACY ...`` it runs those
@@ -32,12 +33,14 @@ no hospital's privacy budget (the issue's "grid searched on public data outside 
     python benchmarks/quality.py --privacy privacy=none "privacy=dp_sgd privacy.target_epsilon=1" --seeds 0
     python benchmarks/quality.py --no-hospitals --extra model.pooling=mean --out /tmp/mean_pooling.json
     python benchmarks/quality.py --extra data=hpo_systems --out benchmarks/results/quality_hpo.json
+    python benchmarks/quality.py --extra model=smollm2 data=icd10_instructions train.generation_examples=50 \
+        --out benchmarks/results/quality_causal.json
     python benchmarks/quality.py --seeds 0 --extra train.batch_size=64 --grid strategy=fedavg,head_only \
         train.lr=0.01,0.05,0.2 --out /tmp/search.json
     python benchmarks/quality.py --best-of /tmp/search.json --seeds 1,2,3 --out benchmarks/results/quality_tuned.json
 
-Writes JSON (every run, the summary, the machine), a markdown table beside it (``.md``) and a plot of
-macro-F1 against epsilon (``.png``).
+Writes JSON (every run, the summary, the machine), a markdown table beside it (``.md``) and a plot of the
+headline metric against epsilon (``.png``).
 """
 
 from __future__ import annotations
@@ -61,8 +64,49 @@ from fedtune import adapters, client, config
 from fedtune.data.partition import ClientData
 from fedtune.experiment import Experiment, get_experiment
 
-METRICS = ("macro_f1", "accuracy")
 Summaries = dict[str, dict[str, dict[str, dict[str, float]]]]  # privacy -> grid point -> arm -> summary
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What the arms of a task are compared by: the ``headline`` metric (``higher`` better, or lower), which picks
+    the best grid point and the best hospital, and the ``second`` one reported beside it."""
+
+    headline: str
+    higher: bool
+    second: str
+
+    @property
+    def metrics(self) -> tuple[str, str]:
+        """The two metrics each arm records."""
+        return self.headline, self.second
+
+    def better(self, value: float) -> float:
+        """A key that is larger the better ``value`` is (for max())."""
+        return value if self.higher else -value
+
+
+SCORINGS = {
+    "classification": Scoring("macro_f1", higher=True, second="accuracy"),
+    # the reference answers' perplexity, which every test row adds to; exact match of greedy answers (on the
+    # first train.generation_examples rows) is what a reader of the answers sees
+    "causal_lm": Scoring("perplexity", higher=False, second="exact_match"),
+}
+
+
+LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "perplexity": "perplexity", "exact_match": "exact match"}
+
+
+def scoring_of(overrides: list[str]) -> Scoring:
+    """The scoring of the task ``overrides`` compose (``model.task``).
+
+    Raises:
+        SystemExit: A task the benchmark has no central test metrics for (plain text: no held-out answers).
+    """
+    task = config.compose(overrides).model.task
+    if task not in SCORINGS:
+        raise SystemExit(f"model.task={task}: the quality benchmark compares {' and '.join(SCORINGS)} tasks")
+    return SCORINGS[task]
 
 
 @dataclass(frozen=True)
@@ -90,7 +134,7 @@ def solo_arms(experiment: Experiment) -> list[SoloArm]:
     return [SoloArm("centralized", union, per_round * federation.num_rounds * local_steps), *alone]
 
 
-def train_alone(overrides: list[str], arm: SoloArm, test_set: datasets.Dataset) -> dict[str, float]:
+def train_alone(overrides: list[str], arm: SoloArm, test_set: datasets.Dataset, scoring: Scoring) -> dict[str, float]:
     """Train ``arm`` as one client's single long round (``client.train_round``, so DP-SGD calibrates its
     noise for exactly these steps on these rows), training what the strategy has its clients train; its
     metrics on the federation's central ``test_set``."""
@@ -99,7 +143,7 @@ def train_alone(overrides: list[str], arm: SoloArm, test_set: datasets.Dataset) 
     update, metrics = client.train_round(solo, arm.rows, initial, 1, arm.name, privacy_state={}, settings=settings)
     central = solo.evaluate(adapters.apply(initial, update), test_set)
     return {
-        **{metric: central[metric] for metric in METRICS},
+        **{metric: central[metric] for metric in scoring.metrics},
         "steps": float(arm.steps),
         "train_rows": float(len(arm.rows.train)),
         "trained_values": float(sum(tensor.numel() for tensor in update.values())),
@@ -113,14 +157,14 @@ ARMS = ("centralized", "hospitals", "federated")  # what run_seed can run: the h
 def run_seed(seed: int, privacy: str, base: list[str], root: Path, arms: tuple[str, ...] = ARMS) -> dict[str, dict]:
     """The ``arms`` for one seed under one privacy setting (``root``: this setting's own directory)."""
     overrides = [*base, *shlex.split(privacy), f"seed={seed}", f"run_dir={root / 'solo'}"]
-    experiment = get_experiment(config.compose(overrides))
+    experiment, scoring = get_experiment(config.compose(overrides)), scoring_of(overrides)
     central, *alone = solo_arms(experiment)
     solo = ([central] if "centralized" in arms else []) + (alone if "hospitals" in arms else [])
-    results: dict[str, dict] = {arm.name: train_alone(overrides, arm, experiment.test_set) for arm in solo}
+    results: dict[str, dict] = {arm.name: train_alone(overrides, arm, experiment.test_set, scoring) for arm in solo}
     if "federated" in arms:
         strategy = strategy_of(base)
         federated = run_one(strategy, seed, [*base, *shlex.split(privacy)], root)
-        results["federated"] = {"strategy": strategy, **{metric: federated[metric] for metric in METRICS}}
+        results["federated"] = {"strategy": strategy, **{metric: federated[metric] for metric in scoring.metrics}}
     return results
 
 
@@ -170,59 +214,65 @@ def grid_points(grid: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def best_points(summaries: dict[str, dict[str, dict]]) -> dict[str, str]:
-    """For each arm, the grid point (a key of ``summaries``) with its highest mean macro-F1."""
+def best_points(summaries: dict[str, dict[str, dict]], scoring: Scoring) -> dict[str, str]:
+    """For each arm, the grid point (a key of ``summaries``) with its best mean headline metric."""
     arms = {arm for summary in summaries.values() for arm in summary}
+    mean = f"{scoring.headline}_mean"
     return {
-        arm: max((p for p in summaries if arm in summaries[p]), key=lambda p: summaries[p][arm]["macro_f1_mean"])
+        arm: max((p for p in summaries if arm in summaries[p]), key=lambda p: scoring.better(summaries[p][arm][mean]))
         for arm in arms
     }
 
 
-def summarise(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+def summarise(runs: list[dict[str, dict]], scoring: Scoring) -> dict[str, dict[str, float]]:
     """Per arm: mean, sample standard deviation and worst seed; for the hospitals alone also the best one of
-    each seed (the partition changes with the seed, so hospital-0 of two seeds are different hospitals) and
-    the mean over hospitals."""
+    each seed by the headline metric (the partition changes with the seed, so hospital-0 of two seeds are
+    different hospitals) and the mean over hospitals."""
     arms: dict[str, list[dict[str, float]]] = {}
     for run in runs:
         for arm, values in run.items():
             arms.setdefault(arm, []).append(values)
     hospitals = sorted(arm for arm in arms if arm.startswith("hospital-"))
     if hospitals:
-        arms["best hospital alone"] = [max((run[h] for h in hospitals), key=lambda v: v["macro_f1"]) for run in runs]
+        arms["best hospital alone"] = [
+            max((run[h] for h in hospitals), key=lambda v: scoring.better(v[scoring.headline])) for run in runs
+        ]
         arms["hospitals alone (mean)"] = [
-            {metric: statistics.mean(arms[h][i][metric] for h in hospitals) for metric in METRICS}
+            {metric: statistics.mean(arms[h][i][metric] for h in hospitals) for metric in scoring.metrics}
             for i in range(len(runs))
         ]
     summary: dict[str, dict] = {}
     for arm, values in arms.items():
         summary[arm] = {"seeds": len(values)}
-        for metric in METRICS:
+        for metric in scoring.metrics:
             column = [v[metric] for v in values]
             summary[arm][f"{metric}_mean"] = statistics.mean(column)
             summary[arm][f"{metric}_std"] = statistics.stdev(column) if len(column) > 1 else 0.0
-            summary[arm][f"{metric}_min"] = min(column)
+            summary[arm][f"{metric}_worst"] = min(column, key=scoring.better)
     return summary
 
 
-def at_best(summaries: Summaries) -> dict[str, dict[str, tuple[str, dict[str, float]]]]:
+def at_best(summaries: Summaries, scoring: Scoring) -> dict[str, dict[str, tuple[str, dict[str, float]]]]:
     """privacy -> arm -> (its best grid point, its summary there)."""
     return {
-        privacy: {arm: (point, by_point[point][arm]) for arm, point in best_points(by_point).items()}
+        privacy: {arm: (point, by_point[point][arm]) for arm, point in best_points(by_point, scoring).items()}
         for privacy, by_point in summaries.items()
     }
 
 
-def table(summaries: Summaries, named: bool) -> str:
-    """Markdown: one row per arm, one column per privacy setting (macro-F1 mean ± sd with the worst seed, then
-    accuracy mean ± sd, at the arm's best grid point, ``named`` or not; the header says over how many seeds)."""
-    best, settings = at_best(summaries), list(summaries)
+def table(summaries: Summaries, named: bool, scoring: Scoring) -> str:
+    """Markdown: one row per arm, one column per privacy setting (the headline metric's mean ± sd with the worst
+    seed, then the second metric's mean ± sd, at the arm's best grid point, ``named`` or not; the header says
+    over how many seeds)."""
+    best, settings, (headline, second) = at_best(summaries, scoring), list(summaries), scoring.metrics
     arms = best[settings[0]]
     order = [a for a in ("centralized", "federated", "best hospital alone", "hospitals alone (mean)") if a in arms]
     seeds = [int(best[s]["centralized"][1]["seeds"]) for s in settings]
     rows = [
         "| arm | "
-        + " | ".join(f"macro-F1 / accuracy, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True))
+        + " | ".join(
+            f"{LABELS[headline]} / {LABELS[second]}, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True)
+        )
         + " |",
         "|---|" + "---|" * len(settings),
     ]
@@ -231,8 +281,8 @@ def table(summaries: Summaries, named: bool) -> str:
         for setting in settings:
             point, s = best[setting][arm]
             cells.append(
-                f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f} ({s['macro_f1_min']:.3f}) / "
-                f"{s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f}" + (f" at `{point}`" if named else "")
+                f"{s[f'{headline}_mean']:.3f} ± {s[f'{headline}_std']:.3f} ({s[f'{headline}_worst']:.3f}) / "
+                f"{s[f'{second}_mean']:.3f} ± {s[f'{second}_std']:.3f}" + (f" at `{point}`" if named else "")
             )
         rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -246,15 +296,15 @@ def epsilon_of(privacy: str) -> float:
     return float("inf")
 
 
-def plot(summaries: Summaries, path: Path) -> None:
-    """Macro-F1 against epsilon (no DP drawn at the right), one line per arm at its best grid point under each
-    setting, one standard deviation."""
+def plot(summaries: Summaries, path: Path, scoring: Scoring) -> None:
+    """The headline metric against epsilon (no DP drawn at the right), one line per arm at its best grid point
+    under each setting, one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = at_best(summaries)
+    best, headline = at_best(summaries, scoring), scoring.headline
     settings = sorted(summaries, key=epsilon_of)
     finite = [epsilon_of(s) for s in settings if epsilon_of(s) != float("inf")]
     no_dp_at = 2 * max(finite) if finite else 1.0
@@ -263,13 +313,13 @@ def plot(summaries: Summaries, path: Path) -> None:
     for arm in best[settings[0]]:
         if arm.startswith("hospital-"):
             continue
-        means = [best[s][arm][1]["macro_f1_mean"] for s in settings]
-        spreads = [best[s][arm][1]["macro_f1_std"] for s in settings]
+        means = [best[s][arm][1][f"{headline}_mean"] for s in settings]
+        spreads = [best[s][arm][1][f"{headline}_std"] for s in settings]
         axes.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=arm)
     axes.set_xscale("log")
     axes.set_xticks(xs, [f"{x:g}" if x != no_dp_at else "no DP" for x in xs])
     axes.set_xlabel("epsilon per hospital (record-level DP-SGD)")
-    axes.set_ylabel("central test macro-F1")
+    axes.set_ylabel(f"central test {LABELS[headline]}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -298,7 +348,8 @@ def main() -> None:
     arms = tuple(arm for arm in ARMS if not (args.no_hospitals and arm == "hospitals"))
     if args.best_of:  # each arm only where the searches found it best, on other seeds than theirs
         base, grid, searched = merge_searches([json.loads(path.read_text()) for path in args.best_of])
-        plans = {privacy: arms_at_best(best_points(by_point)) for privacy, by_point in searched.items()}
+        scoring = scoring_of(base)
+        plans = {privacy: arms_at_best(best_points(by_point, scoring)) for privacy, by_point in searched.items()}
         if args.under:  # the points found under one privacy setting, run under others (not searched there)
             if len(plans) != 1:
                 raise SystemExit("--under: give --best-of searches of one privacy setting")
@@ -331,9 +382,12 @@ def write(
     out: Path, overrides: list[str], grid: list[str], seeds: list[int], runs: dict[str, dict[str, list[dict]]]
 ) -> None:
     """The JSON, the markdown table and the plot of the runs so far (each summary says over how many seeds)."""
-    summaries = {privacy: {point: summarise(r) for point, r in by_point.items()} for privacy, by_point in runs.items()}
-    best = {privacy: best_points(by_point) for privacy, by_point in summaries.items()}
-    markdown = table(summaries, named=bool(grid))
+    scoring = scoring_of(overrides)
+    summaries = {
+        privacy: {point: summarise(r, scoring) for point, r in by_point.items()} for privacy, by_point in runs.items()
+    }
+    best = {privacy: best_points(by_point, scoring) for privacy, by_point in summaries.items()}
+    markdown = table(summaries, bool(grid), scoring)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     record = {
@@ -342,7 +396,7 @@ def write(
     }  # fmt: skip
     out.write_text(json.dumps(record, indent=2))
     out.with_suffix(".md").write_text(markdown + "\n")
-    plot(summaries, out.with_suffix(".png"))
+    plot(summaries, out.with_suffix(".png"), scoring)
     print(markdown, flush=True)
 
 

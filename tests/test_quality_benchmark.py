@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_a_dp_arm_spends_its_epsilon_over_the_rows_it_trains_on(tiny_bert_dir: P
     experiment = get_experiment(config.compose(overrides))
     central, hospital, _ = quality.solo_arms(experiment)
     for arm in (central, hospital):
-        result = quality.train_alone(overrides, arm, experiment.test_set)
+        result = quality.train_alone(overrides, arm, experiment.test_set, quality.SCORINGS["classification"])
         assert result["train_rows"] == len(arm.rows.train) and result["steps"] == arm.steps
         assert 2.7 < result["epsilon"] <= 3.0  # calibrated for exactly these steps on these rows
         assert 0.0 <= result["macro_f1"] <= 1.0
@@ -48,7 +49,8 @@ def test_each_arm_trains_what_the_strategy_trains(tiny_bert_dir: Path, tmp_path:
         overrides = tiny_overrides(tiny_bert_dir, tmp_path, f"strategy={strategy}", "train.local_steps=2")
         experiment = get_experiment(config.compose(overrides))
         head = sum(t.numel() for key, t in experiment.initial_adapter().items() if "lora_" not in key)
-        trained[strategy] = quality.train_alone(overrides, quality.solo_arms(experiment)[1], experiment.test_set)
+        hospital = quality.solo_arms(experiment)[1]
+        trained[strategy] = quality.train_alone(overrides, hospital, experiment.test_set, quality.scoring_of(overrides))
     assert trained["head_only"]["trained_values"] == head  # linear probing alone: the LoRA matrices stay
     assert trained["fedavg"]["trained_values"] > head
 
@@ -64,7 +66,31 @@ def test_the_grid_runs_every_combination_and_each_arm_is_shown_at_its_best() -> 
         "a": {"centralized": {**summary, "macro_f1_mean": 0.6}, "federated": {**summary, "macro_f1_mean": 0.2}},
         "b": {"centralized": {**summary, "macro_f1_mean": 0.5}, "federated": {**summary, "macro_f1_mean": 0.4}},
     }
-    assert quality.best_points(by_point) == {"centralized": "a", "federated": "b"}
+    assert quality.best_points(by_point, quality.SCORINGS["classification"]) == {"centralized": "a", "federated": "b"}
+
+
+def test_a_causal_lm_is_judged_by_perplexity_lower_better(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    causal = ("data=icd10_instructions", "model.task=causal_lm", "train.generation_examples=2")
+    overrides = tiny_overrides(tiny_llama_dir, tmp_path, *causal, "train.local_steps=2")
+    scoring = quality.scoring_of(overrides)
+    assert scoring.metrics == ("perplexity", "exact_match") and not scoring.higher
+    experiment = get_experiment(config.compose(overrides))
+    hospital = quality.solo_arms(experiment)[1]
+    result = quality.train_alone(overrides, hospital, experiment.test_set, scoring)
+    reference = experiment.evaluate(experiment.initial_adapter(), experiment.test_set)
+    assert result["perplexity"] > 1.0 and 0.0 <= result["exact_match"] <= 1.0
+    assert result["perplexity"] != reference["perplexity"]  # it trained
+    # the best point and the best hospital are those of the lowest perplexity; the worst seed is the highest
+    by_point = {"a": {"federated": {"perplexity_mean": 9.0}}, "b": {"federated": {"perplexity_mean": 7.0}}}
+    assert quality.best_points(by_point, scoring) == {"federated": "b"}
+    seeds = [{f"hospital-{i}": {"perplexity": 10.0 - i - seed, "exact_match": 0.1 * i} for i in range(3)}
+             for seed in range(2)]  # fmt: skip
+    summary = quality.summarise(seeds, scoring)
+    assert summary["best hospital alone"]["perplexity_mean"] == statistics.mean([8.0, 7.0])
+    assert summary["best hospital alone"]["perplexity_worst"] == 8.0
+    assert summary["best hospital alone"]["exact_match_mean"] == 0.2
+    with pytest.raises(SystemExit, match="model.task=plain_text"):
+        quality.scoring_of([*overrides, "model.task=plain_text"])
 
 
 def test_a_tuned_run_runs_each_arm_at_the_point_its_search_found_best() -> None:
