@@ -327,6 +327,20 @@ def main() -> None:
             for job in jobs(attacks, rules, counts, seeds, args.scale, root, bound)
             if (job["attack"], job["malicious"], job["seed"], tuple(job["overrides"])) not in done
         ]
+        counts = sorted(set(counts) | set(earlier.get("counts", ()) if earlier else ()))
+        spent = earlier["seconds"] if earlier else 0.0
+
+        def report() -> dict:
+            return {
+                "scale": SCALES[args.scale],
+                "counts": counts,
+                "attack_settings": ATTACK_SETTINGS,
+                "clipping_bound": bound,
+                "runs": results,
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+                "seconds": time.perf_counter() - started + spent,
+            }
+
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, not a fork of torch's
         with ProcessPoolExecutor(max_workers=args.workers, mp_context=spawn) as pool:
             for result in pool.map(run_one, grid):
@@ -334,24 +348,22 @@ def main() -> None:
                 print(
                     f"{result['name']}: macro-F1 {result['macro_f1']:.3f} ({result['wall_seconds']:.0f} s)", flush=True
                 )
-    counts = sorted(set(counts) | set(earlier.get("counts", ()) if earlier else ()))
-    rows = summarise(results, counts)
-    out = Path(args.out)
+                write(Path(args.out), report())  # after each run: a grid cut short keeps what it has
+    print(write(Path(args.out), report()))
+
+
+def write(out: Path, report: dict) -> str:
+    """The report as JSON (with its summary), its markdown table (``.md``, returned) and its plot (``.png``);
+    the columns are the rules that ran, in ``RULES`` order."""
+    rows = summarise(report["runs"], report["counts"])
+    ran = {r["rule"] for r in report["runs"]}
+    rules = [rule for rule in RULES if rule in ran]
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "scale": SCALES[args.scale],
-        "counts": counts,
-        "attack_settings": ATTACK_SETTINGS,
-        "clipping_bound": bound,
-        "summary": rows,
-        "runs": results,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "seconds": time.perf_counter() - started + (earlier["seconds"] if earlier else 0.0),
-    }
-    out.write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(table(rows, rules) + "\n")
+    out.write_text(json.dumps({**report, "summary": rows}, indent=2))
+    markdown = table(rows, rules)
+    out.with_suffix(".md").write_text(markdown + "\n")
     plot(rows, rules, out.with_suffix(".png"))
-    print(table(rows, rules))
+    return markdown
 
 
 if __name__ == "__main__":
