@@ -129,6 +129,7 @@ def plot(summaries: dict[str, dict[str, float]], path: Path, title: str) -> None
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)  # the plot is redrawn after every run
 
 
 def main() -> None:
@@ -146,17 +147,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for seed in seeds:  # seeds outermost: an interrupted run still has every strategy side by side
             for strategy in strategies:
-                runs.setdefault(strategy, []).append(run_one(strategy, seed, overrides, Path(root)))
+                runs.setdefault(strategy, []).append({**run_one(strategy, seed, overrides, Path(root)), "seed": seed})
+                write_report(runs, overrides, args.extra, args.out)  # a run cut short keeps what it finished
+
+
+def write_report(runs: dict[str, list[dict[str, float]]], overrides: list[str], extra: list[str], out: Path) -> None:
+    """Write the JSON (every run, the summary, the machine), the markdown table and the plot of ``runs``."""
     summaries = {name: summarise(results) for name, results in runs.items()}
     first = next(iter(runs.values()))
     floor = {m: statistics.mean(r[f"untrained_{m}"] for r in first) for m in ("macro_f1", "accuracy")}
     markdown = table(summaries, floor)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "overrides": overrides,
-                "seeds": seeds,
+                "seeds": {name: [run["seed"] for run in results] for name, results in runs.items()},
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
                 "summary": summaries,
                 "untrained": floor,
@@ -165,9 +171,9 @@ def main() -> None:
             indent=2,
         )
     )
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    plot(summaries, args.out.with_suffix(".png"), " ".join(args.extra) or "4 hospitals, Dirichlet 0.5, ICD-10 chapters")
-    print(markdown)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    plot(summaries, out.with_suffix(".png"), " ".join(extra) or "4 hospitals, Dirichlet 0.5, ICD-10 chapters")
+    print(markdown, flush=True)
 
 
 if __name__ == "__main__":
