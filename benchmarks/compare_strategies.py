@@ -94,6 +94,11 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
     return summary
 
 
+def ranked(summaries: dict[str, dict[str, float]]) -> list[tuple[str, dict[str, float]]]:
+    """The strategies, best central macro-F1 first (the order of the table and the plot's legend)."""
+    return sorted(summaries.items(), key=lambda item: -item[1]["macro_f1_mean"])
+
+
 def table(summaries: dict[str, dict[str, float]], floor: dict[str, float]) -> str:
     """The markdown table: one row per strategy, uploads relative to FedAvg's."""
     reference = summaries.get("fedavg", next(iter(summaries.values())))["upload_bytes_per_client"]
@@ -102,7 +107,7 @@ def table(summaries: dict[str, dict[str, float]], floor: dict[str, float]) -> st
         "(mean ± sd) | upload / client / round | vs FedAvg | round time |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, s in sorted(summaries.items(), key=lambda item: -item[1]["macro_f1_mean"]):
+    for name, s in ranked(summaries):
         personalised = " (personalised)" if name in PERSONALISED else ""
         rows.append(
             f"| `{name}` | {s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f} ({s['macro_f1_min']:.3f}) "
@@ -125,16 +130,17 @@ def plot(summaries: dict[str, dict[str, float]], path: Path, title: str) -> None
 
     figure, axes = plt.subplots(figsize=(8.5, 4.5))
     markers = itertools.cycle("osD^vP*Xph<>")
-    for name, s in sorted(summaries.items(), key=lambda item: -item[1]["macro_f1_mean"]):
-        metric = "federated_macro_f1" if name in PERSONALISED else "macro_f1"
+    for name, s in ranked(summaries):
+        personalised = name in PERSONALISED
+        metric = "federated_macro_f1" if personalised else "macro_f1"
         axes.errorbar(
             s["upload_bytes_per_client"] / 1e3,
             s[f"{metric}_mean"],
             yerr=s[f"{metric}_std"],
             fmt=next(markers),
             capsize=3,
-            fillstyle="none" if name in PERSONALISED else "full",
-            label=f"{name} (personalised)" if name in PERSONALISED else name,
+            fillstyle="none" if personalised else "full",
+            label=f"{name} (personalised)" if personalised else name,
         )
     axes.set_xlabel("upload per client per round (kB)")
     axes.set_ylabel("macro-F1 after the last round\n(central test set; personalised: each client's own)")
