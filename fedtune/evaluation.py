@@ -1,5 +1,5 @@
 """Evaluation of a model on a split: classification (accuracy, macro-F1), causal LM (loss, perplexity, exact
-match) and plain text (loss, perplexity)."""
+match, and answer accuracy where the task has a closed set of answers) and plain text (loss, perplexity)."""
 
 from __future__ import annotations
 
@@ -49,13 +49,16 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     config: TrainConfig,
+    answers: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on (the first ``config.eval_max_examples`` rows of) ``dataset``, on the model's device.
 
+    ``answers``: a causal LM task's closed set of answers (every response is one of them), if it has one.
+
     Returns:
         Classification: ``loss``, ``accuracy``, ``macro_f1``. Causal LM: ``loss`` (mean per answer token),
-        ``perplexity`` (its exp), and ``exact_match`` of greedy generations on the first ``generation_examples``
-        rows. Plain text: ``loss`` (mean over every predicted token of the documents) and ``perplexity``; a
+        ``perplexity`` (its exp), ``exact_match`` of greedy generations on the first ``generation_examples``
+        rows and, given ``answers``, ``answer_accuracy`` on the same rows (:func:`answer_accuracy`). Plain text: ``loss`` (mean over every predicted token of the documents) and ``perplexity``; a
         document has no reference answer to match.
     """
     if config.eval_max_examples and len(dataset) > config.eval_max_examples:
@@ -82,10 +85,11 @@ def evaluate(
         return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred)}
     metrics = {"loss": loss, "perplexity": perplexity(loss)}
     if task == "causal_lm" and config.generation_examples:
+        checked = dataset.select(range(min(len(dataset), config.generation_examples)))
         with devices.autocast(device, config.precision):
-            metrics["exact_match"] = exact_match(
-                model, dataset.select(range(min(len(dataset), config.generation_examples))), tokenizer
-            )
+            metrics["exact_match"] = exact_match(model, checked, tokenizer)
+            if answers:
+                metrics["answer_accuracy"] = answer_accuracy(model, checked, tokenizer, answers)
     return metrics
 
 
@@ -134,6 +138,50 @@ def exact_match(model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: Pr
         answer = generate(model, tokenizer, row["prompt"], "causal_lm", budget)
         hits += int(answer.strip() == row["response"].strip())
     return hits / max(len(dataset), 1)
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: torch.nn.Module, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]
+) -> float:
+    """Fraction of rows whose reference response is, of the task's closed set of ``answers``, the one the model
+    finds most likely after the prompt (whole answer and end of sequence; the multiple-choice scoring of LM
+    evaluation suites).
+
+    Greedy exact match follows the most probable token at each step, not the most probable answer: where many
+    answers share their first words (15 of the 22 ICD-10 chapter names begin "Diseases of the"), a model that
+    spreads its belief over several answers starts with the shared words and ends in the wrong answer, even
+    when the right one is its single most probable. This metric measures which answer the model believes.
+    """
+    hits = 0
+    for row in dataset:
+        best = int(answer_log_likelihoods(model, tokenizer, row["prompt"], answers).argmax())
+        hits += int(answers[best].strip() == row["response"].strip())
+    return hits / max(len(dataset), 1)
+
+
+@torch.no_grad()
+def answer_log_likelihoods(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, answers: Sequence[str]
+) -> torch.Tensor:
+    """log P(answer, then the end-of-sequence token | prompt) for each of ``answers``, shape (len(answers),),
+    tokenised as training tokenises a response. The prompt runs once; its cached keys and values serve every
+    answer."""
+    device = devices.of(model)
+    prompt_ids = tokenizer(format_prompt(prompt, tokenizer), add_special_tokens=False, return_tensors="pt")
+    prompt_ids = prompt_ids["input_ids"].to(device)
+    answer_ids = [tokenizer(a + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"] for a in answers]
+    width = max(len(ids) for ids in answer_ids)
+    ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answer_ids], device=device)
+    real = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answer_ids], device=device)
+    prompted = model(input_ids=prompt_ids, use_cache=True)
+    cache = prompted.past_key_values
+    cache.batch_repeat_interleave(len(answers))
+    attention = torch.cat([real.new_ones(len(answers), prompt_ids.shape[1]), real], dim=1)
+    logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits.float()
+    first = prompted.logits[0, -1].float().log_softmax(-1)[ids[:, 0]]  # the prompt's last token predicts it
+    following = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return first + (following * real[:, 1:]).sum(dim=1)
 
 
 @torch.no_grad()

@@ -387,10 +387,13 @@ class Experiment:
 
     def evaluate(self, adapter: AdapterState, dataset: datasets.Dataset, rank: int | None = None) -> dict[str, float]:
         """Metrics of the model with ``adapter`` (of LoRA rank ``rank``, default ``lora.r``) on ``dataset`` (a
-        validation split or the central test set)."""
+        validation split or the central test set); a causal-LM corpus that names its answers (``label_names``:
+        every response is one of them) also gets ``answer_accuracy``."""
         model = self.model(rank)
         set_adapter(model, adapter)
-        return evaluate(model, dataset, self.corpus.task, self.tokenizer, self.model_spec.max_length, self.train_config)
+        task = self.corpus.task
+        answers = self.label_names if task == "causal_lm" else None  # a causal corpus's closed answer set, if any
+        return evaluate(model, dataset, task, self.tokenizer, self.model_spec.max_length, self.train_config, answers)
 
     def _model_and_initial_adapter(self, rank: int | None = None) -> tuple[PeftModel, AdapterState]:
         lora = fedtune_config.instantiate(self.cfg.lora)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from fedtune import config
+from fedtune.evaluation import answer_accuracy
 from fedtune.experiment import Experiment
+from fedtune.finished_run import load_run
 
 
 def _csv(path: Path, labels: list[str]) -> Path:
@@ -53,3 +56,16 @@ def test_simulated_clients_get_disjoint_partitions(tiny_bert_dir: Path, tmp_path
     assert not (texts[0] & texts[1]) and not (texts[1] & texts[2]) and not (texts[0] & texts[2])
     assert sum(map(len, texts)) == len(experiment.pool) == 250
     assert not set(experiment.test_set["text"]) & set().union(*texts)  # the central test set is held out
+
+
+def test_a_causal_corpus_that_names_its_answers_is_scored_by_answer_accuracy(tiny_causal_run: Path) -> None:
+    """icd10_instructions names its answers (the chapters): the server and the clients report answer accuracy
+    beside exact match, and the server's last value is that of the final adapter on the central test rows."""
+    lines = [json.loads(line) for line in (tiny_causal_run / "metrics.jsonl").read_text().splitlines() if line]
+    scored = [line for line in lines if line["metric"] == "answer_accuracy"]
+    assert {"central", "federated"} <= {line["scope"] for line in scored}
+    run = load_run(tiny_causal_run)
+    experiment = run.experiment
+    rows = experiment.test_set.select(range(experiment.train_config.generation_examples))
+    final = answer_accuracy(run.model(), rows, experiment.tokenizer, experiment.label_names)
+    assert [line["value"] for line in scored if line["scope"] == "central"][-1] == final

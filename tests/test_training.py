@@ -15,7 +15,15 @@ from peft import LoraConfig
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedtune import adapters, client, config, training
-from fedtune.evaluation import TOKENS, evaluate, federated_metrics, macro_f1, majority_baseline
+from fedtune.evaluation import (
+    TOKENS,
+    answer_accuracy,
+    answer_log_likelihoods,
+    evaluate,
+    federated_metrics,
+    macro_f1,
+    majority_baseline,
+)
 from fedtune.experiment import get_experiment
 from fedtune.models import ModelSpec, build_model, load_tokenizer
 from fedtune.privacy import shuffled_batches
@@ -161,6 +169,51 @@ def test_causal_lm_metrics_are_consistent(tiny_llama_dir: Path) -> None:
     metrics = evaluate(model, QA, "causal_lm", load_tokenizer(spec), 32, TrainConfig(generation_examples=2))
     assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
     assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert "answer_accuracy" not in metrics  # no closed set of answers given
+
+
+ANSWERS = ("paris", "four", "the capital of france is paris")  # of 1 to 7 tokens
+
+
+def _trained_llama(tiny_llama_dir: Path) -> tuple[torch.nn.Module, object]:
+    """The tiny Llama with a random non-zero adapter, so that LoRA's path counts in the likelihoods too."""
+    spec = ModelSpec(str(tiny_llama_dir), "causal_lm", 64)
+    model, initial = build_model(spec, LoraConfig(r=4, lora_alpha=8), None, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    adapters.set_adapter(model, {name: torch.randn(v.shape, generator=generator) * 0.1 for name, v in initial.items()})
+    return model.eval(), load_tokenizer(spec)
+
+
+def _uncached_log_likelihood(model: torch.nn.Module, tokenizer: object, prompt: str, answer: str) -> float:
+    """The reference: prompt and answer in one pass, as training encodes and scores them (no cache, no padding)."""
+    batch = encode({"prompt": [prompt], "response": [answer]}, "causal_lm", tokenizer, 64)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        mean = sequence_loss(model(**batch).logits, labels, "causal_lm")
+    return -float(mean * (labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_answer_log_likelihoods_equal_one_uncached_pass_per_answer(tiny_llama_dir: Path) -> None:
+    """The shared prompt cache and the padding of shorter answers change nothing: each answer's score is its
+    training log-likelihood (first token predicted by the prompt, end-of-sequence token included)."""
+    model, tokenizer = _trained_llama(tiny_llama_dir)
+    scores = answer_log_likelihoods(model, tokenizer, "capital of France?", ANSWERS)
+    expected = [_uncached_log_likelihood(model, tokenizer, "capital of France?", answer) for answer in ANSWERS]
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-4)
+    assert len(set(expected)) == len(ANSWERS)  # distinct: the comparison could tell answers apart
+
+
+def test_answer_accuracy_counts_the_rows_whose_reference_is_the_most_likely_answer(tiny_llama_dir: Path) -> None:
+    model, tokenizer = _trained_llama(tiny_llama_dir)
+    prompts = ["capital of France?", "two plus two?", "where is the Louvre?"]
+    rows = datasets.Dataset.from_dict(
+        {"prompt": [p for p in prompts for _ in ANSWERS], "response": [a for _ in prompts for a in ANSWERS]}
+    )
+    likeliest = {p: max(ANSWERS, key=lambda a: _uncached_log_likelihood(model, tokenizer, p, a)) for p in prompts}
+    expected = sum(row["response"] == likeliest[row["prompt"]] for row in rows) / len(rows)
+    assert answer_accuracy(model, rows, tokenizer, ANSWERS) == pytest.approx(expected) == 1 / 3
+    config = TrainConfig(generation_examples=len(rows))
+    assert evaluate(model, rows, "causal_lm", tokenizer, 64, config, ANSWERS)["answer_accuracy"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("privacy", ["privacy=none", "privacy=dp_sgd"])

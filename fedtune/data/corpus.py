@@ -18,7 +18,9 @@ class Corpus:
             ``response`` (str) for causal LM instruction tuning, or ``text`` (str, one document per row) for
             plain text. Extra columns (for example an organisation id used by natural partitioning) are kept.
         task: Which of the three layouts ``dataset`` has (fedtune/tasks.py).
-        label_names: Name of each class id (classification only).
+        label_names: Name of each class id (classification); for a causal LM corpus whose every response is one
+            of a closed set of answers (``icd10_instructions``: the chapter names), that set, which evaluation
+            ranks by likelihood (``answer_accuracy``).
         description: One paragraph for the model card: source, licence, attribution.
     """
 
