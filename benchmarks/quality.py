@@ -70,31 +70,43 @@ Summaries = dict[str, dict[str, dict[str, dict[str, float]]]]  # privacy -> grid
 @dataclass(frozen=True)
 class Scoring:
     """What the arms of a task are compared by: the ``headline`` metric (``higher`` better, or lower), which picks
-    the best grid point and the best hospital, and the ``second`` one reported beside it."""
+    the best grid point and the best hospital, and the ``others`` reported beside it (higher better), each
+    recorded where the task has it."""
 
     headline: str
     higher: bool
-    second: str
+    others: tuple[str, ...]
 
     @property
-    def metrics(self) -> tuple[str, str]:
-        """The two metrics each arm records."""
-        return self.headline, self.second
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics each arm records (where its evaluation gives them)."""
+        return self.headline, *self.others
 
     def better(self, value: float) -> float:
-        """A key that is larger the better ``value`` is (for max())."""
+        """A key that is larger the better ``value`` of the headline metric is (for max())."""
         return value if self.higher else -value
+
+    def worst(self, metric: str, values: list[float]) -> float:
+        """The worst of one metric's ``values`` over seeds."""
+        return min(values, key=self.better) if metric == self.headline else min(values)
 
 
 SCORINGS = {
-    "classification": Scoring("macro_f1", higher=True, second="accuracy"),
-    # the reference answers' perplexity, which every test row adds to; exact match of greedy answers (on the
-    # first train.generation_examples rows) is what a reader of the answers sees
-    "causal_lm": Scoring("perplexity", higher=False, second="exact_match"),
+    "classification": Scoring("macro_f1", higher=True, others=("accuracy",)),
+    # the reference answers' perplexity, which every test row adds to; on the first train.generation_examples
+    # rows, exact match of greedy answers (what a reader of the answers sees) and, for a corpus with a closed
+    # set of answers, answer accuracy (which answer the model finds likeliest; fedtune/evaluation.py)
+    "causal_lm": Scoring("perplexity", higher=False, others=("exact_match", "answer_accuracy")),
 }
 
 
-LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "perplexity": "perplexity", "exact_match": "exact match"}
+LABELS = {
+    "macro_f1": "macro-F1",
+    "accuracy": "accuracy",
+    "perplexity": "perplexity",
+    "exact_match": "exact match",
+    "answer_accuracy": "answer accuracy",
+}
 
 
 def scoring_of(overrides: list[str]) -> Scoring:
@@ -143,7 +155,7 @@ def train_alone(overrides: list[str], arm: SoloArm, test_set: datasets.Dataset, 
     update, metrics = client.train_round(solo, arm.rows, initial, 1, arm.name, privacy_state={}, settings=settings)
     central = solo.evaluate(adapters.apply(initial, update), test_set)
     return {
-        **{metric: central[metric] for metric in scoring.metrics},
+        **{metric: central[metric] for metric in scoring.metrics if metric in central},
         "steps": float(arm.steps),
         "train_rows": float(len(arm.rows.train)),
         "trained_values": float(sum(tensor.numel() for tensor in update.values())),
@@ -164,7 +176,8 @@ def run_seed(seed: int, privacy: str, base: list[str], root: Path, arms: tuple[s
     if "federated" in arms:
         strategy = strategy_of(base)
         federated = run_one(strategy, seed, [*base, *shlex.split(privacy)], root)
-        results["federated"] = {"strategy": strategy, **{metric: federated[metric] for metric in scoring.metrics}}
+        recorded = {metric: federated[metric] for metric in scoring.metrics if metric in federated}
+        results["federated"] = {"strategy": strategy, **recorded}
     return results
 
 
@@ -238,18 +251,23 @@ def summarise(runs: list[dict[str, dict]], scoring: Scoring) -> dict[str, dict[s
             max((run[h] for h in hospitals), key=lambda v: scoring.better(v[scoring.headline])) for run in runs
         ]
         arms["hospitals alone (mean)"] = [
-            {metric: statistics.mean(arms[h][i][metric] for h in hospitals) for metric in scoring.metrics}
+            {metric: statistics.mean(arms[h][i][metric] for h in hospitals) for metric in recorded(runs, scoring)}
             for i in range(len(runs))
         ]
     summary: dict[str, dict] = {}
     for arm, values in arms.items():
         summary[arm] = {"seeds": len(values)}
-        for metric in scoring.metrics:
+        for metric in recorded(runs, scoring):
             column = [v[metric] for v in values]
             summary[arm][f"{metric}_mean"] = statistics.mean(column)
             summary[arm][f"{metric}_std"] = statistics.stdev(column) if len(column) > 1 else 0.0
-            summary[arm][f"{metric}_worst"] = min(column, key=scoring.better)
+            summary[arm][f"{metric}_worst"] = scoring.worst(metric, column)
     return summary
+
+
+def recorded(runs: list[dict[str, dict]], scoring: Scoring) -> list[str]:
+    """The scoring's metrics that every arm of every run recorded (answer accuracy only for a closed answer set)."""
+    return [m for m in scoring.metrics if all(m in values for run in runs for values in run.values())]
 
 
 def at_best(summaries: Summaries, scoring: Scoring) -> dict[str, dict[str, tuple[str, dict[str, float]]]]:
@@ -262,28 +280,25 @@ def at_best(summaries: Summaries, scoring: Scoring) -> dict[str, dict[str, tuple
 
 def table(summaries: Summaries, named: bool, scoring: Scoring) -> str:
     """Markdown: one row per arm, one column per privacy setting (the headline metric's mean ± sd with the worst
-    seed, then the second metric's mean ± sd, at the arm's best grid point, ``named`` or not; the header says
-    over how many seeds)."""
-    best, settings, (headline, second) = at_best(summaries, scoring), list(summaries), scoring.metrics
+    seed, then each other recorded metric's mean ± sd, at the arm's best grid point, ``named`` or not; the header
+    says over how many seeds)."""
+    best, settings, headline = at_best(summaries, scoring), list(summaries), scoring.headline
     arms = best[settings[0]]
     order = [a for a in ("centralized", "federated", "best hospital alone", "hospitals alone (mean)") if a in arms]
     seeds = [int(best[s]["centralized"][1]["seeds"]) for s in settings]
+    others = [m for m in scoring.others if all(f"{m}_mean" in best[s][a][1] for s in settings for a in order)]
+    names = " / ".join(LABELS[metric] for metric in (headline, *others))
     rows = [
-        "| arm | "
-        + " | ".join(
-            f"{LABELS[headline]} / {LABELS[second]}, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True)
-        )
-        + " |",
+        "| arm | " + " | ".join(f"{names}, {s} ({n} seeds)" for s, n in zip(settings, seeds, strict=True)) + " |",
         "|---|" + "---|" * len(settings),
     ]
     for arm in order:
         cells = []
         for setting in settings:
             point, s = best[setting][arm]
-            cells.append(
-                f"{s[f'{headline}_mean']:.3f} ± {s[f'{headline}_std']:.3f} ({s[f'{headline}_worst']:.3f}) / "
-                f"{s[f'{second}_mean']:.3f} ± {s[f'{second}_std']:.3f}" + (f" at `{point}`" if named else "")
-            )
+            values = [f"{s[f'{headline}_mean']:.3f} ± {s[f'{headline}_std']:.3f} ({s[f'{headline}_worst']:.3f})"]
+            values += [f"{s[f'{metric}_mean']:.3f} ± {s[f'{metric}_std']:.3f}" for metric in others]
+            cells.append(" / ".join(values) + (f" at `{point}`" if named else ""))
         rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

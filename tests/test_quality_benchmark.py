@@ -73,22 +73,26 @@ def test_a_causal_lm_is_judged_by_perplexity_lower_better(tiny_llama_dir: Path, 
     causal = ("data=icd10_instructions", "model.task=causal_lm", "train.generation_examples=2")
     overrides = tiny_overrides(tiny_llama_dir, tmp_path, *causal, "train.local_steps=2")
     scoring = quality.scoring_of(overrides)
-    assert scoring.metrics == ("perplexity", "exact_match") and not scoring.higher
+    assert scoring.metrics == ("perplexity", "exact_match", "answer_accuracy") and not scoring.higher
     experiment = get_experiment(config.compose(overrides))
     hospital = quality.solo_arms(experiment)[1]
     result = quality.train_alone(overrides, hospital, experiment.test_set, scoring)
     reference = experiment.evaluate(experiment.initial_adapter(), experiment.test_set)
-    assert result["perplexity"] > 1.0 and 0.0 <= result["exact_match"] <= 1.0
+    assert (
+        result["perplexity"] > 1.0 and 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["answer_accuracy"] <= 1.0
+    )
     assert result["perplexity"] != reference["perplexity"]  # it trained
     # the best point and the best hospital are those of the lowest perplexity; the worst seed is the highest
     by_point = {"a": {"federated": {"perplexity_mean": 9.0}}, "b": {"federated": {"perplexity_mean": 7.0}}}
     assert quality.best_points(by_point, scoring) == {"federated": "b"}
-    seeds = [{f"hospital-{i}": {"perplexity": 10.0 - i - seed, "exact_match": 0.1 * i} for i in range(3)}
-             for seed in range(2)]  # fmt: skip
+    seeds = [{f"hospital-{i}": {"perplexity": 10.0 - i - seed, "exact_match": 0.1 * i + 0.1 * seed}
+              for i in range(3)} for seed in range(2)]  # fmt: skip
     summary = quality.summarise(seeds, scoring)
     assert summary["best hospital alone"]["perplexity_mean"] == statistics.mean([8.0, 7.0])
     assert summary["best hospital alone"]["perplexity_worst"] == 8.0
-    assert summary["best hospital alone"]["exact_match_mean"] == 0.2
+    assert summary["best hospital alone"]["exact_match_mean"] == pytest.approx(0.25)
+    assert summary["best hospital alone"]["exact_match_worst"] == pytest.approx(0.2)  # higher is better here
+    assert "answer_accuracy_mean" not in summary["best hospital alone"]  # not recorded: no closed answer set
     with pytest.raises(SystemExit, match="model.task=plain_text"):
         quality.scoring_of([*overrides, "model.task=plain_text"])
 
