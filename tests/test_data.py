@@ -183,6 +183,17 @@ def test_local_jsonl_causal_lm(tmp_path: Path, offline: None) -> None:
     assert corpus.dataset["prompt"] == ["What is fever?", "Q2"]
     assert corpus.dataset["response"] == ["Raised body temperature.", "A2"]
     assert corpus.dataset["site"] == [3, 1]
+    assert corpus.label_names is None  # no closed set of answers declared
+
+
+def test_a_causal_lm_file_can_declare_its_closed_set_of_answers(tmp_path: Path, offline: None) -> None:
+    path = tmp_path / "triage.csv"
+    path.write_text("q,a\nchest pain?,cardiology\nrash?,dermatology\ncough?, cardiology\n")
+    answers = ["dermatology", "cardiology", "pulmonology"]  # a set may hold answers no row gives
+    corpus = local_file(str(path), task="causal_lm", prompt_column="q", response_column="a", label_names=answers)
+    assert corpus.label_names == tuple(answers)
+    with pytest.raises(ValueError, match=r"1 distinct responses in column 'a' .* e.g. \['dermatology'\]; add them"):
+        local_file(str(path), task="causal_lm", prompt_column="q", response_column="a", label_names=["cardiology"])
 
 
 def test_local_plain_text_documents(tmp_path: Path, offline: None) -> None:

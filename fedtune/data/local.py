@@ -58,7 +58,8 @@ def local_file(
         response_column: Column holding the expected response (causal LM).
         label_names: Name of each label id. For integer labels it defaults to ``"0"``, ``"1"``, ...; for
             string labels it fixes the id order (default: the strings sorted alphabetically) and must
-            contain every string.
+            contain every string. For a causal LM whose every response is one of a closed set of answers,
+            that set (it must contain every response): evaluation then also ranks them (answer accuracy).
         drop_incomplete: Drop the rows with an empty cell in a mapped column (real exports have missing
             values) and say how many, per column, in the log and the model card; by default such rows are
             refused, since a silently shrunk dataset is worse than an error.
@@ -103,6 +104,9 @@ def local_file(
         if name != "label":
             _check_strings(dataset, name, mapping[name][1], file)
 
+    if task == "causal_lm":
+        answers = _answer_set(dataset, label_names, response_column, file)
+        return Corpus(dataset=dataset, task=task, label_names=answers, description=description)
     if task != "classification":
         return Corpus(dataset=dataset, task=task, description=description)
     dataset, names = _encode_labels(dataset, label_column, label_names, file)
@@ -252,3 +256,19 @@ def _encode_labels(
     return dataset.remove_columns("label").add_column("label", values).cast_column(
         "label", datasets.Value("int64")
     ), tuple(names)
+
+
+def _answer_set(
+    dataset: datasets.Dataset, answers: list[str] | None, column: str, file: Path
+) -> tuple[str, ...] | None:
+    """A causal LM file's declared closed set of answers, once it is checked to hold every response."""
+    if answers is None:
+        return None
+    unknown = sorted({response.strip() for response in dataset["response"]} - {a.strip() for a in answers})
+    if unknown:
+        raise DataError(
+            f"{len(unknown)} distinct responses in column {column!r} of {file} are not in data.loader.label_names "
+            f"(the closed set of answers, {len(answers)} given), e.g. {unknown[:3]}; add them, or leave label_names "
+            "unset (the run is then scored without answer accuracy)."
+        )
+    return tuple(answers)
