@@ -26,7 +26,7 @@ only at the combination that search found best for it, on other seeds (other par
 noise), so that the numbers reported were not the ones chosen on; with ``--under PRIVACY ...`` it runs those
 combinations under other privacy settings (e.g. other epsilons) that were not searched themselves.
 ``--combine A.json B.json ...`` trains nothing: it writes the table and the privacy-utility plot of runs made
-under different privacy settings, each column with its own seeds. ICD-10 is public data, so the search spends
+under different privacy settings, each column with its own seeds (runs of one setting on other seeds pooled). ICD-10 is public data, so the search spends
 no hospital's privacy budget (the issue's "grid searched on public data outside the accounting").
 
     python benchmarks/quality.py                                   # no DP and DP-SGD at epsilon 8, 3 seeds
@@ -384,11 +384,25 @@ def main() -> None:
 
 
 def combine(paths: list[Path], out: Path) -> None:
-    """Trains nothing: the table and plot of runs made under different privacy settings (each its own seeds)."""
+    """Trains nothing: the table and plot of several runs' JSON, each privacy setting over its own seeds; runs of
+    one setting on other seeds (seeds added later) are pooled.
+
+    Raises:
+        SystemExit: Two runs of one privacy setting share a seed, or were made on different overrides.
+    """
     records = [json.loads(path.read_text()) for path in paths]
-    runs = {privacy: by_point for record in records for privacy, by_point in record["runs"].items()}
-    if len(runs) < sum(len(record["runs"]) for record in records):
-        raise SystemExit("--combine: two of the runs have a privacy setting in common")
+    runs: dict[str, dict[str, list[dict]]] = {}
+    pooled: dict[str, tuple[set[int], list[str]]] = {}  # privacy -> its seeds so far, the overrides they ran on
+    for record in records:
+        for privacy, by_point in record["runs"].items():
+            seeds, overrides = pooled.setdefault(privacy, (set(), record["overrides"]))
+            if seeds & set(record["seeds"]) or overrides != record["overrides"]:
+                raise SystemExit(
+                    f"--combine: two of the runs of {privacy!r} have a seed in common or other --extra overrides"
+                )
+            seeds.update(record["seeds"])
+            for point, results in by_point.items():
+                runs.setdefault(privacy, {}).setdefault(point, []).extend(results)
     seeds = sorted({seed for record in records for seed in record["seeds"]})
     write(out, records[0]["overrides"], [setting for record in records for setting in record["grid"]], seeds, runs)
 

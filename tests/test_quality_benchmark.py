@@ -125,5 +125,14 @@ def test_runs_under_other_privacy_settings_combine_into_one_table(tmp_path: Path
     assert "privacy=none (3 seeds)" in table and "eps=1 (1 seeds)" in table
     assert "| federated | 0.400 ± 0.000 (0.400) / 0.500 ± 0.000 at `lr=1` | 0.200 ± " in table
     assert (tmp_path / "all.png").is_file()
-    with pytest.raises(SystemExit, match="in common"):
+    with pytest.raises(SystemExit, match="seed in common"):
         quality.combine([paths[0], paths[0]], tmp_path / "twice.json")
+    later = tmp_path / "eps1_later.json"  # epsilon 1 on two more seeds, run later: pooled into one column
+    later.write_text(json.dumps(record("eps=1", [2, 3], 0.1)))
+    quality.combine([*paths, later], tmp_path / "pooled.json")
+    pooled = json.loads((tmp_path / "pooled.json").read_text())["summary"]["eps=1"]["lr=1"]["centralized"]
+    assert pooled["seeds"] == 3 and pooled["macro_f1_mean"] == pytest.approx(0.2)  # (0.4 + 0.1 + 0.1) / 3
+    assert pooled["macro_f1_std"] == pytest.approx(statistics.stdev([0.4, 0.1, 0.1]))
+    with pytest.raises(SystemExit, match="other --extra overrides"):
+        later.write_text(json.dumps({**record("eps=1", [4], 0.1), "overrides": ["seed=9"]}))
+        quality.combine([*paths, later], tmp_path / "mixed.json")
