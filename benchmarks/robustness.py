@@ -287,8 +287,9 @@ def plot(rows: list[dict], rules: list[str], path: Path) -> None:
         axes.set_ylabel("central macro-F1")
         axes.set_title(f"{count} of {CLIENTS} hospitals malicious, {len(seeds)} seed(s) (none: clean run)", fontsize=9)
         axes.grid(axis="y", alpha=0.3)
-    panels[0, 0].legend(fontsize=7, ncol=4)
-    figure.tight_layout()
+    # one legend above the panels: inside the first one it hid the tallest bars
+    figure.legend(*panels[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(rules), fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / figure.get_figheight()))
     figure.savefig(path, dpi=120)
 
 
