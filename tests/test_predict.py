@@ -1,6 +1,7 @@
 """``fedtune predict RUN_DIR "text" ...`` through the command line: exit code and printed lines, against an
 independent computation on the run's PEFT model with its final adapter (a softmax over the run's classes;
-a greedy decoding loop written out here, not ``generate``, from a prompt or, for plain text, the text itself)."""
+a greedy decoding loop written out here, not ``generate``, from a prompt or, for plain text, the text itself;
+a causal LM's likeliest answer of its set from one uncached pass per answer)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from fedtune import cli
 from fedtune.finished_run import load_run
-from fedtune.training import format_prompt
+from fedtune.training import IGNORE_INDEX, encode, format_prompt
 
 TEXTS = ["Tuberculosis of lung", "Displaced fracture of shaft of left femur"]
 
@@ -52,10 +53,34 @@ def _greedy(run: Path, source: str, steps: int) -> str:
     return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
-def test_a_causal_lm_prints_its_greedy_answer(tiny_causal_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _likeliest(run: Path, prompt: str) -> tuple[str, float]:
+    """Of the run's answers (the ICD-10 chapters), the likeliest after ``prompt`` and its probability among them:
+    one uncached pass per answer, scored as training scores a response (end-of-sequence token included)."""
+    finished = load_run(run)
+    model, tokenizer, names = finished.model(), finished.experiment.tokenizer, finished.experiment.label_names
+    scores = []
+    for name in names:
+        batch = encode({"prompt": [prompt], "response": [name]}, "causal_lm", tokenizer, 1024)
+        labels = batch.pop("labels")[0, 1:]
+        with torch.no_grad():
+            log_probabilities = model(**batch).logits[0, :-1].log_softmax(dim=-1)
+        kept = labels != IGNORE_INDEX
+        scores.append(float(log_probabilities[kept].gather(-1, labels[kept][:, None]).sum()))
+    probabilities = torch.tensor(scores).softmax(dim=0)
+    best = int(probabilities.argmax())
+    return names[best], float(probabilities[best])
+
+
+def test_a_causal_lm_prints_its_greedy_answer_and_the_likeliest_of_its_answers(
+    tiny_causal_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     expected = _greedy(tiny_causal_run, format_prompt(TEXTS[0], load_run(tiny_causal_run).experiment.tokenizer), 6)
     assert expected  # an answer to compare, not two empty strings
-    assert _predict(tiny_causal_run, capsys, TEXTS[0], "--max-new-tokens", "6") == [TEXTS[0], f"  -> {expected}"]
+    text, greedy, likeliest = _predict(tiny_causal_run, capsys, TEXTS[0], "--max-new-tokens", "6")
+    assert [text, greedy] == [TEXTS[0], f"  -> {expected}"]
+    name, probability = _likeliest(tiny_causal_run, TEXTS[0])
+    assert likeliest.startswith(f"  likeliest of its answers: {name} (")
+    assert float(likeliest.rsplit("(", 1)[1].rstrip(")")) == pytest.approx(probability, abs=1e-4)
 
 
 def test_a_plain_text_lm_prints_its_greedy_continuation_of_the_text_itself(
