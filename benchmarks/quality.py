@@ -20,14 +20,16 @@ clear: a hospital that trains alone needs no DP, as nothing leaves the building.
 ``--grid KEY=V1,V2 ...`` runs every arm at every combination of those settings, and the table shows each
 arm (under each privacy setting) at its own best combination, by the mean over the seeds of the task's
 headline metric on the central test set (``SCORINGS``: macro-F1; a causal LM's perplexity of the reference
-answers, lower better, with exact match beside it), and names it. Choosing on the test set flatters every arm alike; the JSON keeps every combination,
-so the spread over the grid can be read too. ``--best-of SEARCH.json --seeds 3,4,5`` then runs each arm
+answers, lower better, with exact match and, for a closed set of answers, answer accuracy beside it), and
+names it. Choosing on the test set flatters every arm alike; the JSON keeps every combination, so the spread
+over the grid can be read too. ``--best-of SEARCH.json --seeds 3,4,5`` then runs each arm
 only at the combination that search found best for it, on other seeds (other partitions, initialisations and
 noise), so that the numbers reported were not the ones chosen on; with ``--under PRIVACY ...`` it runs those
 combinations under other privacy settings (e.g. other epsilons) that were not searched themselves.
 ``--combine A.json B.json ...`` trains nothing: it writes the table and the privacy-utility plot of runs made
-under different privacy settings, each column with its own seeds (runs of one setting on other seeds pooled). ICD-10 is public data, so the search spends
-no hospital's privacy budget (the issue's "grid searched on public data outside the accounting").
+under different privacy settings, each column with its own seeds (runs of one setting made on other seeds
+at another time are pooled). ICD-10 is public data, so the search spends no hospital's privacy budget (the
+issue's "grid searched on public data outside the accounting").
 
     python benchmarks/quality.py                                   # no DP and DP-SGD at epsilon 8, 3 seeds
     python benchmarks/quality.py --privacy privacy=none "privacy=dp_sgd privacy.target_epsilon=1" --seeds 0

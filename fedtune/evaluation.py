@@ -58,8 +58,9 @@ def evaluate(
     Returns:
         Classification: ``loss``, ``accuracy``, ``macro_f1``. Causal LM: ``loss`` (mean per answer token),
         ``perplexity`` (its exp), ``exact_match`` of greedy generations on the first ``generation_examples``
-        rows and, given ``answers``, ``answer_accuracy`` on the same rows (:func:`answer_accuracy`). Plain text: ``loss`` (mean over every predicted token of the documents) and ``perplexity``; a
-        document has no reference answer to match.
+        rows and, given ``answers``, ``answer_accuracy`` on the same rows (:func:`answer_accuracy`). Plain
+        text: ``loss`` (mean over every predicted token of the documents) and ``perplexity``; a document has no
+        reference answer to match.
     """
     if config.eval_max_examples and len(dataset) > config.eval_max_examples:
         dataset = dataset.select(range(config.eval_max_examples))

@@ -4,8 +4,8 @@ A classifier gives each text's most probable class and its probability (softmax 
 causal LM its greedy answer to each text as a prompt (chat-formatted as in training) and, where its task has
 a closed set of answers, the one of the set it finds likeliest, with its probability within the set (greedy
 decoding can leave that answer at a shared first word: fedtune/evaluation.py, ``answer_accuracy``); a
-plain-text LM its greedy continuation of each text as the start of a document. The inputs are truncated and encoded as in
-training and evaluation (fedtune/training.py, fedtune/evaluation.py).
+plain-text LM its greedy continuation of each text as the start of a document. The inputs are truncated and
+encoded as in training and evaluation (fedtune/training.py, fedtune/evaluation.py).
 """
 
 from __future__ import annotations
