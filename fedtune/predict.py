@@ -56,7 +56,7 @@ def predict(run: FinishedRun, texts: Sequence[str], max_new_tokens: int = 64) ->
     device, names, task = devices.of(model), run.label_names, experiment.model_spec.task
     with devices.autocast(device, experiment.train_config.precision):
         if names is None:
-            answers = _answer_set(run) if task == "causal_lm" else None
+            answers = _closed_answers(run) if task == "causal_lm" else None
             return [
                 Prediction(
                     text,
@@ -85,7 +85,7 @@ def _likeliest(
     return answers[best], float(probabilities[best])
 
 
-def _answer_set(run: FinishedRun) -> tuple[str, ...] | None:
+def _closed_answers(run: FinishedRun) -> tuple[str, ...] | None:
     """A causal LM run's closed set of answers: from its config or its data, where this machine has them."""
     try:
         return run.experiment.label_names
